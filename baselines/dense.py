@@ -1,0 +1,49 @@
+"""Dense baseline: one FFN with hidden size ``d_ff * k``.
+
+That is the fair dense comparison for a top-k MoE: the same *active* FLOPs per
+token (k experts of width d_ff) without any routing or dispatch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from harness.moe import activation_fn
+from harness.registry import register_router
+from harness.router import RouteContext, Router, Routing
+
+
+@register_router("dense")
+class DenseRouter(Router):
+    """Dense FFN with d_ff*k hidden units (equal active FLOPs); no routing."""
+
+    description = "Dense FFN of width d_ff*k: the equal-active-FLOP baseline (no routing)"
+    is_dense = True
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int) -> None:
+        super().__init__(d_model, num_experts, top_k)
+
+    def forward(self, x: Tensor, ctx: RouteContext) -> Routing:
+        # Every token "uses" expert 0 with weight 1/k per slot: keeps the Routing
+        # contract meaningful for code that inspects it (e.g. conformance tests).
+        T = x.shape[0]
+        idx = torch.zeros(T, self.top_k, dtype=torch.long, device=x.device)
+        w = torch.full((T, self.top_k), 1.0 / self.top_k, device=x.device, dtype=x.dtype)
+        return Routing(indices=idx, weights=w, logits=None)
+
+
+class DenseFFN(nn.Module):
+    """``Linear(d, d_hidden) -> act -> Linear(d_hidden, d)``, returning ``(y, routing)`` like an MoE layer."""
+
+    def __init__(self, d_model: int, d_hidden: int, router: DenseRouter | None = None, activation: str = "gelu") -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_model)
+        self.act = activation_fn(activation)
+        self.router = router
+        self.num_experts, self.top_k = 1, 1
+        self.last_routing: Routing | None = None
+        self.last_counts: Tensor | None = None
+
+    def forward(self, x: Tensor, ctx: RouteContext | None = None, **_: object) -> tuple[Tensor, Routing | None]:
+        return self.fc2(self.act(self.fc1(x))), None

