@@ -1,0 +1,217 @@
+"""CompeteSMoE: route by the experts' own responses, and teach the router to imitate it.
+
+Two papers, one router (``version=2`` is the default):
+
+* v2 — Nguyen et al. 2025, "CompeteSMoE — Statistically Guaranteed Mixture of
+  Experts Training via Competition", arXiv 2505.13380; maintained code
+  ``Fsoft-AIC/CompeteSMoE`` (``moe_model/model/moe/competesmoe.py``).
+* v1 — Pham et al. 2024, "CompeteSMoE — Effective Training of Sparse Mixture of
+  Experts via Competition", arXiv 2402.02526; code ``giangdip2410/CompeteSMoE``
+  (``custom_layers_opt.py``).
+
+The equation numbers below are those of our reading of the papers; the search
+corpus available when this was written returned only the abstracts, so the
+formulas were checked against the public code and a reviewer should re-check the
+numbers against the PDFs.
+
+Normal (router) steps — plain SMoE (``smoe``): logits = x W_r, p = softmax(logits),
+top-k of p, the k gates renormalised; Switch balance loss 0.01 (Switch eq. 4) and
+router z-loss 1e-3 (ST-MoE eq. 5).
+
+Competition steps (training only):
+
+* Affinity (v2 eq. for the neural response): s_{t,i} = mean_d softplus(FFN_i(x_t))_d;
+  v1: s_{t,i} = ||FFN_i(x_t)||_2.  Every expert runs on every token once
+  (``ctx.all_expert_outputs()``); the layer combines from that same tensor.
+* Competition routing: the k experts with the largest affinity.
+  v2: weights = s_topk / sum(s_topk) (softplus > 0, so this is a distribution);
+  v1: weights = softmax(s_topk).  The weights carry gradient into the experts.
+* Router loss (v2): MSE(softmax(logits), softmax(s).detach()), mean over T x E,
+  weight 0.01.  v1: the target is the softmax of the top-k affinities with the
+  other experts at probability 0 (the v1 code's ``gate_score_optimal``).
+* Diversity penalty (v2 only): mean pairwise cosine similarity between the k chosen
+  experts' outputs, weight 0.01 (``diversity_weight``; default None = 0.01 for v2,
+  0 for v1, which has no such term).  We average over the k(k-1) ordered pairs;
+  the v2 code masks the diagonal but averages over all k^2 entries, i.e. it equals
+  ours times (k-1)/k (half for k = 2) — fold that into the weight to reproduce it.
+* Balance term on competition steps (v2 code ``bal_comp_loss_coef``), weight 0.01:
+  the Switch loss with P_i taken from softmax(s) (the affinity, as in the code)
+  and f_i from the competition's choices.
+
+Schedule (v2, "scheduled competition"): no competition during the first
+``warmup_fraction`` (5%) of the steps; afterwards each layer competes with
+probability ``competition_prob`` (5%) per step, and at most
+``max_competing_layers`` (3) layers per forward pass.  The v2 code precomputes
+the per-layer schedule and *moves* a draw that would exceed the cap to a nearby
+step; we draw online with ``torch.rand`` (the trainer's seeded global RNG) and
+simply skip a draw that would exceed the cap, counting through ``ctx.shared``
+(one dict per forward pass).  ``competition_prob=1.0`` forces competition (tests).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.losses import router_z_loss, switch_balance_loss
+from harness.registry import register_router
+from harness.router import RouteContext, Router, Routing, check_range
+
+from .smoe import gate_weights
+
+_NAME = "competesmoe"
+SHARED_COUNTER = "competesmoe_competing"  # key in ctx.shared: layers that competed in this forward pass
+
+
+def competition_affinity(outputs: Tensor, version: int = 2) -> Tensor:
+    """[T, E, d] expert outputs -> [T, E] affinity (v2: mean softplus; v1: L2 norm), fp32."""
+    out = outputs.float()
+    if version == 2:
+        return F.softplus(out).mean(-1)
+    return out.norm(p=2, dim=-1)
+
+
+def mean_pairwise_cosine(chosen: Tensor) -> Tensor:
+    """Mean cosine similarity over the k(k-1) ordered pairs of distinct experts: [T, k, d] -> scalar."""
+    T, k, _ = chosen.shape
+    if k < 2 or T == 0:
+        return chosen.new_zeros(())
+    z = F.normalize(chosen.float(), p=2, dim=-1)
+    sim = z @ z.transpose(1, 2)  # [T, k, k]
+    off = ~torch.eye(k, dtype=torch.bool, device=chosen.device)
+    return sim[:, off].mean()
+
+
+@register_router(_NAME)
+class CompeteSMoERouter(Router):
+    """SMoE router that, on scheduled competition steps, routes by expert affinity and learns to imitate it."""
+
+    description = "CompeteSMoE (v2 default): SMoE routing; 5% of steps route by expert response, router learns by MSE"
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        version: int = 2,
+        warmup_fraction: float = 0.05,
+        competition_prob: float = 0.05,
+        max_competing_layers: int | None = 3,
+        router_loss_weight: float = 0.01,
+        diversity_weight: float | None = None,
+        competition_balance_weight: float = 0.01,
+        balance_weight: float = 0.01,
+        z_loss_weight: float = 1e-3,
+        balance_fraction: str = "slots",
+        renormalize: bool | str = "auto",
+    ) -> None:
+        super().__init__(d_model, num_experts, top_k)
+        if version not in (1, 2) or isinstance(version, bool):
+            raise ValueError(f"router {_NAME!r}: hyper-parameter version={version!r} must be 1 or 2")
+        check_range(_NAME, "warmup_fraction", warmup_fraction, 0, 1)
+        check_range(_NAME, "competition_prob", competition_prob, 0, 1)
+        if max_competing_layers is not None:
+            if isinstance(max_competing_layers, bool) or not isinstance(max_competing_layers, int):
+                raise ValueError(
+                    f"router {_NAME!r}: hyper-parameter max_competing_layers={max_competing_layers!r} "
+                    f"must be an integer >= 1 or null (no cap)"
+                )
+            check_range(_NAME, "max_competing_layers", max_competing_layers, 1)
+        if diversity_weight is None:
+            diversity_weight = 0.01 if version == 2 else 0.0
+        for key, val in (
+            ("router_loss_weight", router_loss_weight),
+            ("diversity_weight", diversity_weight),
+            ("competition_balance_weight", competition_balance_weight),
+            ("balance_weight", balance_weight),
+            ("z_loss_weight", z_loss_weight),
+        ):
+            check_range(_NAME, key, val, 0)
+        if balance_fraction not in ("slots", "first"):
+            raise ValueError(f"router {_NAME!r}: hyper-parameter balance_fraction={balance_fraction!r} must be 'slots' or 'first'")
+        if renormalize not in ("auto", True, False):
+            raise ValueError(f"router {_NAME!r}: hyper-parameter renormalize={renormalize!r} must be 'auto', true or false")
+        self.version = version
+        self.warmup_fraction = warmup_fraction
+        self.competition_prob = competition_prob
+        self.max_competing_layers = max_competing_layers
+        self.router_loss_weight = router_loss_weight
+        self.diversity_weight = diversity_weight
+        self.competition_balance_weight = competition_balance_weight
+        self.balance_weight = balance_weight
+        self.z_loss_weight = z_loss_weight
+        self.balance_fraction = balance_fraction
+        self.renormalize = renormalize
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self._step: int | None = None
+        self._total_steps: int | None = None
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        self._step, self._total_steps = step, total_steps
+
+    # -- schedule --------------------------------------------------------------
+    def _competes(self, x: Tensor, ctx: RouteContext) -> bool:
+        if not ctx.training or self.competition_prob <= 0:
+            return False
+        step = self._step if self._step is not None else ctx.step
+        total = self._total_steps if self._total_steps is not None else ctx.total_steps
+        if step < self.warmup_fraction * total:
+            return False
+        if self.competition_prob < 1.0:
+            if not bool(torch.rand((), device=x.device) < self.competition_prob):
+                return False
+        used = int(ctx.shared.get(SHARED_COUNTER, 0))
+        if self.max_competing_layers is not None and used >= self.max_competing_layers:
+            return False
+        ctx.shared[SHARED_COUNTER] = used + 1
+        return True
+
+    # -- routing ---------------------------------------------------------------
+    def forward(self, x: Tensor, ctx: RouteContext) -> Routing:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.gate.weight.float())
+            probs = logits.softmax(-1)
+        if self._competes(x, ctx):
+            return self._compete(logits, probs, ctx)
+
+        top_p, idx = probs.topk(self.top_k, dim=-1)
+        weights = gate_weights(top_p, self.renormalize, self.top_k)
+        aux = {}
+        if self.balance_weight:
+            aux["balance"] = self.balance_weight * switch_balance_loss(probs, idx, self.balance_fraction)
+        if self.z_loss_weight:
+            aux["z_loss"] = self.z_loss_weight * router_z_loss(logits)
+        return Routing(indices=idx, weights=weights, logits=logits, aux_losses=aux, stats={"competed": 0.0})
+
+    def _compete(self, logits: Tensor, probs: Tensor, ctx: RouteContext) -> Routing:
+        outputs = ctx.all_expert_outputs()  # [T, E, d], experts in the model's precision (autocast on)
+        k = self.top_k
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            aff = competition_affinity(outputs, self.version)  # [T, E]
+            top_a, idx = aff.topk(k, dim=-1)
+            if self.version == 2:
+                weights = top_a / top_a.sum(-1, keepdim=True).clamp_min(1e-9)
+                target = aff.softmax(-1)
+            else:
+                weights = top_a.softmax(-1)
+                target = torch.zeros_like(aff).scatter(1, idx, weights)
+            aux: dict[str, Tensor] = {}
+            if self.router_loss_weight:
+                aux["router_mse"] = self.router_loss_weight * F.mse_loss(probs, target.detach())
+            if self.diversity_weight and k > 1:
+                chosen = outputs.gather(1, idx.unsqueeze(-1).expand(-1, -1, outputs.shape[-1]))
+                aux["diversity"] = self.diversity_weight * mean_pairwise_cosine(chosen)
+            if self.competition_balance_weight:
+                aux["balance"] = self.competition_balance_weight * switch_balance_loss(
+                    aff.softmax(-1), idx, self.balance_fraction
+                )
+            router_idx = probs.detach().topk(k, dim=-1).indices
+            same = (router_idx.sort(-1).values == idx.sort(-1).values).all(-1)
+            agreement = float(same.float().mean()) if same.numel() else 1.0
+        return Routing(
+            indices=idx,
+            weights=weights,
+            logits=logits,
+            aux_losses=aux,
+            stats={"competed": 1.0, "competition_agreement": agreement},
+        )

@@ -1,0 +1,218 @@
+"""``harness`` command line.
+
+    harness routers                       list registered routers
+    harness run --suite lm [...]          pretrain every router, record in the store
+    harness runs / harness show RUN_ID    read the store
+    harness bench, harness eval, harness board, harness regress, harness doctor
+
+Expected failures (bad spec, unknown router, missing data, locked store,
+corrupt checkpoint) print one line ``harness: error: ...`` and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data.text import DataError
+    from .registry import PluginLoadError, UnknownRouterError
+    from .spec import SpecError
+    from .store import StoreError
+    from .train import CheckpointError
+
+    errs: list[type[BaseException]] = [SpecError, UnknownRouterError, PluginLoadError, DataError, StoreError,
+                                       CheckpointError]
+    try:
+        from .data.vision import VisionDataError
+
+        errs.append(VisionDataError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=os.environ.get("HARNESS_STORE", "results/harness.duckdb"),
+                   help="DuckDB results file (default results/harness.duckdb or $HARNESS_STORE)")
+
+
+# -- commands -----------------------------------------------------------------------------
+
+def cmd_routers(args: argparse.Namespace) -> int:
+    from .registry import describe_routers
+
+    rows = describe_routers()
+    w = max(len(r["name"]) for r in rows)
+    wo = max(len(r["origin"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{w}}  {r['origin']:<{wo}}  {r['description']}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run_suite, summary_table
+    from .spec import load_suite
+    from .store import Store
+
+    spec = load_suite(args.suite, preset=args.preset, overrides=args.set,
+                      routers=_csv(args.routers) if args.routers else None,
+                      seeds=[int(s) for s in _csv(args.seeds)] if args.seeds else None)
+    if args.no_eval:
+        from dataclasses import replace
+
+        spec = replace(spec, eval=replace(spec.eval, enabled=False))
+    store = Store(args.store)
+    runs_dir = Path(args.runs_dir or Path(args.store).parent / "runs")
+    if args.restart:
+        import shutil
+
+        for run in spec.runs():
+            shutil.rmtree(runs_dir / run.run_key, ignore_errors=True)
+    after = None
+    if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
+        from .evaluate import eval_after_pretraining
+
+        def after(run, res):  # noqa: ANN001
+            eval_after_pretraining(run, res, store, runs_dir)
+
+    results = run_suite(spec, store, runs_dir, resume=args.resume, progress=not args.quiet, after_run=after)
+    from .runner import get_adapter
+
+    adapter = get_adapter(spec.suite)
+    import polars as pl
+
+    with pl.Config(tbl_rows=100, tbl_cols=20, float_precision=4, tbl_width_chars=160):
+        print(summary_table(results, adapter.primary_metric, adapter.unit))
+    print(f"results: {args.store}  (harness runs --store {args.store}; harness board --store {args.store})")
+    return 0 if all(r.status == "finished" for r in results) else 1
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from .store import Store
+
+    df = Store(args.store).query(
+        "SELECT r.run_id, r.suite, r.router, r.seed, r.status, r.step, r.total_steps, r.spec_hash, "
+        "r.started_at, m.value AS primary_metric FROM runs r LEFT JOIN metrics m ON m.run_id = r.run_id "
+        "AND m.name = CASE WHEN r.suite = 'lm' THEN 'val_bpb' ELSE 'val_top1' END "
+        + ("WHERE r.suite = ? " if args.suite else "") + "ORDER BY r.started_at",
+        [args.suite] if args.suite else None,
+    )
+    with pl.Config(tbl_rows=500, tbl_cols=20, float_precision=4, tbl_width_chars=200, fmt_str_lengths=60):
+        print(df)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .spec import SpecError
+    from .store import Store
+
+    store = Store(args.store)
+    with store.reader() as con:
+        row = con.execute("SELECT * FROM runs WHERE run_id = ? OR run_id LIKE ? ORDER BY started_at DESC LIMIT 1",
+                          [args.run_id, args.run_id + "%"]).fetchone()
+        if row is None:
+            raise SpecError(f"no run {args.run_id!r} in {args.store}; `harness runs` lists them")
+        cols = [d[0] for d in con.description]
+        run = dict(zip(cols, row))
+        metrics = con.execute("SELECT name, value, stderr FROM metrics WHERE run_id = ? ORDER BY name",
+                              [run["run_id"]]).fetchall()
+    for k in ("run_id", "suite", "router", "seed", "status", "step", "total_steps", "spec_hash", "git_sha",
+              "machine_id", "started_at", "finished_at"):
+        print(f"{k:>12}: {run[k]}")
+    print("      config:", json.dumps(json.loads(run["config"]), indent=2, sort_keys=True).replace("\n", "\n" + " " * 14))
+    print("    versions:", run["versions"])
+    if run["error"]:
+        print("       error:", run["error"])
+    print("     metrics:")
+    for name, value, stderr in metrics:
+        se = f" ± {stderr:.4g}" if stderr is not None else ""
+        print(f"   {name:>30} = {value:.6g}{se}")
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness", description="Benchmark harness for MoE routing strategies")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("routers", help="list registered routers (built-in and plugins)")
+    s.set_defaults(fn=cmd_routers)
+
+    s = sub.add_parser("run", help="pretrain every router of a suite and record the results")
+    s.add_argument("--suite", default="lm", help="lm | vision | path to a suite YAML")
+    s.add_argument("--routers", help="comma-separated subset, e.g. smoe,moge")
+    s.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    s.add_argument("--preset", default=None, help="preset of the suite YAML (default, paper, ...)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec value, e.g. --set train.steps=100 (repeatable)")
+    _store_arg(s)
+    s.add_argument("--runs-dir", default=None, help="checkpoints and models (default: beside the store, runs/)")
+    s.add_argument("--resume", action="store_true", help="continue unfinished runs from their last checkpoint")
+    s.add_argument("--restart", action="store_true", help="delete these runs' checkpoints and start clean")
+    s.add_argument("--no-eval", action="store_true", help="skip lm-eval tasks after pretraining")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("runs", help="list runs in the store")
+    _store_arg(s)
+    s.add_argument("--suite", default=None)
+    s.set_defaults(fn=cmd_runs)
+
+    s = sub.add_parser("show", help="print one run: spec, versions, metrics")
+    s.add_argument("run_id")
+    _store_arg(s)
+    s.set_defaults(fn=cmd_show)
+
+    for register in _optional_commands():
+        register(sub, _store_arg)
+    return p
+
+
+def _optional_commands():
+    """Sub-commands living in their own modules (each module exposes ``register_cli(sub, store_arg)``)."""
+    import importlib
+
+    out = []
+    for mod in ("harness.profile", "harness.evaluate", "harness.board", "harness.regress", "harness.doctor"):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name == mod:
+                continue
+            raise
+        if hasattr(m, "register_cli"):
+            out.append(m.register_cli)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except _user_errors() as exc:
+        msg = str(exc).strip().replace("\n", " ")
+        print(f"harness: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("harness: interrupted; unfinished runs can be continued with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Routing health: expert load, dead experts, load entropy, routing fluctuation.
+
+Measured by the harness, identically for every router, on the validation
+batches of each evaluation:
+
+* load fractions per layer and expert (share of routing slots), load entropy
+  normalised by log(E) (1 = perfectly uniform), max/mean load, dead experts
+  (no slot at all during the evaluation);
+* routing fluctuation between consecutive evaluations: the share of a fixed
+  set of probe tokens (the first validation batch) whose top-1 expert changed;
+* StableMoE's routing fluctuation (Dai et al. 2022, Sec. 2.3): for each probe
+  token, the last evaluation step at which its assignment differed from its
+  *final* assignment; reported as the mean over tokens, as a fraction of
+  training (0 = never changed, 1 = still changing at the end).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class HealthTracker:
+    def __init__(self) -> None:
+        self.history: list[tuple[int, list[Tensor]]] = []  # (step, per-layer top-1 of probe tokens)
+        self._counts: list[Tensor] | None = None
+        self._probe: list[Tensor] | None = None
+
+    # -- during one evaluation ------------------------------------------------
+    def begin(self) -> None:
+        self._counts, self._probe = None, None
+
+    def observe(self, layers: list[Any]) -> None:
+        """Call after each eval forward with the model's MoE layers."""
+        counts = [layer.last_counts.detach().cpu().double() for layer in layers]
+        if self._counts is None:
+            self._counts = counts
+            self._probe = [layer.last_routing.indices[:, 0].detach().cpu().clone() for layer in layers]
+        else:
+            self._counts = [a + b for a, b in zip(self._counts, counts)]
+
+    def end(self, step: int) -> tuple[list[tuple[int, int, int, float]], list[tuple[int, int, str, float]]]:
+        """Rows for the store: routing (step, layer, expert, load) and health (step, layer, name, value)."""
+        if self._counts is None:
+            return [], []
+        load_rows, health_rows = [], []
+        prev = self.history[-1][1] if self.history else None
+        for li, c in enumerate(self._counts):
+            E = c.numel()
+            frac = c / c.sum().clamp_min(1)
+            load_rows += [(step, li, e, float(frac[e])) for e in range(E)]
+            nz = frac[frac > 0]
+            entropy = float(-(nz * nz.log()).sum() / math.log(E)) if E > 1 else 1.0
+            health_rows += [
+                (step, li, "load_entropy", entropy),
+                (step, li, "max_over_mean_load", float(frac.max() * E)),
+                (step, li, "dead_experts", float((c == 0).sum())),
+            ]
+            if prev is not None and li < len(prev) and prev[li].shape == self._probe[li].shape:
+                health_rows.append((step, li, "fluctuation", float((prev[li] != self._probe[li]).float().mean())))
+        self.history.append((step, self._probe))
+        return load_rows, health_rows
+
+    # -- at the end of training -------------------------------------------------
+    def final_fluctuation(self, total_steps: int) -> list[tuple[int, float]]:
+        """Per layer: mean over probe tokens of (last step whose assignment != final) / total_steps."""
+        if len(self.history) < 2:
+            return []
+        out = []
+        final = self.history[-1][1]
+        for li in range(len(final)):
+            last_diff = torch.zeros_like(final[li], dtype=torch.float64)
+            for step, probe in self.history[:-1]:
+                if li < len(probe) and probe[li].shape == final[li].shape:
+                    last_diff[probe[li] != final[li]] = float(step)
+            out.append((li, float(last_diff.mean()) / max(total_steps, 1)))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))

@@ -1,0 +1,86 @@
+"""The language-modelling suite: byte-level decoder LM pretraining, bits per byte.
+
+Metrics (natural-log cross-entropy per byte ``nll``):
+  {split}_bpb       = nll / ln 2                     (bits per byte = BPC for enwik8/text8)
+  {split}_byte_ppl  = exp(nll)
+  {split}_word_ppl  = exp(nll * bytes / words)       (WikiText-103 convention: per whitespace word)
+The word perplexity uses the split's bytes-per-word ratio; it is exact when the
+whole split is evaluated (the final test pass always is) and an estimate on
+the capped validation passes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data.text import TextCorpus, get_batch, iter_eval_batches, load_corpus
+from .models.lm import MoEDecoderLM
+from .spec import RunSpec
+
+
+def build_lm(spec: dict | RunSpec) -> MoEDecoderLM:
+    """The model of a run, from a RunSpec or its stored ``to_dict()``."""
+    d = spec.to_dict() if isinstance(spec, RunSpec) else spec
+    m = d["model"]
+    return MoEDecoderLM(
+        router=d["router"], vocab_size=256, d_model=m["d_model"], n_layers=m["n_layers"], n_heads=m["n_heads"],
+        d_ff=m["d_ff"], num_experts=m["num_experts"], top_k=m["top_k"], moe_every=m["moe_every"],
+        context=m["context"], dropout=m["dropout"], capacity_factor=m["capacity_factor"],
+        activation=m["activation"], router_kwargs=d.get("router_args") or {},
+    )
+
+
+class LMSuite:
+    name = "lm"
+    unit = "tok"
+    primary_metric = "val_bpb"
+
+    def __init__(self) -> None:
+        self._corpus: TextCorpus | None = None
+        self._corpus_key: tuple | None = None
+
+    def corpus(self, run: RunSpec) -> TextCorpus:
+        key = (run.data.corpus, run.data.path, run.data.strict_size, run.data.cache_dir)
+        if self._corpus is None or self._corpus_key != key:
+            self._corpus = load_corpus(run.data.corpus, run.data.path, cache_dir=run.data.cache_dir,
+                                       strict_size=run.data.strict_size)
+            self._corpus_key = key
+        return self._corpus
+
+    def build_model(self, run: RunSpec) -> nn.Module:
+        return build_lm(run)
+
+    def train_batch(self, run: RunSpec, step: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        x, y = get_batch(self.corpus(run).train, run.train.batch_size, run.model.context, step, run.seed)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def loss(self, out: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), targets.reshape(-1))
+
+    def items(self, inputs: Tensor) -> int:
+        return inputs.numel()
+
+    def evaluate(self, model: nn.Module, run: RunSpec, split: str, device: torch.device,
+                 hook: Callable[[], None], max_batches: int | None) -> dict[str, float]:
+        corpus = self.corpus(run)
+        data = corpus.val if split == "val" else corpus.test
+        total_nll, total_tok = 0.0, 0
+        for x, y in iter_eval_batches(data, run.train.batch_size, run.model.context, max_batches):
+            x, y = x.to(device), y.to(device)
+            out, _ = model(x, step=0, total_steps=1)
+            hook()
+            total_nll += float(F.cross_entropy(out.float().reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum"))
+            total_tok += y.numel()
+        if total_tok == 0:
+            raise ValueError(f"{split} split of {corpus.name} is shorter than one context window ({run.model.context})")
+        nll = total_nll / total_tok
+        out = {f"{split}_bpb": nll / math.log(2), f"{split}_byte_ppl": math.exp(min(nll, 50.0))}
+        words = corpus.words.get(split, 0)
+        if words:
+            bytes_per_word = len(data) / words
+            out[f"{split}_word_ppl"] = math.exp(min(nll * bytes_per_word, 700.0))
+        return out

@@ -1,0 +1,119 @@
+"""A small decoder-only transformer whose FFNs are MoE layers of any registered router.
+
+Pre-LN blocks, causal attention through ``scaled_dot_product_attention``,
+learned positions, tied input/output embeddings (nanoGPT's shape). Every
+``moe_every``-th block (counting from the last one) uses the router; the others use
+the dense equal-FLOP FFN, so "MoE in every other block" matches the CompeteSMoE
+large setting.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..moe import build_ffn
+from ..router import RouteContext, Routing
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.ffn = ffn
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, ctx: RouteContext) -> tuple[Tensor, Routing | None]:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        y, routing = self.ffn(self.ln2(x), ctx)
+        return x + self.drop(y), routing
+
+
+class MoEDecoderLM(nn.Module):
+    """``logits, routings = model(idx, step=s, total_steps=n)``; routings has one entry per MoE block."""
+
+    def __init__(
+        self,
+        router: str,
+        vocab_size: int = 256,
+        d_model: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        d_ff: int = 128,
+        num_experts: int = 8,
+        top_k: int = 2,
+        moe_every: int = 1,
+        context: int = 128,
+        dropout: float = 0.0,
+        capacity_factor: float | None = None,
+        activation: str = "gelu",
+        router_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.context = context
+        self.vocab_size = vocab_size
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(context, d_model)
+        self.drop = nn.Dropout(dropout)
+        blocks = []
+        for i in range(n_layers):
+            is_moe = (n_layers - 1 - i) % moe_every == 0
+            name = router if is_moe else "dense"
+            ffn = build_ffn(name, d_model, d_ff, num_experts, top_k, router_kwargs if is_moe else None,
+                            capacity_factor=capacity_factor, activation=activation)
+            blocks.append(Block(d_model, n_heads, ffn, dropout))
+        self.blocks = nn.ModuleList(blocks)
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # tied embeddings
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def moe_layers(self) -> list[nn.Module]:
+        """FFNs that route (dense baseline blocks excluded)."""
+        return [b.ffn for b in self.blocks if hasattr(b.ffn, "experts")]
+
+    def forward(self, idx: Tensor, step: int = 0, total_steps: int = 1) -> tuple[Tensor, list[Routing]]:
+        B, L = idx.shape
+        if L > self.context:
+            raise ValueError(f"sequence length {L} exceeds the model context {self.context}")
+        emb = self.tok_emb(idx)
+        x = self.drop(emb + self.pos_emb(torch.arange(L, device=idx.device)))
+        shared: dict[str, Any] = {}
+        token_ids = idx.reshape(-1)
+        flat_emb = emb.reshape(-1, emb.shape[-1])
+        routings: list[Routing] = []
+        for i, block in enumerate(self.blocks):
+            ctx = RouteContext(training=self.training, step=step, total_steps=total_steps, token_ids=token_ids,
+                               embeddings=flat_emb, layer_index=i, shared=shared)
+            x, routing = block(x, ctx)
+            if routing is not None:
+                routings.append(routing)
+        return self.head(self.ln_f(x)), routings
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        for layer in self.moe_layers():
+            layer.router.on_step(step, total_steps)

@@ -1,0 +1,333 @@
+"""Suite specs: frozen dataclasses loaded from YAML, ``--set a.b=v`` overrides, a stable hash.
+
+A suite YAML (``tasks/lm.yaml``) holds the base spec and named ``presets``
+that state only what differs. Resolution order: base <- preset <- --set.
+Unknown keys and wrong types are errors that name the file (or ``--set``) and
+the key. A *run* is one router x one seed of a suite; its hash covers
+everything that changes the numbers except the seed (stored beside it).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class SpecError(ValueError):
+    """A bad spec: the message names the file (or --set) and the key."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str = "decoder"            # lm: "decoder"; vision: a timm model name
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 128                  # width of ONE expert; dense baseline uses d_ff * top_k
+    num_experts: int = 8
+    top_k: int = 2
+    moe_every: int = 1               # 1: every block is MoE; 2: every other block (others dense d_ff*k)
+    capacity_factor: float | None = None  # None: router's default (StableMoE: 2.0), else no dropping
+    dropout: float = 0.0
+    context: int = 128               # tokens per sequence (lm)
+    activation: str = "gelu"
+    img_size: int = 32               # vision
+    patch_size: int = 4              # vision
+    num_classes: int = 10            # vision
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    corpus: str = "shakespeare"      # lm: shakespeare | enwik8 | text8 | wikitext103 | wikitext2; vision: animal-mnist | imagenet
+    path: str | None = None          # local directory/file for the real datasets
+    strict_size: bool = True         # enwik8/text8: require the standard 100M-byte file
+    cache_dir: str | None = None
+    augment: bool = False            # vision: RandAugment + mixup through timm
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8            # batches per validation pass (test pass uses the same cap)
+    ckpt_every: int = 50
+    device: str = "auto"             # auto | cpu | cuda
+    dtype: str = "float32"           # float32 | bfloat16 (autocast)
+    threads: int | None = None       # torch.set_num_threads; None = torch default
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    enabled: bool = True             # run lm-eval tasks after pretraining (lm suite)
+    tasks: tuple[str, ...] = ("shakespeare_ppl", "shakespeare_cloze")
+    limit: int | None = None         # documents per task (None = all)
+    data_dir: str | None = None      # directory with local data for standard lm-eval tasks
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    suite: str = "lm"
+    routers: tuple[str, ...] = ("dense", "smoe")
+    seeds: tuple[int, ...] = (0,)
+    preset: str = "default"
+    router_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+    def runs(self) -> list["RunSpec"]:
+        return [RunSpec(self, r, s) for r in self.routers for s in self.seeds]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One router x one seed of a suite."""
+
+    suite_spec: SuiteSpec
+    router: str
+    seed: int
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.suite_spec.model
+
+    @property
+    def data(self) -> DataSpec:
+        return self.suite_spec.data
+
+    @property
+    def train(self) -> TrainSpec:
+        return self.suite_spec.train
+
+    @property
+    def eval(self) -> EvalSpec:
+        return self.suite_spec.eval
+
+    @property
+    def suite(self) -> str:
+        return self.suite_spec.suite
+
+    @property
+    def router_kwargs(self) -> dict[str, Any]:
+        return dict(self.suite_spec.router_args.get(self.router, {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved configuration of this run (stored as JSON with the run)."""
+        s = self.suite_spec
+        return {
+            "suite": s.suite,
+            "preset": s.preset,
+            "router": self.router,
+            "router_args": self.router_kwargs,
+            "model": dataclasses.asdict(s.model),
+            "data": dataclasses.asdict(s.data),
+            "train": dataclasses.asdict(s.train),
+            "eval": dataclasses.asdict(s.eval),
+            "seed": self.seed,
+        }
+
+    @property
+    def spec_hash(self) -> str:
+        d = self.to_dict()
+        d.pop("seed")
+        d.pop("preset")  # the name does not change the numbers; the values do
+        # where things are read from and how many loader workers are used do not change the numbers either
+        d["data"] = {k: v for k, v in d["data"].items() if k not in ("cache_dir", "workers")}
+        d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads",)}
+        d["eval"] = {k: v for k, v in d["eval"].items() if k not in ("enabled", "batch_size")}
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def run_key(self) -> str:
+        return f"{self.suite}-{self.router}-{self.spec_hash[:10]}-s{self.seed}"
+
+
+# -- loading ------------------------------------------------------------------------
+
+def suite_path(name_or_path: str) -> Path:
+    """A suite name (``lm``, ``vision``) found in the shipped tasks, or a YAML path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.exists():
+            raise SpecError(f"{p}: spec file not found")
+        return p
+    shipped = resources.files("harness.tasks").joinpath(f"{name_or_path}.yaml")
+    if not shipped.is_file():
+        known = sorted(q.name[:-5] for q in resources.files("harness.tasks").iterdir() if q.name.endswith(".yaml"))
+        raise SpecError(f"unknown suite {name_or_path!r}; known suites: {', '.join(known)} (or give a .yaml path)")
+    return Path(str(shipped))
+
+
+def load_suite(
+    suite: str,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    routers: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> SuiteSpec:
+    path = suite_path(suite)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from exc
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: top level must be a mapping")
+    presets = raw.pop("presets", {}) or {}
+    preset = preset or "default"
+    if preset not in presets and preset != "default":
+        raise SpecError(f"{path}: unknown preset {preset!r}; presets: {', '.join(sorted(presets)) or '(none)'}")
+    merged = _deep_merge(raw, presets.get(preset) or {})
+    merged["preset"] = preset
+    for item in overrides or []:
+        _apply_override(merged, item)
+    if routers:
+        merged["routers"] = list(routers)
+    if seeds is not None and len(seeds):
+        merged["seeds"] = list(seeds)
+    spec = _build(SuiteSpec, merged, str(path), "")
+    _check_semantics(spec, str(path))
+    return spec
+
+
+def _check_semantics(spec: SuiteSpec, where: str) -> None:
+    from .registry import get_router
+
+    m = spec.model
+    if not 1 <= m.top_k <= m.num_experts:
+        raise SpecError(f"{where}: model.top_k={m.top_k} must be between 1 and model.num_experts={m.num_experts}")
+    if m.d_model % m.n_heads:
+        raise SpecError(f"{where}: model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    for key, val in (("model.n_layers", m.n_layers), ("model.d_ff", m.d_ff), ("train.steps", spec.train.steps),
+                     ("train.batch_size", spec.train.batch_size), ("model.moe_every", m.moe_every)):
+        if val <= 0:
+            raise SpecError(f"{where}: {key}={val} must be positive")
+    if spec.train.lr <= 0:
+        raise SpecError(f"{where}: train.lr must be positive")
+    if not spec.routers:
+        raise SpecError(f"{where}: routers is empty")
+    if spec.train.dtype not in ("float32", "bfloat16"):
+        raise SpecError(f"{where}: train.dtype={spec.train.dtype!r} must be float32 or bfloat16")
+    if spec.train.device not in ("auto", "cpu", "cuda"):
+        raise SpecError(f"{where}: train.device={spec.train.device!r} must be auto, cpu or cuda")
+    for name in spec.routers:
+        get_router(name)  # UnknownRouterError with did-you-mean
+    for name in spec.router_args:
+        get_router(name)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "router_args":
+            out[k] = _deep_merge(out[k], v)
+        elif isinstance(v, dict) and k == "router_args" and isinstance(out.get(k), dict):
+            merged = copy.deepcopy(out[k])
+            for r, args in v.items():
+                merged[r] = {**merged.get(r, {}), **(args or {})}
+            out[k] = merged
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _apply_override(d: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+    key, _, value = item.partition("=")
+    parts = key.strip().split(".")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise SpecError(f"--set {key}: {p!r} is not a section")
+        cur = nxt
+    cur[parts[-1]] = parsed
+
+
+def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: {prefix or 'spec'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, list(fields), n=1)
+        hint = f" (did you mean {prefix}{close[0]!r}?)" if close else f"; valid keys: {', '.join(fields)}"
+        raise SpecError(f"{where}: unknown key {prefix}{k!r}{hint}")
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _coerce(hints[k], v, where, f"{prefix}{k}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, v: Any, where: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, v or {}, where, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], v, where, key)
+    if origin is tuple:
+        if isinstance(v, (str, int)):
+            v = [x.strip() for x in v.split(",")] if isinstance(v, str) else [v]
+        if not isinstance(v, (list, tuple)):
+            raise SpecError(f"{where}: {key} must be a list, got {v!r}")
+        return tuple(_coerce(args[0], x, where, key) for x in v)
+    if origin is dict:
+        if not isinstance(v, dict):
+            raise SpecError(f"{where}: {key} must be a mapping, got {v!r}")
+        return {str(a): (dict(b) if isinstance(b, dict) else _raise(where, f"{key}.{a}", "a mapping", b))
+                for a, b in v.items()}
+    if tp is bool:
+        if isinstance(v, bool):
+            return v
+        return _raise(where, key, "true or false", v)
+    if tp is int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        return _raise(where, key, "an integer", v)
+    if tp is float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        return _raise(where, key, "a number", v)
+    if tp is str:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return str(v)
+        return _raise(where, key, "a string", v)
+    return v
+
+
+def _raise(where: str, key: str, expected: str, got: Any) -> Any:
+    raise SpecError(f"{where}: {key} must be {expected}, got {got!r}")

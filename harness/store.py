@@ -1,0 +1,318 @@
+"""Results store: one DuckDB file (default ``results/harness.duckdb``).
+
+DuckDB lets one process hold a file for writing at a time, so every write is
+a short transaction on a connection opened for just that write, retried with
+backoff while another process holds the lock. Two ``harness run`` processes
+therefore both land, and the leaderboard (read-only, also short-lived
+connections) never blocks a run for long. A run's final rows (metrics,
+curves, routing) and its ``finished`` status are written in ONE transaction:
+a run is never marked finished without all of its rows.
+
+Tables (long format, so new metrics need no migration):
+  meta(key, value)                      schema_version
+  machines(machine_id, ...)             CPU model, threads, GPU, hostname
+  runs(run_id, suite, router, spec_hash, seed, status, ...)
+  metrics(run_id, name, value, stderr, split, step)
+  curves(run_id, step, name, value)
+  routing(run_id, step, layer, expert, load)
+  routing_health(run_id, step, layer, name, value)
+  perf(bench_id, created_at, machine_id, git_sha, router, config, metric, value, spread)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import duckdb
+
+SCHEMA_VERSION = 1
+DEFAULT_STORE = "results/harness.duckdb"
+RUN_STATUSES = ("running", "finished", "diverged", "failed")
+
+_DDL = [
+    "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
+    """CREATE TABLE IF NOT EXISTS machines (
+        machine_id VARCHAR PRIMARY KEY, hostname VARCHAR, cpu VARCHAR, threads INTEGER,
+        gpu VARCHAR, platform VARCHAR, python VARCHAR, first_seen TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id VARCHAR PRIMARY KEY, suite VARCHAR, router VARCHAR, spec_hash VARCHAR, seed INTEGER,
+        preset VARCHAR, status VARCHAR, step INTEGER, total_steps INTEGER, git_sha VARCHAR,
+        machine_id VARCHAR, started_at TIMESTAMP, finished_at TIMESTAMP, config VARCHAR,
+        versions VARCHAR, error VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS metrics (
+        run_id VARCHAR, name VARCHAR, value DOUBLE, stderr DOUBLE, split VARCHAR, step INTEGER)""",
+    "CREATE TABLE IF NOT EXISTS curves (run_id VARCHAR, step INTEGER, name VARCHAR, value DOUBLE)",
+    "CREATE TABLE IF NOT EXISTS routing (run_id VARCHAR, step INTEGER, layer INTEGER, expert INTEGER, load DOUBLE)",
+    "CREATE TABLE IF NOT EXISTS routing_health (run_id VARCHAR, step INTEGER, layer INTEGER, name VARCHAR, value DOUBLE)",
+    """CREATE TABLE IF NOT EXISTS perf (
+        bench_id VARCHAR, created_at TIMESTAMP, machine_id VARCHAR, git_sha VARCHAR, router VARCHAR,
+        config VARCHAR, metric VARCHAR, value DOUBLE, spread DOUBLE)""",
+]
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class StoreLocked(StoreError):
+    pass
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    msg = str(exc).lower()
+    return "lock" in msg or "conflicting" in msg or "being used" in msg
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Store:
+    """Handle on a results file; holds no open connection between calls."""
+
+    def __init__(self, path: str | os.PathLike[str] = DEFAULT_STORE, lock_timeout: float = 300.0) -> None:
+        self.path = Path(path)
+        self.lock_timeout = lock_timeout
+        self._initialised = False
+
+    # -- connections --------------------------------------------------------
+    def _connect(self, read_only: bool, on_wait=None) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.lock_timeout
+        delay, warned = 0.05, False
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.Error as exc:
+                if not _is_lock_error(exc):
+                    raise StoreError(
+                        f"cannot open results store {self.path}: {exc}. If the file is damaged, move it aside "
+                        f"and re-run (runs keep their checkpoints under results/runs/)"
+                    ) from exc
+                if time.monotonic() > deadline:
+                    raise StoreLocked(
+                        f"results store {self.path} stayed locked by another process for {self.lock_timeout:.0f}s; "
+                        f"wait for it to finish or pass --store to use another file"
+                    ) from exc
+                if on_wait is not None and not warned:
+                    on_wait(f"store {self.path} is busy (another process is writing); waiting...")
+                    warned = True
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 1.0)
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short write transaction (committed on success, rolled back on error)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = self._connect(read_only=False)
+        try:
+            if not self._initialised:
+                self._init_schema(con)
+                self._initialised = True
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def reader(self, on_wait=None) -> Iterator[duckdb.DuckDBPyConnection]:
+        if not self.path.exists():
+            raise StoreError(f"no results store at {self.path}; run `harness run --suite lm` to create one")
+        con = self._connect(read_only=True, on_wait=on_wait)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def _init_schema(self, con: duckdb.DuckDBPyConnection) -> None:
+        for ddl in _DDL:
+            con.execute(ddl)
+        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise StoreError(
+                f"results store {self.path} has schema version {row[0]}, newer than this harness ({SCHEMA_VERSION}); "
+                f"upgrade moe-harness"
+            )
+        # future migrations: `elif int(row[0]) < SCHEMA_VERSION: migrate(con, int(row[0]))`
+
+    # -- writes ---------------------------------------------------------------
+    def register_machine(self, info: dict[str, Any]) -> None:
+        with self.writer() as con:
+            con.execute(
+                "INSERT INTO machines VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [info["machine_id"], info["hostname"], info["cpu"], info["threads"], info["gpu"],
+                 info["platform"], info["python"], now()],
+            )
+
+    def start_run(self, row: dict[str, Any]) -> None:
+        cols = ["run_id", "suite", "router", "spec_hash", "seed", "preset", "status", "step", "total_steps",
+                "git_sha", "machine_id", "started_at", "finished_at", "config", "versions", "error"]
+        vals = [row.get(c) for c in cols]
+        with self.writer() as con:
+            con.execute(f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", vals)
+
+    def update_progress(self, run_id: str, step: int, curves: Iterable[tuple[int, str, float]] = ()) -> None:
+        """Periodic progress: the step reached and the curve points since the last call."""
+        with self.writer() as con:
+            con.execute("UPDATE runs SET step = ? WHERE run_id = ?", [step, run_id])
+            rows = [(run_id, s, n, float(v)) for s, n, v in curves]
+            if rows:
+                con.executemany("INSERT INTO curves VALUES (?, ?, ?, ?)", rows)
+
+    def truncate_after(self, run_id: str, step: int) -> None:
+        """On resume: drop curve points recorded after the checkpoint we restart from."""
+        with self.writer() as con:
+            con.execute("DELETE FROM metrics WHERE run_id = ?", [run_id])  # final metrics come at the end only
+            con.execute("DELETE FROM curves WHERE run_id = ? AND step > ?", [run_id, step])
+            con.execute("DELETE FROM routing WHERE run_id = ? AND step > ?", [run_id, step])
+            con.execute("DELETE FROM routing_health WHERE run_id = ? AND step > ?", [run_id, step])
+            con.execute("UPDATE runs SET status = 'running', error = NULL, step = ? WHERE run_id = ?", [step, run_id])
+
+    def finish_run(
+        self,
+        run_id: str,
+        status: str,
+        step: int,
+        metrics: Iterable[dict[str, Any]] = (),
+        curves: Iterable[tuple[int, str, float]] = (),
+        routing: Iterable[tuple[int, int, int, float]] = (),
+        routing_health: Iterable[tuple[int, int, str, float]] = (),
+        error: str | None = None,
+    ) -> None:
+        """Final rows and status in one transaction."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"bad run status {status!r}")
+        with self.writer() as con:
+            m = [(run_id, d["name"], _f(d.get("value")), _f(d.get("stderr")), d.get("split"), d.get("step", step))
+                 for d in metrics]
+            if m:
+                con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", m)
+            c = [(run_id, s, n, _f(v)) for s, n, v in curves]
+            if c:
+                con.executemany("INSERT INTO curves VALUES (?, ?, ?, ?)", c)
+            r = [(run_id, s, layer, e, _f(v)) for s, layer, e, v in routing]
+            if r:
+                con.executemany("INSERT INTO routing VALUES (?, ?, ?, ?, ?)", r)
+            h = [(run_id, s, layer, n, _f(v)) for s, layer, n, v in routing_health]
+            if h:
+                con.executemany("INSERT INTO routing_health VALUES (?, ?, ?, ?, ?)", h)
+            con.execute(
+                "UPDATE runs SET status = ?, step = ?, finished_at = ?, error = ? WHERE run_id = ?",
+                [status, step, now(), error, run_id],
+            )
+
+    def add_metrics(self, run_id: str, metrics: Iterable[dict[str, Any]]) -> None:
+        """Extra metrics for an existing run (e.g. lm-eval tasks after pretraining)."""
+        rows = [(run_id, d["name"], _f(d.get("value")), _f(d.get("stderr")), d.get("split"), d.get("step"))
+                for d in metrics]
+        if rows:
+            with self.writer() as con:
+                con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def add_perf(self, rows: Iterable[dict[str, Any]]) -> None:
+        vals = [(r["bench_id"], r.get("created_at") or now(), r.get("machine_id"), r.get("git_sha"), r.get("router"),
+                 json.dumps(r.get("config", {}), sort_keys=True), r["metric"], _f(r.get("value")), _f(r.get("spread")))
+                for r in rows]
+        if vals:
+            with self.writer() as con:
+                con.executemany("INSERT INTO perf VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", vals)
+
+    # -- reads ----------------------------------------------------------------
+    def query(self, sql: str, params: list[Any] | None = None):
+        """Run a read query; returns a polars DataFrame."""
+        with self.reader() as con:
+            return con.execute(sql, params or []).pl()
+
+    def find_resumable(self, spec_hash: str, seed: int) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        with self.reader() as con:
+            try:
+                row = con.execute(
+                    "SELECT run_id, status, step FROM runs WHERE spec_hash = ? AND seed = ? "
+                    "AND status IN ('running', 'failed') ORDER BY started_at DESC LIMIT 1",
+                    [spec_hash, seed],
+                ).fetchone()
+            except duckdb.CatalogException:
+                return None
+        return None if row is None else {"run_id": row[0], "status": row[1], "step": row[2]}
+
+
+def _f(v: Any) -> float | None:
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+# -- provenance -------------------------------------------------------------------
+
+def git_sha() -> str:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha[:12] + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    threads = torch.get_num_threads()
+    host = socket.gethostname()
+    key = f"{cpu}|{threads}|{gpu}|{host}"
+    import hashlib
+
+    return {
+        "machine_id": hashlib.sha1(key.encode()).hexdigest()[:12],
+        "hostname": host,
+        "cpu": cpu,
+        "threads": threads,
+        "gpu": gpu,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("moe-harness", "torch", "timm", "lm_eval", "duckdb", "numpy", "polars"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

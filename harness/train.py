@@ -1,0 +1,367 @@
+"""One training loop for every suite (nanoGPT-style: read it top to bottom).
+
+A *suite adapter* (``harness.lm_suite.LMSuite``, ``harness.vision_suite.VisionSuite``)
+supplies the model, batches, task loss and evaluation; this module owns
+everything that must be identical across routers and suites: optimiser,
+schedule, aux-loss summation, gradient clipping, NaN guard, checkpoints and
+resume, throughput/memory measurement, routing health and the store rows.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .health import HealthTracker
+from .router import Routing
+from .spec import RunSpec
+from .store import Store, git_sha, machine_info, now, package_versions
+
+CKPT_VERSION = 1
+
+
+class Diverged(RuntimeError):
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"{what} at step {step}")
+        self.step = step
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class SuiteAdapter(Protocol):
+    name: str
+    unit: str            # "tok" or "img": what throughput counts
+    primary_metric: str  # e.g. "val_bpb" (lower is better) or "val_top1"
+
+    def build_model(self, run: RunSpec) -> nn.Module: ...
+    def train_batch(self, run: RunSpec, step: int, device: torch.device) -> tuple[Any, Tensor]: ...
+    def loss(self, out: Tensor, targets: Tensor) -> Tensor: ...
+    def items(self, inputs: Any) -> int: ...
+    def evaluate(self, model: nn.Module, run: RunSpec, split: str, device: torch.device,
+                 hook: Callable[[], None], max_batches: int | None) -> dict[str, float]: ...
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    router: str
+    seed: int
+    status: str
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+# -- small utilities -------------------------------------------------------------------
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available; use --set train.device=auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to ``min_ratio`` of the peak."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_optimizer(model: nn.Module, run: RunSpec) -> torch.optim.Optimizer:
+    t = run.train
+    # nanoGPT's rule: weight-decay matrices (dim >= 2), not biases/norm gains
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the peak RSS (VmHWM) of this process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic: write a temporary file, fsync, then rename over the old checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); "
+            f"re-run with --restart to start this run from scratch"
+        ) from exc
+    if not isinstance(state, dict) or state.get("version") != CKPT_VERSION:
+        raise CheckpointError(f"checkpoint {path} is not a moe-harness v{CKPT_VERSION} checkpoint; use --restart")
+    return state
+
+
+# -- the loop -----------------------------------------------------------------------------
+
+def train_run(
+    run: RunSpec,
+    adapter: SuiteAdapter,
+    store: Store,
+    runs_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    t = run.train
+    device = pick_device(t.device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    ckpt_path = runs_dir / run.run_key / "ckpt.pt"
+
+    # -- identify the run: resume the latest unfinished one with this spec+seed, or start fresh
+    run_id, state = None, None
+    if resume:
+        prev = store.find_resumable(run.spec_hash, run.seed)
+        if prev is not None:
+            run_id = prev["run_id"]
+            if ckpt_path.exists():
+                state = load_checkpoint(ckpt_path)
+                if state.get("run_id") != run_id:
+                    state = None  # checkpoint of another attempt; start this one over
+    elif ckpt_path.exists():
+        ckpt_path.unlink()  # a fresh run never continues a stale checkpoint
+    if run_id is None:
+        run_id = f"{run.run_key}-{uuid.uuid4().hex[:6]}"
+        minfo = machine_info()
+        store.register_machine(minfo)
+        import json
+
+        store.start_run({
+            "run_id": run_id, "suite": run.suite, "router": run.router, "spec_hash": run.spec_hash,
+            "seed": run.seed, "preset": run.suite_spec.preset, "status": "running", "step": 0,
+            "total_steps": t.steps, "git_sha": git_sha(), "machine_id": minfo["machine_id"],
+            "started_at": now(), "config": json.dumps(run.to_dict(), sort_keys=True, default=str),
+            "versions": json.dumps(package_versions(), sort_keys=True),
+        })
+    start_step = int(state["step"]) if state else 0
+    if resume:
+        store.truncate_after(run_id, start_step)
+
+    seed_everything(run.seed)
+    model = adapter.build_model(run).to(device)
+    opt = make_optimizer(model, run)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
+    health = HealthTracker()
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        health.load_state_dict(state["health"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        log(f"[{run.router} seed {run.seed}] resuming {run_id} from step {start_step}")
+
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if t.dtype == "bfloat16" else _null_ctx()
+    pending_curves: list[tuple[int, str, float]] = []
+    routing_rows: list[tuple[int, int, int, float]] = []
+    health_rows: list[tuple[int, int, str, float]] = []
+    log_every = max(1, t.steps // 200)
+    items, train_time = 0, 0.0
+    step = start_step
+    status, error = "finished", None
+    final_metrics: dict[str, float] = {}
+    reset_peak_memory(device)
+
+    def evaluate(split: str, at_step: int, max_batches: int | None) -> dict[str, float]:
+        model.eval()
+        layers = model.moe_layers()
+        health.begin()
+        with torch.no_grad(), amp:
+            m = adapter.evaluate(model, run, split, device, lambda: health.observe(layers) if layers else None,
+                                 max_batches)
+        if split == "val" and layers:
+            lr_rows, h_rows = health.end(at_step)
+            routing_rows.extend(lr_rows)
+            health_rows.extend(h_rows)
+        model.train()
+        return m
+
+    bar = None
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.steps, initial=start_step, disable=not progress, leave=False, dynamic_ncols=True,
+                   desc=f"{run.router} s{run.seed}")
+        model.train()
+        for step in range(start_step, t.steps):
+            model.on_step(step, t.steps)
+            inputs, targets = adapter.train_batch(run, step, device)
+            t0 = time.perf_counter()
+            with amp:
+                out, routings = model(inputs, step=step, total_steps=t.steps)
+                task_loss = adapter.loss(out, targets)
+            aux = _sum_aux(routings)
+            loss = task_loss + sum(aux.values()) if aux else task_loss
+            _check_finite(loss, routings, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                if not torch.isfinite(gnorm):
+                    raise Diverged(step, "non-finite gradient norm")
+            opt.step()
+            sched.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_time += time.perf_counter() - t0
+            items += adapter.items(inputs)
+
+            if step % log_every == 0 or step == t.steps - 1:
+                pending_curves.append((step, "train_loss", task_loss.item()))
+                pending_curves.append((step, "lr", sched.get_last_lr()[0]))
+                for name, v in aux.items():
+                    pending_curves.append((step, f"aux/{name}", v.item()))
+                for name, v in _mean_stats(routings).items():
+                    pending_curves.append((step, f"stat/{name}", v))
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{task_loss.item():.3f}", **{f"{adapter.unit}/s": f"{items / max(train_time, 1e-9):.0f}"})
+            done = step + 1
+            if done % t.eval_every == 0 or done == t.steps:
+                vm = evaluate("val", done, t.eval_batches)
+                for name, v in vm.items():
+                    pending_curves.append((done, name, v))
+            if done % t.ckpt_every == 0 and done < t.steps:
+                # curves first, then the checkpoint: a resume truncates anything recorded after it
+                store.update_progress(run_id, done, pending_curves)
+                pending_curves = []
+                save_checkpoint(ckpt_path, {
+                    "version": CKPT_VERSION, "run_id": run_id, "step": done, "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "health": health.state_dict(),
+                    "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                            "python": random.getstate(),
+                            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
+                    "spec": run.to_dict(),
+                })
+        step = t.steps
+        final_metrics.update(evaluate("val", step, t.eval_batches))
+        final_metrics.update(evaluate("test", step, None))
+        final_metrics[f"train_{adapter.unit}_per_s"] = items / max(train_time, 1e-9)
+        final_metrics["peak_mem_mb"] = peak_memory_mb(device)
+        final_metrics["params_total"] = float(sum(p.numel() for p in model.parameters()))
+        for li, v in health.final_fluctuation(t.steps):
+            health_rows.append((step, li, "fluctuation_last_change", v))
+        _save_final_model(runs_dir / run.run_key / "model.pt", model, run, run_id)
+    except Diverged as exc:
+        status, error = "diverged", str(exc)
+        step = exc.step
+        log(f"[{run.router} seed {run.seed}] DIVERGED: {exc}")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken router must not stop the suite
+        status, error = "failed", traceback.format_exc()
+        log(f"[{run.router} seed {run.seed}] FAILED: {type(exc).__name__}: {exc}")
+    finally:
+        if bar is not None:
+            bar.close()
+
+    metrics_rows = [{"name": k, "value": v, "split": k.split("_", 1)[0] if k.startswith(("val_", "test_")) else None}
+                    for k, v in final_metrics.items()]
+    store.finish_run(run_id, status, step, metrics=metrics_rows, curves=pending_curves, routing=routing_rows,
+                     routing_health=health_rows, error=error)
+    if status == "finished" and ckpt_path.exists():
+        ckpt_path.unlink()  # the final model is kept in model.pt; the resume checkpoint is no longer needed
+    return RunResult(run_id, run.router, run.seed, status, step, final_metrics, error)
+
+
+def _save_final_model(path: Path, model: nn.Module, run: RunSpec, run_id: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"version": CKPT_VERSION, "run_id": run_id, "spec": run.to_dict(), "model": model.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def _sum_aux(routings: list[Routing]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for r in routings:
+        for k, v in r.aux_losses.items():
+            out[k] = out[k] + v if k in out else v
+    return out
+
+
+def _mean_stats(routings: list[Routing]) -> dict[str, float]:
+    acc: dict[str, list[float]] = {}
+    for r in routings:
+        for k, v in r.stats.items():
+            acc.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def _check_finite(loss: Tensor, routings: list[Routing], step: int) -> None:
+    for i, r in enumerate(routings):
+        if r.logits is not None and not bool(torch.isfinite(r.logits).all()):
+            raise Diverged(step, f"non-finite router logits in MoE layer {i}")
+    if not bool(torch.isfinite(loss)):
+        raise Diverged(step, f"non-finite loss ({float(loss)})")
+
+
+class _null_ctx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
