@@ -24,10 +24,11 @@ class DenseRouter(Router):
         super().__init__(d_model, num_experts, top_k)
 
     def forward(self, x: Tensor, ctx: RouteContext) -> Routing:
-        # Every token "uses" expert 0 with weight 1/k per slot: keeps the Routing
+        # The d_ff*k FFN is k experts of width d_ff that are always all active:
+        # every token "uses" experts 0..k-1 with weight 1/k. Keeps the Routing
         # contract meaningful for code that inspects it (e.g. conformance tests).
         T = x.shape[0]
-        idx = torch.zeros(T, self.top_k, dtype=torch.long, device=x.device)
+        idx = torch.arange(self.top_k, device=x.device).expand(T, self.top_k).contiguous()
         w = torch.full((T, self.top_k), 1.0 / self.top_k, device=x.device, dtype=x.dtype)
         return Routing(indices=idx, weights=w, logits=None)
 

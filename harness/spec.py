@@ -279,8 +279,8 @@ def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
     if unknown:
         k = unknown[0]
         close = difflib.get_close_matches(k, list(fields), n=1)
-        hint = f" (did you mean {prefix}{close[0]!r}?)" if close else f"; valid keys: {', '.join(fields)}"
-        raise SpecError(f"{where}: unknown key {prefix}{k!r}{hint}")
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid keys: {', '.join(fields)}"
+        raise SpecError(f"{where}: unknown key '{prefix}{k}'{hint}")
     kwargs = {}
     for k, v in data.items():
         kwargs[k] = _coerce(hints[k], v, where, f"{prefix}{k}")
