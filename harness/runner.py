@@ -27,10 +27,10 @@ def get_adapter(suite: str):
 
 def preflight(spec: SuiteSpec, adapter) -> None:
     """Fail before anything is written: routers build with their args, data is where the spec says."""
-    m = spec.model
-    for name in spec.routers:
+    for run in spec.runs():
+        name, m = run.router, run.model
         try:
-            create_router(name, m.d_model, m.num_experts, m.top_k, **spec.router_args.get(name, {}))
+            create_router(name, m.d_model, m.num_experts, m.top_k, **run.router_kwargs)
         except (TypeError, ValueError) as exc:
             raise SpecError(f"router_args.{name}: {exc}") from exc
     if spec.routers:

@@ -110,7 +110,19 @@ class RunSpec:
 
     @property
     def model(self) -> ModelSpec:
-        return self.suite_spec.model
+        """The suite's model, with top_k lowered for routers that only support smaller k.
+
+        StableMoE is top-1 by construction; in a top-2 suite it runs top-1 (its
+        paper's setting) and the resolved ``model.top_k`` stored with the run says so.
+        """
+        from .registry import get_router
+
+        m = self.suite_spec.model
+        supported = get_router(self.router).supports_top_k
+        if supported and m.top_k not in supported:
+            fitting = [k for k in supported if k <= m.top_k] or [min(supported)]
+            m = dataclasses.replace(m, top_k=max(fitting))
+        return m
 
     @property
     def data(self) -> DataSpec:
@@ -140,7 +152,7 @@ class RunSpec:
             "preset": s.preset,
             "router": self.router,
             "router_args": self.router_kwargs,
-            "model": dataclasses.asdict(s.model),
+            "model": dataclasses.asdict(self.model),
             "data": dataclasses.asdict(s.data),
             "train": dataclasses.asdict(s.train),
             "eval": dataclasses.asdict(s.eval),

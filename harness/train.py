@@ -223,6 +223,7 @@ def train_run(
     step = start_step
     status, error = "finished", None
     final_metrics: dict[str, float] = {}
+    last_val: dict[str, float] | None = None
     reset_peak_memory(device)
 
     def evaluate(split: str, at_step: int, max_batches: int | None) -> dict[str, float]:
@@ -282,8 +283,8 @@ def train_run(
                     bar.set_postfix(loss=f"{task_loss.item():.3f}", **{f"{adapter.unit}/s": f"{items / max(train_time, 1e-9):.0f}"})
             done = step + 1
             if done % t.eval_every == 0 or done == t.steps:
-                vm = evaluate("val", done, t.eval_batches)
-                for name, v in vm.items():
+                last_val = evaluate("val", done, t.eval_batches)
+                for name, v in last_val.items():
                     pending_curves.append((done, name, v))
             if done % t.ckpt_every == 0 and done < t.steps:
                 # curves first, then the checkpoint: a resume truncates anything recorded after it
@@ -298,7 +299,9 @@ def train_run(
                     "spec": run.to_dict(),
                 })
         step = t.steps
-        final_metrics.update(evaluate("val", step, t.eval_batches))
+        if last_val is None:  # resumed after the final validation pass was checkpointed: redo it
+            last_val = evaluate("val", step, t.eval_batches)
+        final_metrics.update(last_val)
         final_metrics.update(evaluate("test", step, None))
         final_metrics[f"train_{adapter.unit}_per_s"] = items / max(train_time, 1e-9)
         final_metrics["peak_mem_mb"] = peak_memory_mb(device)

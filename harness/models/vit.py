@@ -1,0 +1,252 @@
+"""timm's VisionTransformer whose MLPs are harness FFNs: MoE layers of any registered router, or dense.
+
+The one door in is timm's ``create_model``::
+
+    import harness.models.vit  # registers the models with timm
+    model = timm.create_model("vit_moe_tiny_patch4_32", router="moge", num_experts=16)
+    logits, routings = model(images, step=s, total_steps=n)
+
+How the harness plugs into timm (1.0.x): ``VisionTransformer`` takes an
+``mlp_layer`` class and builds one per block as ``mlp_layer(in_features=...,
+hidden_features=int(dim * mlp_ratio), act_layer=..., drop=..., ...)``. We pass a
+factory that returns a :class:`HarnessMlp`: a thin adapter that wraps
+``harness.moe.build_ffn`` (the same ``MoELayer`` / ``DenseFFN`` the LM uses, so
+every router runs on the same expert kernels in both suites) and hands it a
+:class:`~harness.router.RouteContext`. Everything else -- patch embedding, class
+token, attention, LayerScale, drop-path, the head -- is timm's unchanged.
+
+Per-forward routing context. ``forward(x, step, total_steps)`` opens a *routing
+scope* shared by all blocks: one ``shared`` dict per forward pass (CompeteSMoE's
+"at most n competing layers per step"), the step numbers, the token positions,
+and a list that collects each MoE layer's :class:`~harness.router.Routing`;
+the forward returns ``(logits, routings)`` like ``MoEDecoderLM``. Called through
+timm's own entry points outside that scope (``forward_features``,
+``forward_intermediates``), layers still route -- with step 0, a fresh ``shared``
+dict each and nothing collected.
+
+Token ids for routers that route on the token (StableMoE's distilled router).
+An image has no vocabulary; the id of a token is its *position in the sequence*:
+0 for the class token (and 1..r for register tokens), then the patches in
+row-major order. They are passed as ``ctx.positions`` ([B*N] long, matching the
+layer's flattening of ``[B, N, d]``); ``token_ids`` stays None. A router with a
+``vocab_size`` hyper-parameter gets ``vocab_size = N`` unless the spec sets it.
+
+Which blocks route: ``moe_every`` as in the LM -- block i (0-based, of ``depth``)
+is MoE when ``(depth - 1 - i) % moe_every == 0``, so the last block always routes;
+the others get the equal-active-FLOP dense FFN (width ``d_ff * top_k``).
+
+Expert width: ``d_ff`` is the width of ONE expert; when not given it is timm's
+MLP width ``int(embed_dim * mlp_ratio)`` (V-MoE's convention: an expert is a
+full ViT MLP).
+
+Initialisation: timm's ``init_weights`` re-initialises every ``nn.Linear`` of
+the model (truncated normal, std 0.02). The harness FFNs -- experts, routers,
+dense baseline -- keep the initialisation they are constructed with, the same
+as in every other suite, so a router's init is its author's and the dense
+baseline is initialised like the experts; see :meth:`MoEVisionTransformer.init_weights`.
+
+Routers restricted to some top-k (StableMoE is top-1 only): the model uses the
+nearest supported k (:func:`effective_top_k`) and records it as ``model.top_k``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from timm.models import register_model
+from timm.models._builder import build_model_with_cfg
+from timm.models._registry import generate_default_cfgs
+from timm.models.vision_transformer import VisionTransformer
+
+from ..moe import build_ffn
+from ..registry import get_router
+from ..router import RouteContext, Router, Routing
+
+__all__ = ["MoEVisionTransformer", "HarnessMlp", "effective_top_k", "vit_moe_tiny_patch4_32",
+           "vit_moe_small_patch16_224", "VIT_MODELS"]
+
+
+def effective_top_k(router_cls: type[Router], top_k: int) -> int:
+    """``top_k`` if the router supports it, else its nearest supported k (ties: the smaller)."""
+    supported = getattr(router_cls, "supports_top_k", None)
+    if not supported or top_k in supported:
+        return top_k
+    return min(supported, key=lambda k: (abs(k - top_k), k))
+
+
+class _RoutingScope:
+    """State of one ``MoEVisionTransformer.forward``, read by every :class:`HarnessMlp`."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.step, self.total_steps = 0, 1
+        self.shared: dict[str, Any] = {}
+        self.routings: list[Routing] = []
+        self._positions: tuple[tuple, Tensor] | None = None
+
+    def begin(self, step: int, total_steps: int) -> None:
+        self.active = True
+        self.step, self.total_steps = step, total_steps
+        self.shared, self.routings, self._positions = {}, [], None
+
+    def end(self) -> list[Routing]:
+        routings = self.routings
+        self.active, self.shared, self.routings, self._positions = False, {}, [], None
+        return routings
+
+    def positions(self, x: Tensor) -> Tensor:
+        """[B*N] position of each token of ``x`` ([B, N, d]) in its sequence, row-major like the layer's flatten."""
+        B, N = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
+        key = (B, N, x.device)
+        if self._positions is None or self._positions[0] != key:
+            self._positions = (key, torch.arange(N, device=x.device).repeat(B))
+        return self._positions[1]
+
+
+class HarnessMlp(nn.Module):
+    """timm ``mlp_layer`` adapter: ``y = drop(ffn(x, ctx)[0])``; the routing goes to the scope."""
+
+    def __init__(self, ffn: nn.Module, layer_index: int, scope: _RoutingScope, drop: float = 0.0) -> None:
+        super().__init__()
+        self.ffn = ffn
+        self.layer_index = layer_index
+        self.drop = nn.Dropout(drop)
+        object.__setattr__(self, "_scope", scope)  # plain reference: not a submodule, not in the state dict
+
+    @property
+    def is_moe(self) -> bool:
+        return hasattr(self.ffn, "experts")
+
+    def forward(self, x: Tensor) -> Tensor:
+        scope = self._scope
+        ctx = RouteContext(training=self.training, step=scope.step if scope.active else 0,
+                           total_steps=scope.total_steps if scope.active else 1, positions=scope.positions(x),
+                           layer_index=self.layer_index, shared=scope.shared if scope.active else {})
+        y, routing = self.ffn(x, ctx)
+        if routing is not None and scope.active:
+            scope.routings.append(routing)
+        return self.drop(y)
+
+
+class MoEVisionTransformer(VisionTransformer):
+    """timm ViT with harness FFNs. ``logits, routings = model(x, step=s, total_steps=n)``.
+
+    Harness arguments (the rest go to timm's ``VisionTransformer``):
+      router:          registered router name (``dense`` for the dense baseline).
+      num_experts, top_k, capacity_factor, activation: as in ``harness.moe.build_ffn``.
+      d_ff:            width of one expert (default: timm's ``embed_dim * mlp_ratio``).
+      moe_every:       MoE in every block (1) or every other block (2), counted from the last.
+      router_kwargs:   the router's hyper-parameters (unknown keys are errors).
+    """
+
+    def __init__(
+        self,
+        router: str = "smoe",
+        num_experts: int = 8,
+        top_k: int = 2,
+        d_ff: int | None = None,
+        moe_every: int = 1,
+        capacity_factor: float | None = None,
+        activation: str = "gelu",
+        router_kwargs: dict[str, Any] | None = None,
+        depth: int = 12,
+        **vit_kwargs: Any,
+    ) -> None:
+        for key in ("mlp_layer", "block_fn"):
+            if key in vit_kwargs:
+                raise TypeError(f"MoEVisionTransformer sets {key} itself (harness FFNs); do not pass it")
+        if vit_kwargs.get("fix_init"):
+            raise ValueError("fix_init rescales mlp.fc2, which harness FFNs do not have")
+        if moe_every < 1:
+            raise ValueError(f"moe_every must be >= 1, got {moe_every}")
+        router_cls = get_router(router)
+        k = effective_top_k(router_cls, top_k)
+        scope = _RoutingScope()
+        built: list[HarnessMlp] = []
+
+        def mlp_layer(in_features: int, hidden_features: int | None = None, drop: float = 0.0, **_: Any) -> HarnessMlp:
+            # called by timm once per block, in block order, after the patch embedding exists
+            i = len(built)
+            is_moe = (depth - 1 - i) % moe_every == 0
+            width = d_ff or hidden_features or 4 * in_features
+            kwargs = dict(router_kwargs or {}) if is_moe else None
+            if kwargs is not None and "vocab_size" in router_cls.hparam_names() and "vocab_size" not in kwargs:
+                kwargs["vocab_size"] = self.patch_embed.num_patches + self.num_prefix_tokens
+            ffn = build_ffn(router if is_moe else "dense", in_features, width, num_experts, k, kwargs,
+                            capacity_factor=capacity_factor, activation=activation)
+            built.append(HarnessMlp(ffn, i, scope, drop))
+            return built[-1]
+
+        super().__init__(depth=depth, mlp_layer=mlp_layer, **vit_kwargs)
+        self._scope = scope
+        self.router_name = router
+        self.num_experts, self.top_k, self.moe_every = num_experts, k, moe_every
+
+    # -- harness interface (same as MoEDecoderLM) ----------------------------------------
+    def harness_mlps(self) -> list[HarnessMlp]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, HarnessMlp)]
+
+    def moe_layers(self) -> list[nn.Module]:
+        """FFNs that route (dense baseline blocks excluded)."""
+        return [m.ffn for m in self.harness_mlps() if m.is_moe]
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        for layer in self.moe_layers():
+            layer.router.on_step(step, total_steps)
+
+    def forward(self, x: Tensor, step: int = 0, total_steps: int = 1, **kwargs: Any) -> tuple[Tensor, list[Routing]]:
+        self._scope.begin(step, total_steps)
+        try:
+            logits = super().forward(x, **kwargs)
+        finally:
+            routings = self._scope.end()
+        return logits, routings
+
+    def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
+        """timm's init for everything except the harness FFNs, which keep their own (see module doc)."""
+        mlps = self.harness_mlps() if hasattr(self, "blocks") else []
+        saved = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in mlps]
+        super().init_weights(mode, needs_reset)
+        with torch.no_grad():
+            for m, sd in zip(mlps, saved):
+                m.load_state_dict(sd)
+
+
+# -- timm registration ------------------------------------------------------------------------
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    # no url / hf_hub_id: these models have no pretrained weights and nothing is ever downloaded
+    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+            "crop_pct": 0.875, "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+            "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.proj", "classifier": "head", **kwargs}
+
+
+default_cfgs = generate_default_cfgs({
+    "vit_moe_tiny_patch4_32": _cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0),
+    "vit_moe_small_patch16_224": _cfg(),
+})
+
+
+def _create(variant: str, pretrained: bool, defaults: dict[str, Any], **kwargs: Any) -> MoEVisionTransformer:
+    if pretrained:
+        raise ValueError(f"{variant} has no pretrained weights: moe-harness trains from scratch and never downloads")
+    return build_model_with_cfg(MoEVisionTransformer, variant, pretrained=False, **{**defaults, **kwargs})
+
+
+@register_model
+def vit_moe_tiny_patch4_32(pretrained: bool = False, **kwargs: Any) -> MoEVisionTransformer:
+    """CPU-sized ViT for 32x32 images: embed 64, depth 4, 4 heads, patch 4 (64 patches + class token)."""
+    defaults = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0, num_classes=10)
+    return _create("vit_moe_tiny_patch4_32", pretrained, defaults, **kwargs)
+
+
+@register_model
+def vit_moe_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> MoEVisionTransformer:
+    """ViT-S/16 (embed 384, depth 12, 6 heads, MLP ratio 4) at 224px, drop-path 0.1 as in DeiT-S."""
+    defaults = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
+                    num_classes=1000, drop_path_rate=0.1)
+    return _create("vit_moe_small_patch16_224", pretrained, defaults, **kwargs)
+
+
+VIT_MODELS = ("vit_moe_tiny_patch4_32", "vit_moe_small_patch16_224")

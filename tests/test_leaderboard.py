@@ -1,0 +1,461 @@
+"""Streamlit leaderboard: the data layer (leaderboard/queries.py) and the page (leaderboard/app.py).
+
+The page is driven headlessly with ``streamlit.testing.v1.AppTest`` over a store filled by a real
+tiny ``harness run`` (dense + smoe, two seeds each), plus a few hand-written rows for what a
+tiny run does not produce: a failed and a diverged run, lm-eval task metrics and bench rows.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from harness.store import Store, now
+from leaderboard import queries as q
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "leaderboard" / "app.py"
+ROUTERS = ("dense", "smoe")
+SEEDS = (0, 1)
+TRACEBACK = 'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\nRuntimeError: boom in router'
+
+
+# -- fixtures -----------------------------------------------------------------------------------------
+
+def add_extra_rows(store_path: str | Path) -> None:
+    """What a tiny --no-eval run does not write: failed/diverged runs, lm-eval metrics, bench rows."""
+    store = Store(store_path)
+    runs = store_runs(store_path)
+    tmpl = runs.filter(pl.col("router") == "smoe").row(0, named=True)
+    for status, seed, err in (("failed", 7, TRACEBACK), ("diverged", 8, "non-finite loss (nan) at step 3")):
+        row = {k: tmpl[k] for k in ("suite", "router", "spec_hash", "preset", "total_steps", "git_sha",
+                                    "machine_id", "config", "versions")}
+        row.update(run_id=f"{tmpl['run_id']}-{status}", seed=seed, status="running", step=0, started_at=now())
+        store.start_run(row)
+        store.finish_run(row["run_id"], status, 3, curves=[(0, "train_loss", 5.0), (1, "train_loss", 4.0)],
+                         error=err)
+    for r in runs.filter(pl.col("status") == "finished").iter_rows(named=True):
+        base = 0.30 if r["router"] == "smoe" else 0.25
+        store.add_metrics(r["run_id"], [
+            {"name": "lmeval/shakespeare_cloze/acc", "value": base + 0.01 * r["seed"], "stderr": 0.02},
+            {"name": "lmeval/shakespeare_ppl/word_perplexity", "value": 900.0 - 100 * base, "stderr": None},
+        ])
+    store.add_perf([
+        {"bench_id": "bench-test-1", "machine_id": tmpl["machine_id"], "git_sha": tmpl["git_sha"], "router": r,
+         "config": {"tokens": 4096, "d_model": 32}, "metric": m, "value": v, "spread": 0.1}
+        for r, vals in (("dense", (1.0, 2.0)), ("smoe", (1.0, 3.0)))
+        for m, v in zip(("ratio_vs_smoe", "fwd_bwd_ms"), vals)
+    ])
+
+
+def store_runs(path) -> pl.DataFrame:
+    return q.load_runs(path)
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory) -> Path:
+    from harness.cli import main
+
+    d = tmp_path_factory.mktemp("board")
+    path = d / "h.duckdb"
+    rc = main(["run", "--suite", "lm", "--preset", "tiny", "--routers", ",".join(ROUTERS),
+               "--seeds", ",".join(map(str, SEEDS)), "--no-eval", "--quiet", "--store", str(path),
+               "--runs-dir", str(d / "runs")])
+    assert rc == 0
+    add_extra_rows(path)
+    return path
+
+
+@pytest.fixture()
+def fast_apptest(monkeypatch):
+    """AppTest scans every installed distribution for Streamlit components on its first run
+    (seconds on a loaded machine); the page uses none, so skip that scan."""
+    try:
+        import streamlit.components.v2.manifest_scanner as scanner
+
+        monkeypatch.setattr(scanner, "scan_component_manifests", lambda *a, **k: [])
+    except ImportError:
+        pass
+
+
+def app_for(store: Path | str, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("HARNESS_STORE", str(store))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    return at
+
+
+def overview_frame(at):
+    frames = [df for df in at.dataframe if "vs SMoE" in list(df.value.columns)]
+    assert frames, "overview table not rendered"
+    return frames[0].value
+
+
+def charts(at):
+    return at.get("vega_lite_chart")
+
+
+def chart_specs(at) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in charts(at)]
+
+
+def texts(at) -> str:
+    parts = []
+    for kind in ("markdown", "caption", "info", "warning", "error", "code", "subheader", "title"):
+        for e in getattr(at, kind):
+            parts.append(str(e.value))
+    return "\n".join(parts)
+
+
+# -- queries: statistics -------------------------------------------------------------------------------
+
+def test_mean_ci_matches_hand_computation():
+    # x = 1, 2, 3, 4: mean 2.5, sd = sqrt(5/3), t(0.975, 3) = 3.182446305
+    mean, half, n = q.mean_ci([1.0, 2.0, 3.0, 4.0])
+    assert n == 4 and mean == pytest.approx(2.5)
+    assert half == pytest.approx(3.182446305284263 * math.sqrt(5 / 3) / 2, rel=1e-9)
+    assert half == pytest.approx(2.0543, abs=1e-4)
+    # n = 2: t(0.975, 1) = 12.7062; x = 5.0, 5.2 -> sd = 0.141421, half = 12.7062 * 0.1 = 1.27062
+    mean, half, n = q.mean_ci([5.0, 5.2])
+    assert (mean, n) == (pytest.approx(5.1), 2) and half == pytest.approx(1.270620, abs=1e-5)
+
+
+def test_mean_ci_small_and_dirty_inputs():
+    assert q.mean_ci([]) == (None, None, 0)
+    assert q.mean_ci([3.0]) == (3.0, None, 1)
+    assert q.mean_ci([None, float("nan"), 2.0, 4.0])[:2][0] == pytest.approx(3.0)
+    assert q.mean_ci([2.0, 2.0, 2.0]) == (2.0, 0.0, 3)
+
+
+def test_welch_marks():
+    lower = [1.00, 1.01, 0.99, 1.00]
+    higher = [1.50, 1.52, 1.49, 1.51]
+    # lower-is-better metric (bpb): the lower sample is better than the baseline
+    label, p = q.significance(lower, higher, higher_better=False)
+    assert label == "better" and p < 0.001
+    assert q.significance(higher, lower, higher_better=False)[0] == "worse"
+    # higher-is-better metric (top-1): reversed
+    assert q.significance(higher, lower, higher_better=True)[0] == "better"
+    # overlapping samples
+    label, p = q.significance([1.0, 1.2, 0.9], [1.1, 0.95, 1.05], higher_better=False)
+    assert label == "within noise" and p > 0.05
+    # one seed on either side: no test
+    assert q.significance([1.0], higher, False) == ("n<2", None)
+    assert q.significance(lower, [1.0], False) == ("n<2", None)
+    # the p-value is scipy's Welch test
+    from scipy import stats
+
+    ref = stats.ttest_ind([1.0, 1.2, 0.9], [1.1, 0.95, 1.05], equal_var=False).pvalue
+    assert p == pytest.approx(ref)
+    assert "within noise" in q.sig_text("within noise", 0.5) and "p=0.500" in q.sig_text("within noise", 0.5)
+    assert q.sig_text("better", 1e-5).startswith("▲") and "p<0.001" in q.sig_text("better", 1e-5)
+
+
+def test_welch_constant_samples():
+    assert q.welch([1.0, 1.0], [1.0, 1.0]) == (0.0, 1.0)
+    t, p = q.welch([1.0, 1.0], [2.0, 2.0])
+    assert p == 0.0 and t < 0
+
+
+def test_pareto_mask():
+    # throughput (higher better) vs bpb (lower better)
+    xs = [100, 200, 150, 50]
+    ys = [1.0, 1.2, 1.3, 0.9]
+    assert q.pareto_mask(xs, ys, higher_y_better=False) == [True, True, False, True]
+    assert q.pareto_mask([1, 2], [None, 1.0], False) == [False, True]
+
+
+def test_formatting():
+    assert q.fmt_ci(5.9225, 0.0872) == "5.923 ± 0.087"
+    assert q.fmt_ci(5.9, None, 1) == "5.900 (n=1)"
+    assert q.fmt_ci(None, None) == "—"
+    assert q.fmt_si(70883.0) == "70.9k" and q.fmt_si(None) == "—"
+
+
+def test_resolve_store_path(monkeypatch):
+    assert q.resolve_store_path(["--store", "a.duckdb"], env={"HARNESS_STORE": "b.duckdb"}) == "a.duckdb"
+    assert q.resolve_store_path([], env={"HARNESS_STORE": "b.duckdb"}) == "b.duckdb"
+    assert q.resolve_store_path(["-q", "tests/x.py"], env={}) == q.DEFAULT_STORE
+    assert q.resolve_store_path(["--strict-markers"], env={}) == q.DEFAULT_STORE  # no abbreviation matching
+
+
+def synthetic(router_vals: dict[str, list[float]], suite: str = "lm") -> tuple[pl.DataFrame, pl.DataFrame]:
+    meta = q.SUITES[suite]
+    runs, metrics = [], []
+    for router, vals in router_vals.items():
+        for seed, v in enumerate(vals):
+            rid = f"{router}-{seed}"
+            runs.append({"run_id": rid, "suite": suite, "router": router, "seed": seed, "status": "finished",
+                         "spec_hash": f"h-{router}", "preset": "tiny", "machine": "m", "git_sha": "abc",
+                         "started_at": None})
+            tp = {"dense": 1000.0, "smoe": 500.0}.get(router, 400.0)
+            metrics += [{"run_id": rid, "name": meta.quality, "value": v},
+                        {"run_id": rid, "name": meta.test, "value": v + 0.1},
+                        {"run_id": rid, "name": meta.throughput, "value": tp},
+                        {"run_id": rid, "name": "peak_mem_mb", "value": 100.0}]
+    runs_df = pl.DataFrame(runs, schema_overrides={"started_at": pl.Datetime("us")})
+    return runs_df, pl.DataFrame(metrics)
+
+
+def test_overview_ranks_ci_and_marks():
+    runs, metrics = synthetic({"dense": [1.50, 1.52, 1.49], "smoe": [1.40, 1.41, 1.39], "xmoe": [1.30, 1.31, 1.29],
+                               "moge": [1.405, 1.40, 1.39], "solo": [1.2]})
+    extra = pl.DataFrame([{"run_id": "bad", "suite": "lm", "router": "xmoe", "seed": 9, "status": "diverged",
+                           "spec_hash": "h-xmoe", "preset": "tiny", "machine": "m", "git_sha": "abc",
+                           "started_at": None}], schema=runs.schema)
+    runs = pl.concat([runs, extra])
+    health = pl.DataFrame(schema=q.HEALTH_COLUMNS)
+    ov = q.overview(runs, metrics, health, q.SUITES["lm"])
+    assert ov["router"].to_list() == ["solo", "xmoe", "moge", "smoe", "dense"]  # bpb: lower first
+    assert ov["rank"].to_list() == [1, 2, 3, 4, 5]
+    row = {r["router"]: r for r in ov.iter_rows(named=True)}
+    m, h, n = q.mean_ci([1.30, 1.31, 1.29])
+    assert row["xmoe"]["quality_mean"] == pytest.approx(m) and row["xmoe"]["quality_ci"] == pytest.approx(h)
+    assert row["xmoe"]["n"] == 3 and row["xmoe"]["diverged"] == 1  # the diverged run is counted, not averaged
+    assert row["xmoe"]["sig_label"] == "better"
+    assert row["dense"]["sig_label"] == "worse"
+    assert row["moge"]["sig_label"] == "within noise"
+    assert row["smoe"]["sig_label"] == "baseline"
+    assert row["solo"]["sig_label"] == "n<2" and row["solo"]["quality_ci"] is None
+    assert row["xmoe"]["vs_dense"] == pytest.approx(0.4) and row["xmoe"]["vs_smoe"] == pytest.approx(0.8)
+    disp = q.display_overview(ov, q.SUITES["lm"])
+    assert disp.columns[:5] == ["#", "router", "n", "val bpb ↓", "vs SMoE"]
+    assert disp.filter(pl.col("router") == "solo")["val bpb ↓"][0] == "1.200 (n=1)"
+    assert disp.filter(pl.col("router") == "xmoe")["not finished"][0] == "1 diverged"
+    best = q.display_best_cells(ov, q.SUITES["lm"])
+    assert best["val bpb ↓"] == [0] and best["tok/s"] == [4]  # dense is fastest
+    tex = q.to_latex(ov, q.SUITES["lm"])
+    assert r"\toprule" in tex and r"\textbf{1.200}" in tex and "xmoe" in tex
+
+
+def test_overview_vision_is_higher_better_and_no_smoe():
+    runs, metrics = synthetic({"dense": [0.50, 0.52], "xmoe": [0.60, 0.61]}, suite="vision")
+    ov = q.overview(runs, metrics, pl.DataFrame(schema=q.HEALTH_COLUMNS), q.SUITES["vision"])
+    assert ov["router"].to_list() == ["xmoe", "dense"]  # top-1: higher first
+    assert set(ov["sig_label"]) == {"no SMoE"}
+    assert ov["vs_smoe"].null_count() == 2
+
+
+def test_filter_runs():
+    runs, _ = synthetic({"dense": [1.0, 1.1], "smoe": [1.0]})
+    runs = runs.with_columns(pl.lit(None, dtype=pl.Datetime("us")).alias("started_at"))
+    assert q.filter_runs(runs, routers=["smoe"]).height == 1
+    assert q.filter_runs(runs, spec_hashes=["h-dense"]).height == 2
+    assert q.filter_runs(runs, suite="vision").height == 0
+    assert q.filter_runs(runs).height == 3
+
+
+# -- queries over the real store ---------------------------------------------------------------------------
+
+def test_loaders_read_the_real_store(store_path):
+    assert q.store_state(store_path) == "ready"
+    runs = q.load_runs(store_path)
+    assert set(runs["router"]) == set(ROUTERS)
+    assert q.status_counts(runs) == {"finished": 4, "diverged": 1, "failed": 1, "running": 0}
+    assert runs["machine"].null_count() == 0
+    meta = q.SUITES["lm"]
+    metrics, health = q.load_metrics(store_path), q.load_health(store_path)
+    ov = q.overview(runs, metrics, health, meta)
+    assert ov["router"].to_list() and set(ov["router"]) == set(ROUTERS)
+    row = {r["router"]: r for r in ov.iter_rows(named=True)}
+    for r in ROUTERS:
+        vals = metrics.join(runs.filter((pl.col("router") == r) & (pl.col("status") == "finished")), on="run_id") \
+            .filter(pl.col("name") == "val_bpb")["value"].to_list()
+        assert len(vals) == len(SEEDS)
+        assert row[r]["quality_mean"] == pytest.approx(sum(vals) / len(vals))
+        assert row[r]["n"] == len(SEEDS)
+    assert row["smoe"]["failed"] == 1 and row["smoe"]["diverged"] == 1
+    assert row["dense"]["vs_dense"] == pytest.approx(1.0) and row["smoe"]["vs_smoe"] == pytest.approx(1.0)
+    assert row["smoe"]["load_entropy"] is not None and 0 < row["smoe"]["load_entropy"] <= 1
+    assert row["dense"]["load_entropy"] is None  # no router, no routing health
+    # health rows are unique per (run, step, layer, name) even though the final eval step is repeated
+    assert health.group_by("run_id", "step", "layer", "name").len()["len"].max() == 1
+    smoe_run = runs.filter((pl.col("router") == "smoe") & (pl.col("status") == "finished"))["run_id"][0]
+    load = q.load_routing(store_path, smoe_run)
+    assert load.height and load.group_by("layer").agg(pl.col("load").sum())["load"].to_list() == \
+        pytest.approx([1.0] * load["layer"].n_unique())
+    lm = q.lmeval_table(metrics, runs)
+    assert set(lm["task"]) == {"shakespeare_cloze", "shakespeare_ppl"}
+    ppl = lm.filter(pl.col("metric") == "word_perplexity")
+    assert not ppl["higher_better"].any()
+    wide, best = q.lmeval_wide(lm)
+    assert wide["router"].to_list() == ["dense", "smoe"]
+    assert best["shakespeare_cloze / acc"] == [1] and best["shakespeare_ppl / word_perplexity"] == [1]
+    perf = q.load_perf(store_path)
+    pt = q.perf_table(perf)
+    assert set(pt.columns) >= {"router", "config", "ratio_vs_smoe", "fwd_bwd_ms"} and pt.height == 2
+
+
+def test_connect_waits_for_a_writer_then_reads(store_path, tmp_path):
+    """A writer in another process holds the DuckDB lock: the reader retries with backoff and says so."""
+    copy = tmp_path / "locked.duckdb"
+    copy.write_bytes(Path(store_path).read_bytes())
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, sys, time
+        con = duckdb.connect({str(copy)!r})
+        print("locked", flush=True)
+        time.sleep(1.5)
+        con.close()
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        waits = []
+        t0 = time.monotonic()
+        assert q.store_state(copy, timeout=30, on_wait=lambda a, s: waits.append(a)) == "ready"
+        assert waits, "the lock was never seen"
+        assert time.monotonic() - t0 >= 0.5
+    finally:
+        holder.wait(timeout=30)
+
+
+def test_connect_gives_up_with_storebusy(store_path, tmp_path):
+    copy = tmp_path / "locked2.duckdb"
+    copy.write_bytes(Path(store_path).read_bytes())
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, sys, time
+        con = duckdb.connect({str(copy)!r})
+        print("locked", flush=True)
+        sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(q.StoreBusy, match="locked by a writer"):
+            q.load_runs(copy, timeout=0.3)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def test_missing_and_garbage_store(tmp_path):
+    assert q.store_state(tmp_path / "nope.duckdb") == "missing"
+    with pytest.raises(q.StoreMissing):
+        q.load_runs(tmp_path / "nope.duckdb")
+    bad = tmp_path / "bad.duckdb"
+    bad.write_text("not a database")
+    with pytest.raises(q.StoreError):
+        q.store_state(bad)
+
+
+# -- the page ------------------------------------------------------------------------------------------
+
+def test_app_renders_overview_and_charts(store_path, monkeypatch, fast_apptest):
+    at = app_for(store_path, monkeypatch).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error
+    ov = overview_frame(at)
+    assert sorted(ov["router"]) == sorted(ROUTERS)
+    runs, metrics = q.load_runs(store_path), q.load_metrics(store_path)
+    for r in ROUTERS:
+        vals = metrics.join(runs.filter((pl.col("router") == r) & (pl.col("status") == "finished")),
+                            on="run_id").filter(pl.col("name") == "val_bpb")["value"].to_list()
+        mean, half, _ = q.mean_ci(vals)
+        cell = ov.loc[ov["router"] == r, "val bpb ↓"].iloc[0]
+        assert cell == q.fmt_ci(mean, half), cell
+        assert ov.loc[ov["router"] == r, "n"].iloc[0] == len(SEEDS)
+    assert ov.loc[ov["router"] == "smoe", "vs SMoE"].iloc[0] == "— baseline"
+    dense_mark = ov.loc[ov["router"] == "dense", "vs SMoE"].iloc[0]
+    assert ("within noise" in dense_mark) or ("better" in dense_mark) or ("worse" in dense_mark)
+    assert ov.loc[ov["router"] == "dense", "× dense"].iloc[0] == "1.00×"
+    assert "1 diverged" in ov.loc[ov["router"] == "smoe", "not finished"].iloc[0]
+
+    specs = chart_specs(at)
+    titles = {(s.get("title") or {}).get("text") if isinstance(s.get("title"), dict) else s.get("title")
+              for s in specs}
+    assert {"Quality vs throughput", "val bpb by router", "val bpb during training", "Training loss (task)",
+            "Routing fluctuation", "Load balance"} <= titles, titles
+    assert any(str(t).startswith("Expert load · smoe") for t in titles), titles
+    assert len(charts(at)) >= 8
+    # status counts and the sidebar filters
+    assert [m.value for m in at.metric][:2] == ["2", "4"]
+    labels = [w.label for w in at.sidebar.multiselect]
+    assert {"Routers", "Machine", "Git SHA", "Spec hash"} <= set(labels)
+    assert [w.label for w in at.sidebar.date_input] == ["Started between"]
+    # lm-eval and bench tables
+    lm = [df.value for df in at.dataframe if "shakespeare_cloze / acc" in list(df.value.columns)]
+    assert lm and list(lm[0]["router"]) == ["dense", "smoe"]
+    perf = [df.value for df in at.dataframe if "fwd_bwd_ms" in list(df.value.columns)]
+    assert perf and len(perf[0]) == 2
+    assert r"\begin{tabular}" in texts(at)
+
+
+def test_filters_change_rows(store_path, monkeypatch, fast_apptest):
+    at = app_for(store_path, monkeypatch).run()
+    smoe_hash = q.load_runs(store_path).filter(pl.col("router") == "smoe")["spec_hash"][0]
+    at.sidebar.multiselect(key="specs").set_value([smoe_hash]).run()
+    assert not at.exception
+    assert list(overview_frame(at)["router"]) == ["smoe"]
+    at.sidebar.multiselect(key="specs").set_value([]).run()  # empty = all again
+    assert sorted(overview_frame(at)["router"]) == sorted(ROUTERS)
+    at.sidebar.multiselect(key="routers").set_value(["dense"]).run()
+    ov = overview_frame(at)
+    assert list(ov["router"]) == ["dense"] and ov["vs SMoE"].iloc[0] == "no SMoE"
+    at.sidebar.multiselect(key="routers").set_value([]).run()
+    # a date range before every run: nothing left, and the page says so
+    past = date.today() - timedelta(days=4000)
+    at.sidebar.date_input(key="dates").set_value((past, past + timedelta(days=1))).run()
+    assert not at.exception
+    assert not [df for df in at.dataframe if "vs SMoE" in list(df.value.columns)]
+    assert any("No finished runs match" in w.value for w in at.warning)
+
+
+def test_run_detail_shows_failed_traceback(store_path, monkeypatch, fast_apptest):
+    at = app_for(store_path, monkeypatch).run()
+    failed = q.load_runs(store_path).filter(pl.col("status") == "failed")["run_id"][0]
+    at.selectbox(key="detail_run").set_value(failed).run()
+    assert not at.exception
+    assert any("RuntimeError: boom in router" in c.value for c in at.code)
+    assert any(json.loads(j.value).get("suite") == "lm" for j in at.json if j.value.startswith("{"))
+    assert any("torch" in j.value for j in at.json)  # versions
+
+
+def test_app_refresh_button(store_path, monkeypatch, fast_apptest):
+    at = app_for(store_path, monkeypatch).run()
+    at.sidebar.button(key="refresh").click().run()
+    assert not at.exception and overview_frame(at) is not None
+
+
+def test_empty_and_missing_store_pages(tmp_path, monkeypatch, fast_apptest):
+    at = app_for(tmp_path / "none.duckdb", monkeypatch).run()
+    assert not at.exception
+    assert "harness run --suite lm" in "\n".join(c.value for c in at.code)
+    assert any("No results store" in i.value for i in at.info)
+    assert not (tmp_path / "none.duckdb").exists()  # the page never creates the store
+
+    empty = tmp_path / "empty.duckdb"
+    with Store(empty).writer():
+        pass  # schema only, no runs
+    at = app_for(empty, monkeypatch).run()
+    assert not at.exception
+    assert any("holds no runs" in i.value for i in at.info)
+    assert "harness run --suite lm" in "\n".join(c.value for c in at.code)
+
+
+def test_board_cli_builds_the_streamlit_command(monkeypatch, tmp_path):
+    import harness.board as board
+    from harness.cli import build_parser
+
+    seen = {}
+
+    def fake_call(cmd, **kw):
+        seen["cmd"] = cmd
+        return 0
+
+    monkeypatch.setattr(board.subprocess, "call", fake_call)
+    args = build_parser().parse_args(["board", "--store", str(tmp_path / "x.duckdb"), "--port", "8765"])
+    assert args.fn(args) == 0
+    cmd = seen["cmd"]
+    assert cmd[:4] == [sys.executable, "-m", "streamlit", "run"]
+    assert Path(cmd[4]) == APP
+    assert cmd[cmd.index("--server.port") + 1] == "8765"
+    assert cmd[cmd.index("--server.headless") + 1] == "true"
+    assert cmd[cmd.index("--browser.gatherUsageStats") + 1] == "false"
+    assert cmd[cmd.index("--") + 1:] == ["--store", str((tmp_path / "x.duckdb").resolve())]
