@@ -78,6 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         for run in spec.runs():
             shutil.rmtree(runs_dir / run.run_key, ignore_errors=True)
+            store.abandon(run.spec_hash, run.seed, "abandoned: restarted from scratch with --restart")
     after = None
     if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
         from .evaluate import eval_after_pretraining

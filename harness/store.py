@@ -59,6 +59,16 @@ _DDL = [
 ]
 
 
+def _migrate_0_to_1(con: duckdb.DuckDBPyConnection) -> None:
+    """v0 (before the meta table): runs lacked preset/versions/error/total_steps columns."""
+    for col, typ in (("preset", "VARCHAR"), ("total_steps", "INTEGER"), ("versions", "VARCHAR"), ("error", "VARCHAR")):
+        con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {col} {typ}")
+
+
+# _MIGRATIONS[v] upgrades a store from schema v to v + 1, inside the opening transaction.
+_MIGRATIONS = {0: _migrate_0_to_1}
+
+
 class StoreError(RuntimeError):
     pass
 
@@ -138,17 +148,28 @@ class Store:
             con.close()
 
     def _init_schema(self, con: duckdb.DuckDBPyConnection) -> None:
-        for ddl in _DDL:
-            con.execute(ddl)
-        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None:
-            con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-        elif int(row[0]) > SCHEMA_VERSION:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "meta" in tables:
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+        else:
+            version = 0 if "runs" in tables else SCHEMA_VERSION  # runs without meta: a pre-versioning store
+        if version > SCHEMA_VERSION:
             raise StoreError(
-                f"results store {self.path} has schema version {row[0]}, newer than this harness ({SCHEMA_VERSION}); "
-                f"upgrade moe-harness"
+                f"results store {self.path} has schema version {version}, newer than this harness "
+                f"({SCHEMA_VERSION}); upgrade moe-harness (pip install -U moe-harness) or use another --store"
             )
-        # future migrations: `elif int(row[0]) < SCHEMA_VERSION: migrate(con, int(row[0]))`
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for ddl in _DDL:
+                con.execute(ddl)
+            for v in range(version, SCHEMA_VERSION):
+                _MIGRATIONS[v](con)
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
 
     # -- writes ---------------------------------------------------------------
     def register_machine(self, info: dict[str, Any]) -> None:
@@ -182,6 +203,17 @@ class Store:
             con.execute("DELETE FROM routing WHERE run_id = ? AND step > ?", [run_id, step])
             con.execute("DELETE FROM routing_health WHERE run_id = ? AND step > ?", [run_id, step])
             con.execute("UPDATE runs SET status = 'running', error = NULL, step = ? WHERE run_id = ?", [step, run_id])
+
+    def abandon(self, spec_hash: str, seed: int, reason: str) -> int:
+        """Mark unfinished runs of this spec+seed failed (``--restart``); returns how many."""
+        if not self.path.exists():
+            return 0
+        with self.writer() as con:
+            n = con.execute("SELECT count(*) FROM runs WHERE spec_hash = ? AND seed = ? AND status = 'running'",
+                            [spec_hash, seed]).fetchone()[0]
+            con.execute("UPDATE runs SET status = 'failed', error = ?, finished_at = ? "
+                        "WHERE spec_hash = ? AND seed = ? AND status = 'running'", [reason, now(), spec_hash, seed])
+        return int(n)
 
     def finish_run(
         self,
@@ -236,7 +268,7 @@ class Store:
     def query(self, sql: str, params: list[Any] | None = None):
         """Run a read query; returns a polars DataFrame."""
         with self.reader() as con:
-            return con.execute(sql, params or []).pl()
+            return con.sql(sql, params=params or None).pl()
 
     def find_resumable(self, spec_hash: str, seed: int) -> dict[str, Any] | None:
         if not self.path.exists():

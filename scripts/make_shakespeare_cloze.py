@@ -15,13 +15,14 @@ model in this project trains on or selects checkpoints by.
 
 ``shakespeare_cloze.jsonl`` -- 4-way multiple choice
     Given the text before a line of dialogue (back to the ``--context-lines``-th
-    non-empty line, at most twice that many lines), pick that line among 4 choices; the 3 distractors are other dialogue lines of the same
-    work (never within 3 lines of the answer, never equal to it). Dialogue line:
-    at least 20 characters, not a stage direction ``[...]``, not an ALL-CAPS
-    speaker name or ACT/SCENE heading, after the play's first ACT heading. Choices are right-stripped lines without
-    the newline; the context ends with b"\\n", so the task uses
-    ``target_delimiter: ""``. Fields: ``context``, ``choices``, ``label``,
-    ``work``, ``line`` (0-based line number of the answer in its work).
+    non-empty line, at most twice that many lines), pick that line among 4
+    choices; the 3 distractors are other dialogue lines of the same work (never
+    within 3 lines of the answer, never equal to it). Dialogue line: after the
+    play's first ACT heading, at least 20 characters, not a stage direction
+    ``[...]``, not an ALL-CAPS speaker name or ACT/SCENE heading. Choices are
+    right-stripped lines without the newline; the context ends with b"\n", so
+    the task uses ``target_delimiter: ""``. Fields: ``context``, ``choices``,
+    ``label``, ``work``, ``line`` (0-based line number of the answer in its work).
 
 Both files are written in a fixed random order (``--seed``), so the first N
 documents -- what ``--limit N`` evaluates -- are a uniform sample of the whole set.

