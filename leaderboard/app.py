@@ -10,10 +10,9 @@ All numbers come from :mod:`leaderboard.queries`, which is tested without Stream
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,68 +39,81 @@ EXTRA_COLORS = ["#8c564b", "#e377c2", "#bcbd22", "#17becf", "#393b79", "#637939"
 SIG_COLORS = {"better": "#137333", "worse": "#c5221f", "within noise": "#5f6368", "baseline": "#202124",
               "n<2": "#9aa0a6", "no SMoE": "#9aa0a6"}
 BEST_CSS = "background-color: #e6f4ea; color: #0d652d; font-weight: 700"
+STEP_AXIS = alt.Axis(format="~s", tickMinStep=1)
 STATUS_ICON = {"finished": ":material/check_circle:", "diverged": ":material/trending_up:",
                "failed": ":material/error:", "running": ":material/hourglass_top:"}
 
 
 # -- cached reads (keyed on the file's mtime, expiring after TTL_S) ---------------------------------
 
-@st.cache_data(ttl=TTL_S, show_spinner=False)
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
 def c_runs(path: str, stamp: tuple[int, int]) -> pl.DataFrame:
     return q.load_runs(path, timeout=LOCK_WAIT_S)
 
 
-@st.cache_data(ttl=TTL_S, show_spinner=False)
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
 def c_metrics(path: str, stamp: tuple[int, int]) -> pl.DataFrame:
     return q.load_metrics(path, timeout=LOCK_WAIT_S)
 
 
-@st.cache_data(ttl=TTL_S, show_spinner=False)
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
 def c_health(path: str, stamp: tuple[int, int]) -> pl.DataFrame:
     return q.load_health(path, timeout=LOCK_WAIT_S)
 
 
-@st.cache_data(ttl=TTL_S, show_spinner=False)
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
 def c_perf(path: str, stamp: tuple[int, int]) -> pl.DataFrame:
     return q.load_perf(path, timeout=LOCK_WAIT_S)
 
 
-@st.cache_data(ttl=TTL_S, show_spinner=False)
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
 def c_curves(path: str, stamp: tuple[int, int], run_ids: tuple[str, ...], names: tuple[str, ...] | None):
     return q.load_curves(path, list(run_ids), list(names) if names is not None else None, timeout=LOCK_WAIT_S)
 
 
-@st.cache_data(ttl=TTL_S, show_spinner=False)
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
 def c_curve_names(path: str, stamp: tuple[int, int], run_ids: tuple[str, ...]) -> list[str]:
     return q.curve_names(path, list(run_ids), timeout=LOCK_WAIT_S)
 
 
-@st.cache_data(ttl=TTL_S, show_spinner=False)
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
 def c_routing(path: str, stamp: tuple[int, int], run_id: str, step: int | None) -> pl.DataFrame:
     return q.load_routing(path, run_id, step, timeout=LOCK_WAIT_S)
 
 
-@st.cache_data(ttl=TTL_S, show_spinner=False)
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
 def c_routing_steps(path: str, stamp: tuple[int, int], run_id: str) -> list[int]:
     return q.routing_steps(path, run_id, timeout=LOCK_WAIT_S)
 
 
-@st.cache_data(ttl=TTL_S, show_spinner=False)
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
 def c_runs_with_routing(path: str, stamp: tuple[int, int]) -> list[str]:
     return q.runs_with_routing(path, timeout=LOCK_WAIT_S)
 
 
-@st.cache_data(ttl=TTL_S, show_spinner=False)
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
 def c_machines(path: str, stamp: tuple[int, int]) -> pl.DataFrame:
     return q.load_machines(path, timeout=LOCK_WAIT_S)
 
 
 # -- small helpers -----------------------------------------------------------------------------------
 
+ROUTER_COLORS: dict[str, str] = dict(KNOWN_COLORS)
+
+
+def assign_colors(routers: list[str]) -> None:
+    """Fix a colour for every router in the store, so a router keeps its colour in every chart."""
+    extra = [c for c in EXTRA_COLORS if c not in ROUTER_COLORS.values()] or EXTRA_COLORS
+    i = 0
+    for r in sorted(set(routers)):
+        if r not in ROUTER_COLORS:
+            ROUTER_COLORS[r] = extra[i % len(extra)]
+            i += 1
+
+
 def color_scale(routers: list[str]) -> alt.Scale:
-    extra = iter(EXTRA_COLORS * 4)
-    rng = [KNOWN_COLORS.get(r) or next(extra) for r in routers]
-    return alt.Scale(domain=routers, range=rng)
+    assign_colors(routers)
+    return alt.Scale(domain=list(routers), range=[ROUTER_COLORS[r] for r in routers])
 
 
 def chart(c: alt.TopLevelMixin, key: str | None = None) -> None:
@@ -150,6 +162,21 @@ def setup_summary(runs: pl.DataFrame) -> str:
     if t:
         parts.append(f"{t.get('steps')} steps × batch {t.get('batch_size')}")
     return " · ".join(str(p) for p in parts)
+
+
+def ci_exprs(meta: q.SuiteMeta) -> list[pl.Expr]:
+    """lo/hi of the quality CI for error bars, clipped to the metric's range (top-1 lives in [0, 1])."""
+    lo = pl.col("quality_mean") - pl.col("quality_ci").fill_null(0)
+    hi = pl.col("quality_mean") + pl.col("quality_ci").fill_null(0)
+    if meta.bounds:
+        lo, hi = lo.clip(*meta.bounds), hi.clip(*meta.bounds)
+    return [lo.alias("lo"), hi.alias("hi")]
+
+
+def qfmt(meta: q.SuiteMeta, tooltip: bool = False) -> str:
+    if meta.percent:
+        return ".2%" if tooltip else ".0%"
+    return ".4f" if tooltip else ""
 
 
 # -- pages --------------------------------------------------------------------------------------------
@@ -229,16 +256,15 @@ def sidebar_filters(runs: pl.DataFrame) -> tuple[str, pl.DataFrame, dict[str, An
     dates = sr["started_at"].drop_nulls()
     if dates.len():
         lo, hi = dates.min().date(), dates.max().date()
-        if lo == hi:
-            sb.caption(f"All runs started on {lo:%Y-%m-%d}.")
+        lo_bound, hi_bound = lo - timedelta(days=3650), max(hi, date.today())
         cur = st.session_state.get("dates")
         if cur is not None and (not isinstance(cur, (tuple, list)) or any(
-                d is not None and (d < lo or d > hi) for d in cur)):
+                d is not None and (d < lo_bound or d > hi_bound) for d in cur)):
             st.session_state.pop("dates")
-        if "dates" in st.session_state:
-            got = sb.date_input("Started between", min_value=lo, max_value=hi, key="dates")
-        else:
-            got = sb.date_input("Started between", value=(lo, hi), min_value=lo, max_value=hi, key="dates")
+        kw = {} if "dates" in st.session_state else {"value": (lo, hi)}
+        got = sb.date_input("Started between", min_value=lo_bound, max_value=hi_bound, key="dates",
+                            help=f"runs here started {lo:%Y-%m-%d}" + (f" to {hi:%Y-%m-%d}" if hi != lo else ""),
+                            **kw)
         if isinstance(got, (tuple, list)) and len(got) == 2:
             d_range = (got[0], got[1])
     filtered = q.filter_runs(sr, routers=f_routers, machines=f_machines, git_shas=f_shas, spec_hashes=f_specs,
@@ -269,7 +295,7 @@ def leaderboard_tab(path: str, stamp, runs: pl.DataFrame, metrics: pl.DataFrame,
         css.iloc[:, df.columns.get_loc("router")] = "font-weight: 700"
         return css
 
-    qcol, tcol = f"{meta.label} {meta.arrow}", f"{meta.test.replace('_', ' ')} {meta.arrow}"
+    qcol, tcol = meta.quality_header(), meta.test_header()
     st.dataframe(
         disp.style.apply(style, axis=None), hide_index=True, width="stretch", key="overview",
         column_config={
@@ -286,11 +312,14 @@ def leaderboard_tab(path: str, stamp, runs: pl.DataFrame, metrics: pl.DataFrame,
             "× SMoE": st.column_config.TextColumn(
                 "× SMoE", help="throughput relative to SMoE (<1× = routing overhead over SMoE)"),
             "peak MB": st.column_config.TextColumn("peak MB", help="peak memory during training"),
-            "dead experts": st.column_config.TextColumn(
-                "dead experts", help="experts with no routed token at the final evaluation, summed over layers"),
-            "load entropy": st.column_config.TextColumn(
-                "load entropy", help="expert-load entropy / log E at the final evaluation (1 = uniform)"),
-            "max/mean load": st.column_config.TextColumn("max/mean load", help="busiest expert's load ÷ mean"),
+            "dead": st.column_config.TextColumn(
+                "dead", help="experts with no routed token at the final evaluation, summed over layers"),
+            "entropy": st.column_config.TextColumn(
+                "entropy", help="expert-load entropy / log E at the final evaluation (1 = uniform)"),
+            "max/mean": st.column_config.TextColumn("max/mean", help="busiest expert's load ÷ mean"),
+            "excluded": st.column_config.TextColumn(
+                "excluded", help="this router's runs left out of the statistics (diverged / failed / unfinished); "
+                                 "'specs!' = several spec hashes are mixed, filter by spec hash"),
         },
     )
     st.caption(f"Finished runs only. **Bold green** = best in column. Quality: mean ± 95% CI over seeds "
@@ -319,22 +348,27 @@ def pareto_chart(ov: pl.DataFrame, meta: q.SuiteMeta) -> None:
         return
     front = q.pareto_mask(d["throughput"].to_list(), d["quality_mean"].to_list(), meta.higher_better)
     d = d.with_columns(pl.Series("pareto", front),
-                       (pl.col("quality_mean") - pl.col("quality_ci").fill_null(0)).alias("lo"),
-                       (pl.col("quality_mean") + pl.col("quality_ci").fill_null(0)).alias("hi"))
+                       *ci_exprs(meta))
     pdf = d.select("router", "n", "throughput", "quality_mean", "quality_ci", "lo", "hi", "pareto", "vs_smoe",
                    "significance").to_pandas()
     routers = d["router"].to_list()
     tp = [v for v in d["throughput"].to_list() if v and v > 0]
     log = len(tp) >= 2 and max(tp) / min(tp) > 4
+    if log:  # pad the domain so the edge points and their labels stay inside the plot
+        dom = [min(tp) / 1.25, max(tp) * 1.6]
+    else:
+        span = (max(tp) - min(tp)) if len(tp) >= 2 and max(tp) > min(tp) else (max(tp) if tp else 1.0) * 0.2
+        dom = [max(0.0, min(tp) - 0.12 * span), max(tp) + 0.3 * span] if tp else None
     x = alt.X("throughput:Q", title=f"training throughput ({meta.unit}/s{', log scale' if log else ''})",
-              scale=alt.Scale(type="log" if log else "linear", zero=False, nice=not log),
+              scale=alt.Scale(type="log" if log else "linear", zero=False, nice=False, domain=dom),
               axis=alt.Axis(format="~s"))
     y_title = f"{meta.quality} ({'higher' if meta.higher_better else 'lower'} is better)"
-    y = alt.Y("quality_mean:Q", title=y_title, scale=alt.Scale(zero=False, reverse=not meta.higher_better))
+    y = alt.Y("quality_mean:Q", title=y_title, scale=alt.Scale(zero=False, reverse=not meta.higher_better),
+              axis=alt.Axis(format=qfmt(meta)) if meta.percent else alt.Axis())
     color = alt.Color("router:N", scale=color_scale(routers), legend=None)
     tooltip = [alt.Tooltip("router:N"), alt.Tooltip("n:Q", title="seeds"),
-               alt.Tooltip("quality_mean:Q", title=meta.quality, format=".4f"),
-               alt.Tooltip("quality_ci:Q", title="95% CI ±", format=".4f"),
+               alt.Tooltip("quality_mean:Q", title=meta.quality, format=qfmt(meta, True)),
+               alt.Tooltip("quality_ci:Q", title="95% CI ±", format=qfmt(meta, True)),
                alt.Tooltip("throughput:Q", title=f"{meta.unit}/s", format=",.0f"),
                alt.Tooltip("vs_smoe:Q", title="× SMoE throughput", format=".2f"),
                alt.Tooltip("significance:N", title="vs SMoE")]
@@ -360,8 +394,7 @@ def pareto_chart(ov: pl.DataFrame, meta: q.SuiteMeta) -> None:
 
 def forest_chart(ov: pl.DataFrame, meta: q.SuiteMeta) -> None:
     d = ov.filter(pl.col("quality_mean").is_not_null()).with_columns(
-        (pl.col("quality_mean") - pl.col("quality_ci").fill_null(0)).alias("lo"),
-        (pl.col("quality_mean") + pl.col("quality_ci").fill_null(0)).alias("hi"))
+        *ci_exprs(meta))
     if d.height == 0:
         return
     pdf = d.select("router", "quality_mean", "quality_ci", "lo", "hi", "sig_label", "significance", "n").to_pandas()
@@ -372,13 +405,15 @@ def forest_chart(ov: pl.DataFrame, meta: q.SuiteMeta) -> None:
     base = alt.Chart(pdf)
     layers = [
         base.mark_rule(strokeWidth=2.5).encode(
-            x=alt.X("lo:Q", scale=x_scale, title=f"{meta.quality} (mean ± 95% CI; better →)"), x2="hi:Q", y=y,
+            x=alt.X("lo:Q", scale=x_scale, title=f"{meta.quality} (mean ± 95% CI; better →)",
+                    axis=alt.Axis(format=qfmt(meta)) if meta.percent else alt.Axis()), x2="hi:Q", y=y,
             color=alt.Color("sig_label:N", scale=sig_scale, legend=None)),
         base.mark_point(filled=True, size=110, opacity=1).encode(
             x=alt.X("quality_mean:Q", scale=x_scale), y=y,
             color=alt.Color("sig_label:N", scale=sig_scale, legend=None),
-            tooltip=[alt.Tooltip("router:N"), alt.Tooltip("quality_mean:Q", format=".4f", title=meta.quality),
-                     alt.Tooltip("quality_ci:Q", format=".4f", title="95% CI ±"), alt.Tooltip("n:Q", title="seeds"),
+            tooltip=[alt.Tooltip("router:N"), alt.Tooltip("quality_mean:Q", format=qfmt(meta, True), title=meta.quality),
+                     alt.Tooltip("quality_ci:Q", format=qfmt(meta, True), title="95% CI ±"),
+                     alt.Tooltip("n:Q", title="seeds"),
                      alt.Tooltip("significance:N", title="vs SMoE")]),
     ]
     base_row = d.filter(pl.col("sig_label") == "baseline")
@@ -400,21 +435,28 @@ def band_chart(bands: pl.DataFrame, routers: list[str], title: str, y_title: str
         st.info(f"No {y_title} recorded for these runs.")
         return
     pdf = bands.to_pandas()
-    color = alt.Color("router:N", scale=color_scale(routers), title="router")
-    x = alt.X("step:Q", title="training step")
+    present = set(pdf["router"])
+    scale = color_scale([r for r in routers if r in present])
+    x = alt.X("step:Q", title="training step", axis=STEP_AXIS)
     ys = alt.Scale(zero=False, reverse=reverse)
-    band = alt.Chart(pdf).mark_area(opacity=0.15).encode(x=x, y=alt.Y("lo:Q", scale=ys), y2="hi:Q", color=color)
-    line = alt.Chart(pdf).mark_line(strokeWidth=2, point=bool(pdf["step"].nunique() <= 12)).encode(
-        x=x, y=alt.Y("mean:Q", title=y_title, scale=ys), color=color,
+    band = alt.Chart(pdf).mark_area(opacity=0.15).encode(
+        x=x, y=alt.Y("lo:Q", scale=ys), y2="hi:Q", color=alt.Color("router:N", scale=scale, legend=None))
+    line = alt.Chart(pdf).mark_line(strokeWidth=2.2, point=bool(pdf["step"].nunique() <= 12)).encode(
+        x=x, y=alt.Y("mean:Q", title=y_title, scale=ys),
+        color=alt.Color("router:N", scale=scale, title=None,
+                        legend=alt.Legend(orient="top", direction="horizontal", symbolType="stroke",
+                                          symbolStrokeWidth=3)),
         tooltip=[alt.Tooltip("router:N"), alt.Tooltip("step:Q"), alt.Tooltip("mean:Q", format=".4f"),
                  alt.Tooltip("lo:Q", format=".4f", title="min"), alt.Tooltip("hi:Q", format=".4f", title="max"),
                  alt.Tooltip("n:Q", title="seeds")])
-    chart((band + line).properties(height=330, title=alt.TitleParams(title, subtitle=[subtitle])), key=key)
+    chart((band + line).resolve_legend(color="independent")
+          .properties(height=360, title=alt.TitleParams(title, subtitle=[subtitle])), key=key)
 
 
 def training_tab(path: str, stamp, runs: pl.DataFrame, meta: q.SuiteMeta) -> None:
-    incl = st.toggle("Include diverged / failed / running runs", value=False, key="curves_all",
-                     help="Their curves stop where they stopped.")
+    top_l, top_r = st.columns(2, gap="large")
+    incl = top_l.toggle("Include diverged / failed / running runs", value=False, key="curves_all",
+                        help="Their curves stop where they stopped.")
     use = runs if incl else runs.filter(pl.col("status") == "finished")
     if use.height == 0:
         st.info("No runs to plot with these filters.")
@@ -422,14 +464,14 @@ def training_tab(path: str, stamp, runs: pl.DataFrame, meta: q.SuiteMeta) -> Non
     ids = tuple(use["run_id"].to_list())
     routers = q.router_order(use["router"].to_list())
     curves = c_curves(path, stamp, ids, (meta.quality, "train_loss"))
+    n_pts = curves.filter(pl.col("name") == "train_loss").group_by("run_id").len()["len"].max() or 1
+    smooth = top_r.slider("train-loss smoothing (moving average over logged points)", 1, 50,
+                          value=int(max(1, min(20, n_pts // 15))), key="smooth")
     left, right = st.columns(2, gap="large")
     with left:
         band_chart(q.curve_bands(curves, use, meta.quality), routers, f"{meta.label} during training",
                    meta.quality, "line: mean over seeds · band: min–max", "curve_val")
     with right:
-        n_pts = curves.filter(pl.col("name") == "train_loss").group_by("run_id").len()["len"].max() or 1
-        smooth = st.slider("train loss smoothing (moving average, points)", 1, 50,
-                           value=int(max(1, min(20, n_pts // 15))), key="smooth")
         band_chart(q.curve_bands(curves, use, "train_loss", smooth=smooth), routers, "Training loss (task)",
                    "train_loss", f"moving average over {smooth} logged points · band: min–max over seeds",
                    "curve_train")
@@ -478,7 +520,8 @@ def routing_tab(path: str, stamp, runs: pl.DataFrame, health: pl.DataFrame) -> N
                                      y=alt.Y("layer:O", title="MoE layer", sort="ascending"))
         rect = base.mark_rect(stroke="white", strokeWidth=1).encode(
             color=alt.Color("rel:Q", title="load × E", scale=alt.Scale(scheme="blueorange", domain=[0, hi],
-                                                                       domainMid=1)),
+                                                                       domainMid=1),
+                            legend=alt.Legend(orient="right", direction="vertical", gradientLength=120)),
             tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("expert:O"),
                      alt.Tooltip("pct:Q", title="share of routed slots (%)", format=".2f"),
                      alt.Tooltip("rel:Q", title="load × E (1 = uniform)", format=".2f")])
@@ -490,7 +533,7 @@ def routing_tab(path: str, stamp, runs: pl.DataFrame, health: pl.DataFrame) -> N
         r = rec[run_id]
         n_layers = int(pdf["layer"].nunique())
         chart(alt.layer(*layers).properties(
-            height=max(140, 42 * n_layers + 60),
+            height=max(230, 46 * n_layers + 130),
             title=alt.TitleParams(f"Expert load · {r['router']} seed {r['seed']} · step {step}",
                                   subtitle=["cell: % of routed slots · colour: load × E (1 = uniform, white)"])),
             key="heatmap")
@@ -503,7 +546,7 @@ def routing_tab(path: str, stamp, runs: pl.DataFrame, health: pl.DataFrame) -> N
             st.markdown(f"**Routing health at step {step}**")
             st.dataframe(wide.select(keep).to_pandas(), hide_index=True, width="stretch",
                          column_config={"load_entropy": st.column_config.ProgressColumn(
-                             "load entropy", min_value=0.0, max_value=1.0, format="%.3f"),
+                             "entropy", min_value=0.0, max_value=1.0, format="%.3f"),
                              "max_over_mean_load": st.column_config.NumberColumn("max/mean", format="%.2f"),
                              "dead_experts": st.column_config.NumberColumn("dead", format="%d"),
                              "fluctuation": st.column_config.NumberColumn("fluctuation", format="%.3f")})
@@ -517,7 +560,7 @@ def routing_tab(path: str, stamp, runs: pl.DataFrame, health: pl.DataFrame) -> N
                    "fluct")
     with right:
         band_chart(q.health_over_training(health, fin, "load_entropy"), routers, "Load balance",
-                   "load entropy", "expert-load entropy / log E, mean over layers (1 = uniform)", "entropy")
+                   "entropy", "expert-load entropy / log E, mean over layers (1 = uniform)", "entropy")
     last = health.filter(pl.col("name") == "fluctuation_last_change").join(fin.select("run_id", "router"),
                                                                           on="run_id")
     if last.height:
@@ -529,17 +572,26 @@ def routing_tab(path: str, stamp, runs: pl.DataFrame, health: pl.DataFrame) -> N
                 rows.append({"router": r, "last change": mean, "ci": ci or 0.0, "n": n})
         pdf = pd.DataFrame(rows)
         if len(pdf):
-            pdf["lo"], pdf["hi"] = pdf["last change"] - pdf["ci"], pdf["last change"] + pdf["ci"]
-            base = alt.Chart(pdf).encode(y=alt.Y("router:N", sort=routers, title=None))
-            color = alt.Color("router:N", scale=color_scale(routers), legend=None)
-            chart((base.mark_bar(height=18).encode(x=alt.X("last change:Q", title="fraction of training",
-                                                            scale=alt.Scale(domain=[0, 1])), color=color,
-                                                    tooltip=["router", alt.Tooltip("last change:Q", format=".3f"), "n"])
-                   + base.mark_rule().encode(x="lo:Q", x2="hi:Q"))
-                  .properties(height=40 * len(pdf) + 50, title=alt.TitleParams(
-                      "When routing settled (StableMoE's fluctuation)",
-                      subtitle=["mean over probe tokens of the last step whose expert differs from the final one"])),
-                  key="settle")
+            pdf["lo"] = (pdf["last change"] - pdf["ci"]).clip(0, 1)
+            pdf["hi"] = (pdf["last change"] + pdf["ci"]).clip(0, 1)
+            shown = [r for r in routers if r in set(pdf["router"])]
+            xs = alt.Scale(domain=[0, 1], clamp=True)
+            y = alt.Y("router:N", sort=shown, title=None, axis=alt.Axis(labelFontWeight="bold"))
+            color = alt.Color("router:N", scale=color_scale(shown), legend=None)
+            base = alt.Chart(pdf)
+            c = alt.layer(
+                base.mark_rule(strokeWidth=2.5).encode(
+                    x=alt.X("lo:Q", scale=xs, title="fraction of training (0 = settled at once, 1 = still moving)"),
+                    x2="hi:Q", y=y, color=color),
+                base.mark_point(filled=True, size=110, opacity=1).encode(
+                    x=alt.X("last change:Q", scale=xs), y=y, color=color,
+                    tooltip=["router", alt.Tooltip("last change:Q", format=".3f"),
+                             alt.Tooltip("ci:Q", title="95% CI ±", format=".3f"), alt.Tooltip("n:Q", title="seeds")]),
+            ).properties(height=44 * len(pdf) + 150, title=alt.TitleParams(
+                "When routing settled (StableMoE's fluctuation measure)",
+                subtitle=["per probe token: the last evaluation whose top-1 expert differs from the final one; "
+                          "mean ± 95% CI over seeds"]))
+            chart(c, key="settle")
 
 
 def lmeval_tab(runs: pl.DataFrame, metrics: pl.DataFrame) -> None:
@@ -583,21 +635,44 @@ def bench_tab(perf: pl.DataFrame, filt: dict[str, Any]) -> None:
         st.session_state.pop("bench", None)
     bench = st.selectbox("Benchmark", ids, key="bench", format_func=lambda b: label[b])
     table = q.perf_table(p, bench)
+    long, shared = q.perf_long(p, bench)
     st.dataframe(table.to_pandas(), hide_index=True, width="stretch", key="perf")
-    st.caption("value ± spread as recorded by `harness bench` (spread: its dispersion across repeats).")
-    sel = p.filter(pl.col("bench_id") == bench)
-    metric = next((m for m in ("ratio_vs_smoe", "fwd_bwd_ms", "tokens_per_s") if m in set(sel["metric"])), None)
-    if metric:
-        d = sel.filter(pl.col("metric") == metric).with_columns(
-            pl.col("config").map_elements(q.config_label, return_dtype=pl.Utf8))
-        routers = q.router_order(d["router"].to_list())
-        pdf = d.to_pandas()
-        c = alt.Chart(pdf).mark_bar().encode(
-            x=alt.X("value:Q", title=metric), y=alt.Y("router:N", sort=routers, title=None),
-            color=alt.Color("router:N", scale=color_scale(routers), legend=None),
-            row=alt.Row("config:N", title=None, header=alt.Header(labelAngle=0, labelAlign="left")),
-            tooltip=["router", "config", alt.Tooltip("value:Q", format=".3f"), alt.Tooltip("spread:Q", format=".3f")])
-        chart(c.properties(height=28 * len(routers), title=alt.TitleParams(metric)), key="bench_chart")
+    shared_txt = ", ".join(f"{k}={v}" for k, v in shared.items())
+    st.caption("median (IQR) over repeats, as recorded by `harness bench`"
+               + (f" · shared config: {shared_txt}" if shared_txt else ""))
+    metrics_here = q.perf_metrics_order(long["metric"].unique().to_list())
+    if not metrics_here:
+        return
+    default = next((m for m in ("ratio_vs_smoe", "fwd_bwd_ms", "tokens_per_s") if m in metrics_here),
+                   metrics_here[0])
+    if st.session_state.get("bench_metric") not in metrics_here:
+        st.session_state["bench_metric"] = default
+    metric = st.selectbox("Chart metric", metrics_here, key="bench_metric")
+    d = long.filter(pl.col("metric") == metric)
+    cands = d.select("candidate", "router").unique()
+    order = {r: i for i, r in enumerate(q.router_order(cands["router"].to_list()))}
+    cand_order = [c for c, _ in sorted(cands.iter_rows(), key=lambda cr: (order.get(cr[1], 99), cr[0]))]
+    routers = q.router_order(d["router"].to_list())
+    settings = sorted(set(d["setting"].to_list()))
+    for i, setting in enumerate(settings[:8]):
+        pdf = d.filter(pl.col("setting") == setting).to_pandas()
+        base = alt.Chart(pdf).encode(y=alt.Y("candidate:N", sort=cand_order, title=None,
+                                             axis=alt.Axis(labelFontWeight="bold")))
+        layers = [base.mark_bar(height={"band": 0.7}).encode(
+                      x=alt.X("value:Q", title=metric),
+                      color=alt.Color("router:N", scale=color_scale(routers), legend=None),
+                      tooltip=["candidate", "router", "variant", alt.Tooltip("value:Q", format=".4g", title="median"),
+                               alt.Tooltip("spread:Q", format=".4g", title="IQR")]),
+                  base.mark_rule(color="#202124").encode(x="lo:Q", x2="hi:Q")]
+        if metric.startswith(("ratio_vs_", "throughput_vs_")):
+            layers.append(alt.Chart(pd.DataFrame({"x": [1.0]})).mark_rule(strokeDash=[4, 4], color="#202124")
+                          .encode(x="x:Q"))
+        sub = [setting] if setting else []
+        chart(alt.layer(*layers).properties(
+            height=40 * len(pdf) + 110,
+            title=alt.TitleParams(metric, subtitle=sub + ["bar: median · whisker: ± IQR/2"])), key=f"bench_chart_{i}")
+    if len(settings) > 8:
+        st.caption(f"{len(settings) - 8} more settings in the table above.")
 
 
 def run_detail_tab(path: str, stamp, runs: pl.DataFrame, metrics: pl.DataFrame, meta: q.SuiteMeta) -> None:
@@ -613,11 +688,10 @@ def run_detail_tab(path: str, stamp, runs: pl.DataFrame, metrics: pl.DataFrame, 
     r = rec[run_id]
     status = r["status"]
     st.subheader(f"{STATUS_ICON.get(status, '')} {r['router']} · seed {r['seed']} · {status}")
-    cols = st.columns(4)
-    cols[0].metric("steps", f"{r['step']} / {r['total_steps']}")
-    cols[1].metric("wall time", duration(r["started_at"], r["finished_at"]))
-    cols[2].metric("git", r["git_sha"] or "—")
-    cols[3].metric("spec", (r["spec_hash"] or "—")[:12])
+    st.markdown(f"**steps** {r['step']} / {r['total_steps']} · **wall time** "
+                f"{duration(r['started_at'], r['finished_at'])} · **preset** {r['preset'] or '—'} · "
+                f"**git** `{r['git_sha'] or '—'}` · **spec** `{r['spec_hash'] or '—'}` · "
+                f"**started** {fmt_dt(r['started_at'])} · **machine** {r['machine']}")
     if status == "diverged":
         st.warning(f"Diverged: {r['error'] or 'no message'}", icon=":material/trending_up:")
     elif status == "failed":
@@ -643,17 +717,15 @@ def run_detail_tab(path: str, stamp, runs: pl.DataFrame, metrics: pl.DataFrame, 
         if names:
             default = [n for n in (meta.quality, "train_loss") if n in names] or names[:1]
             pick = st.multiselect("Curves", names, default=default, key=f"detail_curves_{run_id}")
-            if pick:
-                cv = c_curves(path, stamp, (run_id,), tuple(pick)).to_pandas()
-                c = alt.Chart(cv).mark_line(point=False).encode(
-                    x=alt.X("step:Q"), y=alt.Y("value:Q", scale=alt.Scale(zero=False), title=None),
-                    color=alt.Color("name:N", legend=None),
-                    tooltip=["name", "step", alt.Tooltip("value:Q", format=".5g")],
-                ).properties(height=160, width="container").facet(
-                    row=alt.Row("name:N", title=None, header=alt.Header(labelAngle=0, labelAlign="left",
-                                                                        labelFontWeight="bold"))
-                ).resolve_scale(y="independent")
-                chart(c, key="detail_chart")
+            cv = c_curves(path, stamp, (run_id,), tuple(pick)) if pick else None
+            for i, name in enumerate(pick):
+                d = cv.filter(pl.col("name") == name).to_pandas()
+                c = alt.Chart(d).mark_line(point=len(d) <= 12, color=KNOWN_COLORS.get(r["router"], "#1f77b4")) \
+                    .encode(x=alt.X("step:Q", title="training step", axis=STEP_AXIS),
+                            y=alt.Y("value:Q", scale=alt.Scale(zero=False), title=name),
+                            tooltip=["step", alt.Tooltip("value:Q", format=".5g")]) \
+                    .properties(height=200, title=name)
+                chart(c, key=f"detail_chart_{i}")
         else:
             st.caption("no curves recorded")
 
@@ -679,6 +751,8 @@ def run_detail_tab(path: str, stamp, runs: pl.DataFrame, metrics: pl.DataFrame, 
 def main() -> None:
     st.set_page_config(page_title="MoE router leaderboard", page_icon=":material/hub:", layout="wide")
     path = q.resolve_store_path(sys.argv[1:])
+    st.markdown("<style>[data-testid='stMainBlockContainer'], .block-container {padding-top: 2.5rem}</style>",
+                unsafe_allow_html=True)
 
     st.sidebar.markdown("### :material/hub: MoE leaderboard")
     if st.sidebar.button("↻ Refresh data", key="refresh", width="stretch",
@@ -707,6 +781,7 @@ def main() -> None:
         bench_tab(perf, {})
         return
 
+    assign_colors(runs_all["router"].drop_nulls().to_list() + perf["router"].drop_nulls().to_list())
     st.sidebar.markdown("**Filters**")
     suite, runs, filt = sidebar_filters(runs_all)
     st.sidebar.divider()

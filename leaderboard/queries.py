@@ -51,6 +51,22 @@ class SuiteMeta:
     unit: str               # "tok" | "img"
     label: str              # human label of the quality metric
     extra: tuple[str, ...] = ()  # further per-router metrics worth a column
+    percent: bool = False   # a fraction in [0, 1], shown as a percentage
+    test_label: str = ""    # human label of the test metric
+
+    @property
+    def test_name(self) -> str:
+        return self.test_label or self.test.replace("_", " ")
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        return (0.0, 1.0) if self.percent else None
+
+    def quality_header(self) -> str:
+        return f"{self.label}{' %' if self.percent else ''} {self.arrow}"
+
+    def test_header(self) -> str:
+        return f"{self.test_name}{' %' if self.percent else ''} {self.arrow}"
 
     @property
     def arrow(self) -> str:
@@ -58,9 +74,9 @@ class SuiteMeta:
 
 
 SUITES: dict[str, SuiteMeta] = {
-    "lm": SuiteMeta("lm", "val_bpb", "test_bpb", False, "train_tok_per_s", "tok", "val bpb"),
+    "lm": SuiteMeta("lm", "val_bpb", "test_bpb", False, "train_tok_per_s", "tok", "val bpb", test_label="test bpb"),
     "vision": SuiteMeta("vision", "val_top1", "test_top1", True, "train_img_per_s", "img", "val top-1",
-                        extra=("val_top5",)),
+                        extra=("val_top5",), percent=True, test_label="test top-1"),
 }
 
 
@@ -243,9 +259,9 @@ def load_metrics(path: str | os.PathLike[str], run_ids: Sequence[str] | None = N
 
 def load_health(path: str | os.PathLike[str], run_ids: Sequence[str] | None = None, **kw: Any) -> pl.DataFrame:
     """routing_health rows (load_entropy, max_over_mean_load, dead_experts, fluctuation, ...), one per
-    (run, step, layer, name). The training loop evaluates the final step twice, so that step can hold
-    duplicates: the repeated rows are identical except 'fluctuation', which the second evaluation
-    records as 0 (it compares the model with itself); keeping the max drops that artefact."""
+    (run, step, layer, name). Stores written before the training loop stopped evaluating the final
+    step twice hold duplicates there: identical rows except 'fluctuation', which the repeated
+    evaluation records as 0 (it compares the model with itself); keeping the max drops that artefact."""
     where, params = "", []
     if run_ids is not None:
         if not run_ids:
@@ -434,14 +450,17 @@ def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float] | None:
     b = [float(x) for x in b if x is not None and math.isfinite(float(x))]
     if len(a) < 2 or len(b) < 2:
         return None
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    if max(a) == min(a) and max(b) == min(b):  # both constant: Welch is undefined
+        return (0.0, 1.0) if ma == mb else (math.copysign(math.inf, ma - mb), 0.0)
+    import warnings
+
     from scipy import stats
 
-    res = stats.ttest_ind(a, b, equal_var=False)
-    t, p = float(res.statistic), float(res.pvalue)
-    if math.isnan(p):  # both samples constant: equal means -> no difference, else a certain one
-        ma, mb = sum(a) / len(a), sum(b) / len(b)
-        return (0.0, 1.0) if ma == mb else (math.copysign(math.inf, ma - mb), 0.0)
-    return t, p
+    with warnings.catch_warnings():  # one constant sample: scipy warns about precision, the test is fine
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.ttest_ind(a, b, equal_var=False)
+    return float(res.statistic), float(res.pvalue)
 
 
 def significance(a: Sequence[float], b: Sequence[float], higher_better: bool,
@@ -463,7 +482,8 @@ def sig_text(label: str, p: float | None) -> str:
         return "— baseline"
     if label in ("n<2", "no SMoE"):
         return label
-    pp = "p<0.001" if p is not None and p < 0.001 else f"p={p:.3f}" if p is not None else ""
+    pp = "p<0.001" if p is not None and p < 0.001 else f"p={p:.3f}" if p is not None and p < 0.01 else \
+        f"p={p:.2f}" if p is not None else ""
     glyph = {"better": "▲ better", "worse": "▼ worse", "within noise": "≈ within noise"}.get(label, label)
     return f"{glyph} ({pp})" if pp else glyph
 
@@ -614,11 +634,11 @@ def best_rows(ov: pl.DataFrame, meta: SuiteMeta) -> dict[str, list[int]]:
 # -- formatting ------------------------------------------------------------------------------------
 
 def decimals_for(ci: float | None, value: float | None = None, default: int = 3) -> int:
-    """Decimals that show the CI to two significant digits (within 2..5)."""
+    """Decimals that show the CI to two significant digits (within 1..5)."""
     if ci is not None and ci > 0 and math.isfinite(ci):
-        return int(min(5, max(2, 1 - math.floor(math.log10(ci)))))
-    if value is not None and value != 0 and math.isfinite(value):
-        return int(min(5, max(default, 3 - math.floor(math.log10(abs(value))))) if abs(value) < 1 else default)
+        return int(min(5, max(1, 1 - math.floor(math.log10(ci)))))
+    if value is not None and math.isfinite(value) and abs(value) >= 100:
+        return 1
     return default
 
 
@@ -649,6 +669,11 @@ def fmt_si(v: float | None) -> str:
 def display_overview(ov: pl.DataFrame, meta: SuiteMeta) -> pl.DataFrame:
     """The overview as strings, with the column headers the page shows (same row order as ``ov``)."""
     unit = meta.unit
+    k = 100.0 if meta.percent else 1.0
+
+    def sc(v: float | None) -> float | None:
+        return None if v is None else v * k
+
     rows = []
     for r in ov.iter_rows(named=True):
         notes = []
@@ -659,27 +684,27 @@ def display_overview(ov: pl.DataFrame, meta: SuiteMeta) -> pl.DataFrame:
         if r["running"]:
             notes.append(f"{r['running']} running")
         if r["spec_hashes"] and r["spec_hashes"] > 1:
-            notes.append(f"{r['spec_hashes']} specs mixed")
+            notes.append(f"{r['spec_hashes']} specs!")
         rows.append({
             "#": str(r["rank"]) if r["rank"] is not None else "—",
             "router": r["router"],
             "n": r["n"],
-            f"{meta.label} {meta.arrow}": fmt_ci(r["quality_mean"], r["quality_ci"], r["n"]),
+            meta.quality_header(): fmt_ci(sc(r["quality_mean"]), sc(r["quality_ci"]), r["n"]),
             "vs SMoE": r["significance"],
-            f"{meta.test.replace('_', ' ')} {meta.arrow}": fmt_ci(r["test_mean"], r["test_ci"], r["n"]),
+            meta.test_header(): fmt_ci(sc(r["test_mean"]), sc(r["test_ci"]), r["n"]),
             f"{unit}/s": fmt_si(r["throughput"]),
             "× dense": fmt_num(r["vs_dense"], 2, "×"),
             "× SMoE": fmt_num(r["vs_smoe"], 2, "×"),
             "peak MB": fmt_num(r["peak_mem_mb"], 0),
             "params": fmt_si(r["params"]),
-            "dead experts": fmt_num(r["dead_experts"], 1) if r["dead_experts"] is not None else "—",
-            "load entropy": fmt_num(r["load_entropy"], 3),
-            "max/mean load": fmt_num(r["max_over_mean_load"], 2),
-            "not finished": ", ".join(notes) if notes else "",
+            "dead": fmt_num(r["dead_experts"], 1) if r["dead_experts"] is not None else "—",
+            "entropy": fmt_num(r["load_entropy"], 3),
+            "max/mean": fmt_num(r["max_over_mean_load"], 2),
+            "excluded": ", ".join(notes) if notes else "",
         })
-    cols = ["#", "router", "n", f"{meta.label} {meta.arrow}", "vs SMoE", f"{meta.test.replace('_', ' ')} {meta.arrow}",
-            f"{unit}/s", "× dense", "× SMoE", "peak MB", "params", "dead experts", "load entropy", "max/mean load",
-            "not finished"]
+    cols = ["#", "router", "n", meta.quality_header(), "vs SMoE", meta.test_header(),
+            f"{unit}/s", "× dense", "× SMoE", "peak MB", "params", "dead", "entropy", "max/mean",
+            "excluded"]
     if not rows:
         return pl.DataFrame(schema={c: (pl.Int64 if c == "n" else pl.Utf8) for c in cols})
     return pl.DataFrame(rows).select(cols)
@@ -688,9 +713,9 @@ def display_overview(ov: pl.DataFrame, meta: SuiteMeta) -> pl.DataFrame:
 def display_best_cells(ov: pl.DataFrame, meta: SuiteMeta) -> dict[str, list[int]]:
     """Display column name -> rows to highlight as best."""
     best = best_rows(ov, meta)
-    name = {"quality_mean": f"{meta.label} {meta.arrow}", "test_mean": f"{meta.test.replace('_', ' ')} {meta.arrow}",
+    name = {"quality_mean": meta.quality_header(), "test_mean": meta.test_header(),
             "throughput": f"{meta.unit}/s", "vs_dense": "× dense", "vs_smoe": "× SMoE", "peak_mem_mb": "peak MB",
-            "dead_experts": "dead experts", "load_entropy": "load entropy", "max_over_mean_load": "max/mean load"}
+            "dead_experts": "dead", "load_entropy": "entropy", "max_over_mean_load": "max/mean"}
     return {name[k]: v for k, v in best.items() if k in name}
 
 
@@ -699,20 +724,25 @@ def to_latex(ov: pl.DataFrame, meta: SuiteMeta) -> str:
     best = best_rows(ov, meta)
 
     def cell(i: int, col: str, text: str) -> str:
-        text = text.replace("±", r"$\pm$").replace("×", r"$\times$").replace("_", r"\_")
+        text = text.replace("±", r"$\pm$").replace("×", r"$\times$").replace("_", r"\_").replace("—", "--")
         return rf"\textbf{{{text}}}" if i in best.get(col, []) else text
 
     arrow = r"$\uparrow$" if meta.higher_better else r"$\downarrow$"
-    test_name = meta.test.replace("_", " ")
+    pct = r" (\%)" if meta.percent else ""
+    test_name = meta.test_name + pct
+    k = 100.0 if meta.percent else 1.0
+
+    def sc(v: float | None) -> float | None:
+        return None if v is None else v * k
     lines = [r"\begin{tabular}{lrllrrr}", r"\toprule",
-             rf"Router & $n$ & {meta.label} {arrow} & {test_name} & {meta.unit}/s & $\times$ SMoE & load entropy \\",
+             rf"Router & $n$ & {meta.label}{pct} {arrow} & {test_name} & {meta.unit}/s & $\times$ SMoE & load entropy \\",
              r"\midrule"]
     for i, r in enumerate(ov.iter_rows(named=True)):
         sig = {"better": r"$^\blacktriangle$", "worse": r"$^\blacktriangledown$"}.get(r["sig_label"], "")
         lines.append(" & ".join([
             r["router"].replace("_", r"\_"), str(r["n"]),
-            cell(i, "quality_mean", fmt_ci(r["quality_mean"], r["quality_ci"])) + sig,
-            cell(i, "test_mean", fmt_ci(r["test_mean"], r["test_ci"])),
+            cell(i, "quality_mean", fmt_ci(sc(r["quality_mean"]), sc(r["quality_ci"]))) + sig,
+            cell(i, "test_mean", fmt_ci(sc(r["test_mean"]), sc(r["test_ci"]))),
             cell(i, "throughput", fmt_si(r["throughput"])),
             cell(i, "vs_smoe", fmt_num(r["vs_smoe"], 2, "×")),
             cell(i, "load_entropy", fmt_num(r["load_entropy"], 3)),
@@ -840,32 +870,71 @@ def lmeval_wide(table: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, list[int]]
     return pl.DataFrame(data), best
 
 
-def perf_table(perf: pl.DataFrame, bench_id: str | None = None) -> pl.DataFrame:
-    """One bench (default: the latest) as router x config rows with one column per metric
-    ('value ± spread' when a spread was recorded)."""
+PERF_MAIN = ("fwd_bwd_ms", "tokens_per_s", "ratio_vs_smoe", "ratio_vs_dense", "throughput_vs_dense",
+             "throughput_vs_naive", "ratio_vs_naive", "peak_mem_mb", "saved_act_mb", "load_imbalance")
+PERF_ID_KEYS = ("candidate", "variant")
+
+
+def perf_long(perf: pl.DataFrame, bench_id: str | None = None) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """One bench (default: the latest) in long form: candidate, router, variant, setting (the config keys
+    that vary inside the bench), metric, value, spread, lo, hi; plus the config shared by all its rows."""
+    schema = {"candidate": pl.Utf8, "router": pl.Utf8, "variant": pl.Utf8, "setting": pl.Utf8,
+              "metric": pl.Utf8, "value": pl.Float64, "spread": pl.Float64, "lo": pl.Float64, "hi": pl.Float64}
     if perf.height == 0:
-        return pl.DataFrame()
+        return _empty(schema), {}
     if bench_id is None:
         bench_id = perf.sort("created_at")["bench_id"][-1]
     p = perf.filter(pl.col("bench_id") == bench_id)
     if p.height == 0:
+        return _empty(schema), {}
+    cfgs = []
+    for c in p["config"].to_list():
+        d = parse_json(c)
+        cfgs.append(d if isinstance(d, dict) else {"config": d})
+    keys = set().union(*cfgs)
+    shared = {k: cfgs[0].get(k) for k in sorted(keys)
+              if all(k in c for c in cfgs) and all(c.get(k) == cfgs[0].get(k) for c in cfgs)}
+    rows = []
+    for r, cfg in zip(p.iter_rows(named=True), cfgs):
+        vary = {k: v for k, v in sorted(cfg.items()) if k not in shared and k not in PERF_ID_KEYS}
+        v, sp = r["value"], r["spread"]
+        rows.append({"candidate": str(cfg.get("candidate") or r["router"]), "router": r["router"],
+                     "variant": None if cfg.get("variant") is None else str(cfg.get("variant")),
+                     "setting": ", ".join(f"{k}={x}" for k, x in vary.items()), "metric": r["metric"],
+                     "value": v, "spread": sp,
+                     "lo": None if v is None else v - (sp or 0.0) / 2, "hi": None if v is None else v + (sp or 0.0) / 2})
+    return pl.DataFrame(rows, schema=schema), shared
+
+
+def perf_metrics_order(metrics: Iterable[str]) -> list[str]:
+    ms = set(metrics)
+    return [m for m in PERF_MAIN if m in ms] + sorted(ms - set(PERF_MAIN))
+
+
+def perf_table(perf: pl.DataFrame, bench_id: str | None = None) -> pl.DataFrame:
+    """One bench as one row per candidate (and setting) with a 'median (IQR spread)' column per metric,
+    headline metrics first; columns that would be empty (variant, setting) are left out."""
+    long, _ = perf_long(perf, bench_id)
+    if long.height == 0:
         return pl.DataFrame()
-    p = p.with_columns(pl.col("config").map_elements(config_label, return_dtype=pl.Utf8).alias("config"))
-    p = p.with_columns(
-        pl.struct("value", "spread").map_elements(
-            lambda s: _fmt_perf(s["value"], s["spread"]), return_dtype=pl.Utf8).alias("cell"))
-    wide = p.group_by("router", "config", "metric").agg(pl.col("cell").last()).pivot(
-        on="metric", index=["router", "config"], values="cell")
+    long = long.with_columns(pl.struct("value", "spread").map_elements(
+        lambda s: _fmt_perf(s["value"], s["spread"]), return_dtype=pl.Utf8).alias("cell"))
+    idx = ["candidate", "router", "variant", "setting"]
+    wide = long.with_columns(pl.col("variant").fill_null("")).group_by(idx + ["metric"]).agg(pl.col("cell").last()) \
+        .pivot(on="metric", index=idx, values="cell")
     order = {r: i for i, r in enumerate(router_order(wide["router"].to_list()))}
-    return wide.with_columns(pl.col("router").replace_strict(order, default=len(order)).alias("_o")) \
-        .sort("config", "_o").drop("_o")
+    wide = wide.with_columns(pl.col("router").replace_strict(order, default=len(order)).alias("_o")) \
+        .sort("setting", "_o", "candidate").drop("_o")
+    keep = ["candidate"] + [c for c in ("router", "variant", "setting")
+                            if (wide[c] != wide["candidate"]).any() and (wide[c] != "").any()]
+    return wide.select(keep + perf_metrics_order(long["metric"].unique().to_list())).fill_null("—")
 
 
 def _fmt_perf(v: float | None, spread: float | None) -> str:
     if v is None:
         return "—"
     d = 3 if abs(v) < 10 else 1 if abs(v) < 1000 else 0
-    return f"{v:,.{d}f}" + (f" ± {spread:,.{d}f}" if spread is not None else "")
+    return f"{v:,.{d}f}" + (f" (IQR {spread:,.{d}f})" if spread is not None else "")
 
 
 def config_label(cfg: str | None) -> str:

@@ -156,7 +156,7 @@ def test_welch_marks():
 
     ref = stats.ttest_ind([1.0, 1.2, 0.9], [1.1, 0.95, 1.05], equal_var=False).pvalue
     assert p == pytest.approx(ref)
-    assert "within noise" in q.sig_text("within noise", 0.5) and "p=0.500" in q.sig_text("within noise", 0.5)
+    assert "within noise" in q.sig_text("within noise", 0.5) and "p=0.50" in q.sig_text("within noise", 0.5)
     assert q.sig_text("better", 1e-5).startswith("▲") and "p<0.001" in q.sig_text("better", 1e-5)
 
 
@@ -230,7 +230,7 @@ def test_overview_ranks_ci_and_marks():
     disp = q.display_overview(ov, q.SUITES["lm"])
     assert disp.columns[:5] == ["#", "router", "n", "val bpb ↓", "vs SMoE"]
     assert disp.filter(pl.col("router") == "solo")["val bpb ↓"][0] == "1.200 (n=1)"
-    assert disp.filter(pl.col("router") == "xmoe")["not finished"][0] == "1 diverged"
+    assert disp.filter(pl.col("router") == "xmoe")["excluded"][0] == "1 diverged"
     best = q.display_best_cells(ov, q.SUITES["lm"])
     assert best["val bpb ↓"] == [0] and best["tok/s"] == [4]  # dense is fastest
     tex = q.to_latex(ov, q.SUITES["lm"])
@@ -292,7 +292,8 @@ def test_loaders_read_the_real_store(store_path):
     assert best["shakespeare_cloze / acc"] == [1] and best["shakespeare_ppl / word_perplexity"] == [1]
     perf = q.load_perf(store_path)
     pt = q.perf_table(perf)
-    assert set(pt.columns) >= {"router", "config", "ratio_vs_smoe", "fwd_bwd_ms"} and pt.height == 2
+    assert set(pt.columns) >= {"candidate", "ratio_vs_smoe", "fwd_bwd_ms"} and pt.height == 2
+    assert pt["fwd_bwd_ms"].to_list() == ["2.000 (IQR 0.100)", "3.000 (IQR 0.100)"]
 
 
 def test_connect_waits_for_a_writer_then_reads(store_path, tmp_path):
@@ -365,7 +366,7 @@ def test_app_renders_overview_and_charts(store_path, monkeypatch, fast_apptest):
     dense_mark = ov.loc[ov["router"] == "dense", "vs SMoE"].iloc[0]
     assert ("within noise" in dense_mark) or ("better" in dense_mark) or ("worse" in dense_mark)
     assert ov.loc[ov["router"] == "dense", "× dense"].iloc[0] == "1.00×"
-    assert "1 diverged" in ov.loc[ov["router"] == "smoe", "not finished"].iloc[0]
+    assert "1 diverged" in ov.loc[ov["router"] == "smoe", "excluded"].iloc[0]
 
     specs = chart_specs(at)
     titles = {(s.get("title") or {}).get("text") if isinstance(s.get("title"), dict) else s.get("title")
@@ -400,7 +401,7 @@ def test_filters_change_rows(store_path, monkeypatch, fast_apptest):
     assert list(ov["router"]) == ["dense"] and ov["vs SMoE"].iloc[0] == "no SMoE"
     at.sidebar.multiselect(key="routers").set_value([]).run()
     # a date range before every run: nothing left, and the page says so
-    past = date.today() - timedelta(days=4000)
+    past = date.today() - timedelta(days=400)
     at.sidebar.date_input(key="dates").set_value((past, past + timedelta(days=1))).run()
     assert not at.exception
     assert not [df for df in at.dataframe if "vs SMoE" in list(df.value.columns)]
@@ -415,6 +416,26 @@ def test_run_detail_shows_failed_traceback(store_path, monkeypatch, fast_apptest
     assert any("RuntimeError: boom in router" in c.value for c in at.code)
     assert any(json.loads(j.value).get("suite") == "lm" for j in at.json if j.value.startswith("{"))
     assert any("torch" in j.value for j in at.json)  # versions
+
+
+def test_app_waits_for_a_locked_store_and_says_so(store_path, tmp_path, monkeypatch, fast_apptest):
+    copy = tmp_path / "busy.duckdb"
+    copy.write_bytes(Path(store_path).read_bytes())
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, time
+        con = duckdb.connect({str(copy)!r})
+        print("locked", flush=True)
+        time.sleep(1.5)
+        con.close()
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        at = app_for(copy, monkeypatch).run()
+    finally:
+        holder.wait(timeout=30)
+    assert not at.exception
+    assert any("locked by a writer" in i.value for i in at.info), [i.value for i in at.info]
+    assert sorted(overview_frame(at)["router"]) == sorted(ROUTERS)
 
 
 def test_app_refresh_button(store_path, monkeypatch, fast_apptest):

@@ -1,0 +1,129 @@
+"""The leaderboard in a real browser: ``streamlit run`` headless + Debian's Chromium via playwright.
+
+Needs the ``chromium`` Debian package (``apt-get install -y chromium``) and the ``playwright``
+Python package (a dev dependency); no ``playwright install`` browser download is used. Skipped,
+with the reason printed, when either is missing. Run with ``pytest -m browser``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "leaderboard" / "app.py"
+CHROMIUM = os.environ.get("HARNESS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def _skip(reason: str) -> None:
+    print(f"SKIP test_leaderboard_browser: {reason}", file=sys.stderr, flush=True)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser_store(tmp_path_factory) -> Path:
+    if not Path(CHROMIUM).exists():
+        _skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium) "
+              f"or point HARNESS_CHROMIUM at a Chromium binary")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        _skip("the playwright Python package is not installed (pip install playwright; it is a dev dependency)")
+    from harness.cli import main
+
+    from test_leaderboard import add_extra_rows
+
+    d = tmp_path_factory.mktemp("board_browser")
+    path = d / "h.duckdb"
+    rc = main(["run", "--suite", "lm", "--preset", "tiny", "--routers", "dense,smoe", "--seeds", "0,1",
+               "--no-eval", "--quiet", "--store", str(path), "--runs-dir", str(d / "runs")])
+    assert rc == 0
+    add_extra_rows(path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(browser_store, tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "streamlit.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
+         "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none", "--", "--store", str(browser_store)],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                log.flush()
+                pytest.fail(f"streamlit exited with {proc.returncode}:\n{(tmp_path / 'streamlit.log').read_text()}")
+            try:
+                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("streamlit did not answer /_stcore/health within 120 s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_leaderboard_in_chromium(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    shots = [tmp_path / "leaderboard.png"]
+    results = ROOT / "results"
+    if results.is_dir() or os.environ.get("HARNESS_SCREENSHOT_TO_RESULTS"):
+        results.mkdir(exist_ok=True)
+        shots.append(results / "leaderboard.png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1300})
+            page.goto(server, wait_until="domcontentloaded", timeout=60_000)
+            page.wait_for_selector("text=MoE router leaderboard", timeout=90_000)
+            # a rendered Vega chart: a canvas or svg inside the vega-embed element
+            page.wait_for_selector(".vega-embed canvas, .vega-embed svg", state="visible", timeout=90_000)
+            page.wait_for_selector('[data-testid="stDataFrame"]', timeout=30_000)
+            page.wait_for_timeout(1500)  # let the remaining charts finish drawing
+            assert page.locator('[data-testid="stException"]').count() == 0, \
+                page.locator('[data-testid="stException"]').first.inner_text()
+            body = page.inner_text("body")
+            assert "Quality vs throughput" in body or page.locator(".vega-embed").count() >= 2
+            for shot in shots:
+                page.screenshot(path=str(shot), full_page=True)
+            # the other tabs render without exceptions too
+            for tab in ("Training curves", "Routing", "lm-eval", "Benchmarks", "Run detail"):
+                page.get_by_role("tab", name=tab).click()
+                page.wait_for_timeout(700)
+                assert page.locator('[data-testid="stException"]').count() == 0, tab
+        finally:
+            browser.close()
+    print(f"leaderboard screenshot: {shots[-1]}")
+    assert shots[0].stat().st_size > 20_000
