@@ -382,8 +382,7 @@ def image_transform(data: VisionData, training: bool, augment: bool):
     if training:
         return create_transform(data.img_size, is_training=True, auto_augment=AUTO_AUGMENT if augment else None,
                                 interpolation="bicubic", mean=data.mean, std=data.std)
-    crop_pct = 1.0 if data.in_memory else 0.875
-    return create_transform(data.img_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
+    return create_transform(data.img_size, is_training=False, interpolation="bicubic", crop_pct=0.875,
                             mean=data.mean, std=data.std)
 
 
