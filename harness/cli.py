@@ -28,12 +28,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errs: list[type[BaseException]] = [SpecError, UnknownRouterError, PluginLoadError, DataError, StoreError,
                                        CheckpointError]
-    try:
-        from .data.vision import VisionDataError
+    from .data.vision import VisionDataError
+    from .regress import GoldenError
 
-        errs.append(VisionDataError)
-    except ImportError:
-        pass
+    errs += [VisionDataError, GoldenError]
     return tuple(errs)
 
 
@@ -60,9 +58,7 @@ def cmd_routers(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import run_suite, summary_table
     from .spec import load_suite
-    from .store import Store
 
     spec = load_suite(args.suite, preset=args.preset, overrides=args.set,
                       routers=_csv(args.routers) if args.routers else None,
@@ -71,14 +67,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         spec = replace(spec, eval=replace(spec.eval, enabled=False))
+    from . import distributed
+
+    multi = (args.nproc or 1) > 1 or str(args.nnodes or "1") != "1"
+    if multi and not distributed.launched_by_torchrun() and not os.environ.get(distributed.ENV_MARKER):
+        return _launch_torchrun(args, spec)
+    if distributed.launched_by_torchrun():
+        dctx = distributed.init_from_env(spec.train.device)
+        try:
+            return _cmd_run(args, spec, dctx)
+        finally:
+            distributed.shutdown()
+    return _cmd_run(args, spec, distributed.current())
+
+
+def _launch_torchrun(args: argparse.Namespace, spec) -> int:  # noqa: ANN001
+    """``--nproc N``: validate here (one-line errors, exit 2), then re-run this command under torchrun."""
+    from . import distributed
+    from .runner import get_adapter, preflight
+
+    nproc = args.nproc or 1
+    world = distributed.total_world(nproc, args.nnodes)
+    if world is not None:
+        distributed.check_spec(spec, world)
+    preflight(spec, get_adapter(spec.suite))  # also builds the data caches once, before N processes read them
+    return distributed.launch(args.argv, nproc, args.nnodes, args.rdzv_endpoint, args.node_rank, args.rdzv_id)
+
+
+def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
+    from .runner import run_suite, summary_table
+    from .store import Store
+
     store = Store(args.store)
     runs_dir = Path(args.runs_dir or Path(args.store).parent / "runs")
-    if args.restart:
+    if args.restart and dctx.is_main:
         import shutil
 
         for run in spec.runs():
             shutil.rmtree(runs_dir / run.run_key, ignore_errors=True)
             store.abandon(run.spec_hash, run.seed, "abandoned: restarted from scratch with --restart")
+    dctx.barrier()
     after = None
     if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
         from .evaluate import eval_after_pretraining
@@ -87,6 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             eval_after_pretraining(run, res, store, runs_dir)
 
     results = run_suite(spec, store, runs_dir, resume=args.resume, progress=not args.quiet, after_run=after)
+    if not dctx.is_main:
+        return 0  # rank 0 reports (and carries the exit status)
     from .runner import get_adapter
 
     adapter = get_adapter(spec.suite)
@@ -165,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restart", action="store_true", help="delete these runs' checkpoints and start clean")
     s.add_argument("--no-eval", action="store_true", help="skip lm-eval tasks after pretraining")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = s.add_argument_group("distributed (torchrun; see docs/distributed.md)")
+    g.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="processes per node: re-launch this command through torchrun with DDP "
+                        "(train.batch_size stays the global batch)")
+    g.add_argument("--nnodes", default=None, help="number of nodes (or MIN:MAX), passed to torchrun")
+    g.add_argument("--node-rank", type=int, default=None, help="this node's rank (static rendezvous)")
+    g.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="rendezvous endpoint, the same on every node (multi-node)")
+    g.add_argument("--rdzv-id", default=None, help="rendezvous job id (c10d rendezvous)")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("runs", help="list runs in the store")
@@ -203,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # `harness run --nproc N` re-launches exactly this command line through torchrun
     try:
         return int(args.fn(args) or 0)
     except _user_errors() as exc:

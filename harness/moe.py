@@ -60,11 +60,19 @@ class ExpertBank(nn.Module):
         return torch.addmm(self.b2[e], h, self.w2[e])
 
     def forward_segments(self, x_sorted: Tensor, counts: list[int]) -> Tensor:
-        """Run expert e on the e-th contiguous segment of ``x_sorted``."""
+        """Run expert e on the e-th contiguous segment of ``x_sorted``.
+
+        The stacked weights are unbound once: indexing ``self.w1[e]`` per expert
+        would make autograd allocate and fill a full [E, d, f] gradient for every
+        expert in backward (E times the memory traffic); unbind's backward stacks
+        the E slices once.
+        """
+        w1, b1, w2, b2 = self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0)
         outs = []
         for e, seg in enumerate(torch.split(x_sorted, counts)):
             if seg.shape[0]:
-                outs.append(self.expert(e, seg))
+                h = self.act(torch.addmm(b1[e], seg, w1[e]))
+                outs.append(torch.addmm(b2[e], h, w2[e]))
         if not outs:
             return x_sorted.new_zeros(0, self.d_model)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -90,11 +98,14 @@ class MoELayer(nn.Module):
         router: Router,
         capacity_factor: float | None = None,
         activation: str = "gelu",
+        experts: ExpertBank | None = None,
     ) -> None:
         super().__init__()
         self.router = router
         self.num_experts, self.top_k = router.num_experts, router.top_k
-        self.experts = ExpertBank(router.num_experts, d_model, d_ff, activation)
+        # ``experts``: an existing bank to adopt (expert parallelism re-wraps a built layer without
+        # drawing new initial weights from the RNG); None builds a fresh one.
+        self.experts = experts if experts is not None else ExpertBank(router.num_experts, d_model, d_ff, activation)
         cf = capacity_factor if capacity_factor is not None else router.capacity_factor
         if cf is not None and cf <= 0:
             raise ValueError(f"capacity_factor must be positive or None, got {cf}")
@@ -113,7 +124,7 @@ class MoELayer(nn.Module):
         T = x2.shape[0]
         if ctx is None:
             ctx = RouteContext(**ctx_fields)
-        ctx._expert_fn = lambda: self.experts.forward_all(x2)
+        ctx._expert_fn = lambda: self._all_expert_outputs(x2)
         routing = self.router(x2, ctx)
         idx, w = routing.indices, routing.weights.to(x2.dtype)
         if idx.shape != (T, self.top_k) or w.shape != (T, self.top_k):
@@ -154,10 +165,20 @@ class MoELayer(nn.Module):
             order = order[keep]
             counts_t = counts_t.clamp(max=cap)
         tok = slot_token[order]
-        out = self.experts.forward_segments(x.index_select(0, tok), counts_t.tolist())
+        out = self._run_experts(x.index_select(0, tok), counts_t)
         out = out * slot_weight[order].unsqueeze(-1)
         y = torch.zeros_like(x).index_add_(0, tok, out)
         return y, counts_t, dropped
+
+
+    # -- the two places where tokens meet experts (overridden by harness.expert_parallel) --------
+    def _run_experts(self, x_sorted: Tensor, counts_t: Tensor) -> Tensor:
+        """Expert e on the e-th contiguous segment of the expert-sorted slots ([S, d] -> [S, d])."""
+        return self.experts.forward_segments(x_sorted, counts_t.tolist())
+
+    def _all_expert_outputs(self, x: Tensor) -> Tensor:
+        """Every expert on every token, [T, d] -> [T, E, d] (``ctx.all_expert_outputs()``)."""
+        return self.experts.forward_all(x)
 
 
 def build_ffn(
@@ -169,8 +190,15 @@ def build_ffn(
     router_kwargs: dict[str, Any] | None = None,
     capacity_factor: float | None = None,
     activation: str = "gelu",
+    expert_parallel: bool = False,
 ) -> nn.Module:
-    """The FFN of one block: an :class:`MoELayer` for a router, or the equal-FLOP dense FFN for ``dense``."""
+    """The FFN of one block: an :class:`MoELayer` for a router, or the equal-FLOP dense FFN for ``dense``.
+
+    ``expert_parallel=True`` with torch.distributed initialised on more than one rank gives the
+    :class:`harness.expert_parallel.ExpertParallelMoELayer` (same initial weights, this rank's experts).
+    The training loop instead converts whole models (``harness.expert_parallel.shard_experts``), so
+    model classes need no flag of their own.
+    """
     from .registry import create_router, get_router
 
     cls = get_router(router_name)
@@ -180,4 +208,12 @@ def build_ffn(
         router = create_router(router_name, d_model, num_experts, top_k, **(router_kwargs or {}))
         return DenseFFN(d_model, d_ff * top_k, router=router, activation=activation)
     router = create_router(router_name, d_model, num_experts, top_k, **(router_kwargs or {}))
-    return MoELayer(d_model, d_ff, router, capacity_factor=capacity_factor, activation=activation)
+    layer = MoELayer(d_model, d_ff, router, capacity_factor=capacity_factor, activation=activation)
+    if expert_parallel:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from .expert_parallel import ExpertParallelMoELayer
+
+            return ExpertParallelMoELayer.from_layer(layer)
+    return layer

@@ -37,9 +37,29 @@ How the numbers are made (DESIGN.md, "Measuring speed honestly")
   rate (default 0.05). This ignores the "at most 3 competing layers per step" cap,
   which can only lower the real cost. StableMoE (``stage1_fraction``): stage 1 and
   stage 2, amortised with the stage-1 fraction (default 0.1).
+* Threads: on a shared CPU with more runnable processes than cores, an OpenMP
+  parallel region waits at its barrier whenever a sibling thread is descheduled.
+  The MoE layer issues ~200 mostly small ops per fwd+bwd, the dense FFN ~10 big
+  GEMMs, so oversubscription inflates the MoE/dense ratio far beyond what either
+  costs (measured here: 2.3-2.6x at 2 threads under load ~6-12 vs 0.89-0.96x at 1
+  thread). The report prints the load average; ``--threads 1`` gives ratios that
+  survive a busy machine, and the rows record the thread count.
 * A router that does not support the requested top-k (StableMoE is top-1) runs at
   the k it supports and is compared with ``smoe[k=1]`` and ``dense[k=1]`` references
   built at that same k, so every ratio compares equal active FLOPs.
+
+Router overhead
+---------------
+``ratio_vs_smoe`` divides two whole-layer times; both are dominated by the same
+expert GEMMs, so on a noisy machine its IQR is wider than the few ms a router
+adds. Each round therefore also times every router ALONE (forward + backward of
+its routing weights and aux losses, ``router_fwd_bwd_ms``, median of 3 calls), and
+``router_overhead_vs_smoe`` = per repeat ``(t_smoe_layer + t_router - t_smoe_router)
+/ t_smoe_layer``: the router's own cost on top of the smoe layer, valid because the
+experts and the dispatch are the same kernels for every router. It leaves out the
+routing decision's effect on the expert kernels (load imbalance; see
+``load_imbalance`` and ``ratio_vs_smoe``). A competition step runs every expert, so
+for that variant the layer time itself enters; amortised rows weight the variants.
 
 Phases (``phase_*_ms``), a second, instrumented run per candidate and repeat
 ---------------------------------------------------------------------------
@@ -98,6 +118,7 @@ import contextlib
 import copy
 import ctypes
 import gc
+import os
 import sys
 import time
 import uuid
@@ -126,6 +147,9 @@ TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
     ("xmoe", "ratio_vs_smoe", "<=", 1.05, "xmoe layer time <= 1.05x smoe"),
     ("moge", "ratio_vs_smoe", "<=", 1.05, "moge layer time <= 1.05x smoe"),
     ("competesmoe", "ratio_vs_smoe", "<=", 1.10, "competesmoe amortised layer time <= 1.10x smoe"),
+    ("xmoe", "router_overhead_vs_smoe", "<=", 1.05, "xmoe router-resolved overhead <= 1.05x smoe"),
+    ("moge", "router_overhead_vs_smoe", "<=", 1.05, "moge router-resolved overhead <= 1.05x smoe"),
+    ("competesmoe", "router_overhead_vs_smoe", "<=", 1.10, "competesmoe amortised router-resolved <= 1.10x smoe"),
 )
 
 Log = Callable[[str], None]
@@ -548,6 +572,40 @@ def router_forward_time(router: nn.Module, c: Candidate, inp: Inputs, clock: Clo
     return float(np.median(ts))
 
 
+def router_step_time(router: nn.Module, x: Tensor, token_ids: Tensor, clock: Clock, *, schedule: tuple[int, int],
+                     grad_weights: Tensor, one: Tensor, cached_all: Tensor | None = None, inner: int = 1) -> float:
+    """Median seconds of the router alone, forward + backward: ``router(x, ctx)``, then one backward
+    of its routing weights (upstream gradient ``grad_weights``) and the sum of its aux losses.
+
+    ``cached_all`` stands in for ``ctx.all_expert_outputs()`` (CompeteSMoE's competition),
+    so that case measures the router-side work only, not running every expert.
+    """
+    ts = []
+    for _ in range(inner):
+        x.grad = None
+        for p in router.parameters():
+            p.grad = None
+        fn = (lambda: cached_all) if cached_all is not None else None
+        ctx = RouteContext(training=True, step=schedule[0], total_steps=schedule[1], token_ids=token_ids,
+                           embeddings=x.detach(), shared={}, expert_fn=fn)
+        t0 = clock.now()
+        routing = router(x, ctx)
+        outs, grads = [], []
+        if routing.weights.requires_grad:
+            outs.append(routing.weights)
+            grads.append(grad_weights.to(routing.weights.dtype))
+        aux = _aux_total(routing)
+        if aux is not None and aux.requires_grad:
+            outs.append(aux)
+            grads.append(one.to(aux.dtype))
+        if outs:
+            torch.autograd.backward(outs, grads)
+        ts.append(clock.now() - t0)
+    if cached_all is not None:
+        cached_all.grad = None
+    return float(np.median(ts))
+
+
 # -- memory ------------------------------------------------------------------------------------
 
 def _proc_status_kb(key: str) -> int | None:
@@ -683,11 +741,25 @@ class LayerBench:
     repeats: int
     warmup: int
     skipped: list[str] = field(default_factory=list)
+    load: tuple[float, float] | None = None                            # 1-min load average at start, end
     stats: dict[str, dict[str, Stat]] = field(default_factory=dict)   # label -> metric -> Stat
     info: dict[str, dict[str, Any]] = field(default_factory=dict)      # label -> row metadata
 
     def stat(self, label: str, metric: str) -> Stat | None:
         return self.stats.get(label, {}).get(metric)
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def _load_note(load: tuple[float | None, float | None] | None) -> str:
+    if not load or load[0] is None or load[1] is None:
+        return ""
+    return f" on {os.cpu_count()} cores, load average {load[0]:.1f} -> {load[1]:.1f}"
 
 
 def _check_repeats(repeats: int, warmup: int) -> None:
@@ -711,7 +783,7 @@ def _gc_paused():
 
 def run_layer_bench(cfg: LayerConfig, routers: Sequence[str] | None = None, *, naive: bool = True,
                     repeats: int = 7, warmup: int = 2, phases: bool = True, mem_repeats: int = 3,
-                    log: Log = _stderr) -> LayerBench:
+                    router_inner: int = 3, log: Log = _stderr) -> LayerBench:
     """Interleaved fwd+bwd timing of one layer per candidate; see the module docstring."""
     _check_repeats(repeats, warmup)
     names, skipped = resolve_routers(routers, log)
@@ -721,6 +793,8 @@ def run_layer_bench(cfg: LayerConfig, routers: Sequence[str] | None = None, *, n
     clock = Clock(device)
     cands = build_candidates(cfg, names, naive=naive, log=log)
     inp = Inputs.make(cfg.tokens, cfg.d_model, cfg.torch_dtype, device, cfg.seed)
+    gws = {k: torch.randn(cfg.tokens, k, generator=torch.Generator().manual_seed(cfg.seed + 3)).to(device)
+           for k in {c.top_k for c in cands}}
 
     for c in cands:
         if c.variant == "compete" and c.router_module is not None:
@@ -737,6 +811,7 @@ def run_layer_bench(cfg: LayerConfig, routers: Sequence[str] | None = None, *, n
                     log(f"bench: WARNING {c.label}: the phase decomposition in harness/profile.py no longer matches "
                         f"harness/moe.py ({why}); phases dropped, fwd_bwd_ms still times the real layer")
 
+    load0 = _loadavg()
     results = {c.label: CandidateResult(c.label, c.router, c.variant, c.kind, c.top_k, c.note, c.weight,
                                         phases_ok=phases and c.phases_ok) for c in cands}
     n = len(cands)
@@ -752,6 +827,14 @@ def run_layer_bench(cfg: LayerConfig, routers: Sequence[str] | None = None, *, n
                 t = run_plain(c, inp, clock)
                 if keep:
                     results[c.label].samples.setdefault("fwd_bwd", []).append(t)
+            for c in order:  # the router alone (fwd+bwd), for the router-resolved overhead
+                if c.kind != "moe":
+                    continue
+                t = router_step_time(c.router_module, inp.x, inp.token_ids, clock, schedule=c.schedule,
+                                     grad_weights=gws[c.top_k], one=inp.one, cached_all=c.cached_all,
+                                     inner=router_inner)
+                if keep:
+                    results[c.label].samples.setdefault("router_fwd_bwd", []).append(t)
             if phases:
                 for c in order:
                     if not results[c.label].phases_ok:
@@ -759,8 +842,8 @@ def run_layer_bench(cfg: LayerConfig, routers: Sequence[str] | None = None, *, n
                     ph = run_phased(c, inp, clock)
                     share = 0.0
                     if c.router_module is not None and c.aux_gates:
-                        t_with = router_forward_time(c.router_module, c, inp, clock)
-                        t_without = router_forward_time(c.router_noaux, c, inp, clock)
+                        t_with = router_forward_time(c.router_module, c, inp, clock, router_inner)
+                        t_without = router_forward_time(c.router_noaux, c, inp, clock, router_inner)
                         share = min(max((t_with - t_without) / t_with, 0.0), 1.0) if t_with > 0 else 0.0
                     moved = ph["router"] * share
                     ph["router"] -= moved
@@ -777,7 +860,7 @@ def run_layer_bench(cfg: LayerConfig, routers: Sequence[str] | None = None, *, n
         mems = [measure_memory(c, inp, clock) for _ in range(mem_repeats)]
         peaks = [m["peak_mem_mb"] for m in mems if m["peak_mem_mb"] is not None]
         results[c.label].memory = {**mems[0], "peak_mem_mb": float(np.median(peaks)) if peaks else None}
-    bench = LayerBench(cfg, [results[c.label] for c in cands], repeats, warmup, skipped)
+    bench = LayerBench(cfg, [results[c.label] for c in cands], repeats, warmup, skipped, load=(load0, _loadavg()))
     summarise_layer(bench)
     return bench
 
@@ -801,6 +884,42 @@ def _phase_stats(s: dict[str, list[float]]) -> dict[str, Stat]:
     norm = sum(float(np.median(v)) for v in shares.values()) or 1.0
     out = {f"phase_{p}_ms": Stat.of(shares[p]).scaled(1e3 * med_tot / norm) for p in PHASES}
     out["phased_total_ms"] = Stat.of(tot).scaled(1e3)
+    return out
+
+
+def _resolved_layer_times(results: list[CandidateResult], series: dict[str, dict[str, list[float]]],
+                          main_k: int) -> dict[str, list[float]]:
+    """Per repeat, the smoe layer's time plus (this router alone - smoe's router alone), both fwd+bwd.
+
+    The layer-vs-layer ratio of two routers is the ratio of two ~equal expert
+    computations plus a few ms of routing: on a noisy machine its IQR is far wider
+    than the routing difference. The experts and the dispatch are the same kernels
+    for every router, so ``t_smoe_layer + t_router - t_smoe_router`` resolves the
+    router's own cost. What it leaves out is only the routing *decision's* effect on
+    the expert kernels (load imbalance), which the layer ratio still shows. A
+    competition step runs every expert, so there the layer time itself is used.
+    Amortised routers: the weighted sum of their variants.
+    """
+    out: dict[str, list[float]] = {}
+    for res in results:
+        if res.kind != "moe" or "router_fwd_bwd" not in res.samples:
+            continue
+        ref = series.get(_ref_label(REFERENCE, res.top_k, main_k), {})
+        if "fwd_bwd" not in ref or "router_fwd_bwd" not in ref:
+            continue
+        if res.variant == "compete":
+            out[res.label] = list(res.samples["fwd_bwd"])
+        else:
+            out[res.label] = [tl + tr - trs for tl, tr, trs in
+                              zip(ref["fwd_bwd"], res.samples["router_fwd_bwd"], ref["router_fwd_bwd"])]
+    groups: dict[str, list[CandidateResult]] = {}
+    for res in results:
+        if res.weight is not None and res.label in out:
+            groups.setdefault(res.router, []).append(res)
+    for router, parts in groups.items():
+        if len(parts) >= 2:
+            n = len(out[parts[0].label])
+            out[f"{router} (amortised)"] = [sum(p.weight * out[p.label][i] for p in parts) for i in range(n)]
     return out
 
 
@@ -835,6 +954,7 @@ def summarise_layer(bench: LayerBench) -> None:
                        "note": "; ".join(f"{p.variant} x {p.weight:g}" for p in parts), "memory": mem,
                        "weight": None, "amortise": {p.variant: p.weight for p in parts}}
 
+    resolved = _resolved_layer_times(bench.results, series, main_k)
     stats: dict[str, dict[str, Stat]] = {}
     for label, s in series.items():
         st: dict[str, Stat] = {}
@@ -858,6 +978,11 @@ def summarise_layer(bench: LayerBench) -> None:
             if nt and kind == "moe" and k == main_k:
                 st["ratio_vs_naive"] = Stat.of(_paired(t, nt, lambda a, b: a / b))
                 st["throughput_vs_naive"] = Stat.of(_paired(t, nt, lambda a, b: b / a))
+        if s.get("router_fwd_bwd"):
+            st["router_fwd_bwd_ms"] = Stat.of(s["router_fwd_bwd"]).scaled(1e3)
+        if label in resolved:
+            ref_t = series[refs["smoe"]]["fwd_bwd"]
+            st["router_overhead_vs_smoe"] = Stat.of(_paired(resolved[label], ref_t, lambda a, b: a / b))
         for m, v in info[label]["memory"].items():
             if v is not None:
                 st[m] = Stat(float(v), float(v), float(v))
@@ -888,6 +1013,7 @@ def layer_table(bench: LayerBench):
             "vs_dense": med("ratio_vs_dense"), "vs_dense_iqr": iqr("ratio_vs_dense"),
             "tput_vs_dense": med("throughput_vs_dense"),
             "tput_vs_naive": med("throughput_vs_naive"),
+            "router_ms": med("router_fwd_bwd_ms"), "router_ovh_vs_smoe": med("router_overhead_vs_smoe"),
             "peak_mem_mb": med("peak_mem_mb"), "saved_act_mb": med("saved_act_mb"),
             "load_max/mean": med("load_imbalance"),
         })
@@ -935,7 +1061,8 @@ def print_layer_report(bench: LayerBench, out=None) -> None:
     out = out or sys.stdout
     cfg = bench.cfg
     print(f"\nMoE layer fwd+bwd: T={cfg.tokens} d={cfg.d_model} d_ff={cfg.d_ff} E={cfg.num_experts} "
-          f"k={cfg.top_k} {cfg.dtype} {cfg.device}, {torch.get_num_threads()} threads; median [IQR] of "
+          f"k={cfg.top_k} {cfg.dtype} {cfg.device}, {torch.get_num_threads()} threads{_load_note(bench.load)}; "
+          f"median [IQR] of "
           f"{bench.repeats} interleaved repeats after {bench.warmup} warm-up; ratios are time ratios per repeat "
           f"(vs_*: t / t_ref; tput_*: t_ref / t)", file=out)
     with pl.Config(tbl_rows=100, tbl_cols=30, float_precision=3, tbl_width_chars=250, fmt_str_lengths=40,
@@ -1028,25 +1155,9 @@ def run_scaling_bench(experts: Sequence[int] = (8, 16, 32, 64), tokens: Sequence
                for k in {c["k"] for c in cands}}
 
         def step(c: dict[str, Any]) -> float:
-            inp.x.grad = None
-            for p in c["module"].parameters():
-                p.grad = None
-            fn = (lambda: cached) if c["variant"] == "compete" else None
-            ctx = RouteContext(training=True, step=c["schedule"][0], total_steps=c["schedule"][1],
-                               token_ids=inp.token_ids, embeddings=inp.x.detach(), shared={}, expert_fn=fn)
-            t0 = clock.now()
-            routing = c["module"](inp.x, ctx)
-            outs, grads = [], []
-            if routing.weights.requires_grad:
-                outs.append(routing.weights)
-                grads.append(gws[c["k"]].to(routing.weights.dtype))
-            aux = _aux_total(routing)
-            if aux is not None and aux.requires_grad:
-                outs.append(aux)
-                grads.append(inp.one.to(aux.dtype))
-            if outs:
-                torch.autograd.backward(outs, grads)
-            return clock.now() - t0
+            return router_step_time(c["module"], inp.x, inp.token_ids, clock, schedule=c["schedule"],
+                                    grad_weights=gws[c["k"]], one=inp.one,
+                                    cached_all=cached if c["variant"] == "compete" else None)
 
         n = len(cands)
         with _gc_paused():

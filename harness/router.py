@@ -129,6 +129,18 @@ class Router(nn.Module):
 
     # -- helpers -----------------------------------------------------------
     @classmethod
+    def effective_top_k(cls, top_k: int) -> int:
+        """``top_k`` if supported, else the largest supported k below it (else the smallest).
+
+        The one rule for routers with a fixed k (StableMoE is top-1): a top-2 suite runs
+        them at k=1 and records that k with the run.
+        """
+        supported = cls.supports_top_k
+        if not supported or top_k in supported:
+            return top_k
+        return max([k for k in supported if k <= top_k] or [min(supported)])
+
+    @classmethod
     def hparam_names(cls) -> list[str]:
         """Keyword hyper-parameters accepted by the constructor (beyond d/E/k)."""
         sig = inspect.signature(cls.__init__)

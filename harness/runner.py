@@ -7,6 +7,7 @@ from typing import Callable
 
 import polars as pl
 
+from . import distributed
 from .registry import create_router
 from .spec import RunSpec, SpecError, SuiteSpec
 from .store import Store
@@ -47,15 +48,32 @@ def run_suite(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> list[RunResult]:
     adapter = get_adapter(spec.suite)
-    preflight(spec, adapter)
+    dctx = distributed.current()
+    if not dctx.distributed:
+        preflight(spec, adapter)
+    else:  # torchrun worker: rank 0 prepares data caches first, then the others read them; rank 0 talks
+        distributed.check_spec(spec, dctx.world_size)
+        if dctx.is_main:
+            preflight(spec, adapter)
+        dctx.barrier()
+        if not dctx.is_main:
+            preflight(spec, adapter)
+            log, progress = (lambda s: None), False
     results = []
+    deferred = []
     runs = spec.runs()
     for i, run in enumerate(runs, 1):
         log(f"[{i}/{len(runs)}] {spec.suite}: router={run.router} seed={run.seed} spec={run.spec_hash[:10]}")
         res = train_run(run, adapter, store, runs_dir, resume=resume, progress=progress, log=log)
         if after_run is not None and res.status == "finished":
-            after_run(run, res)
+            if dctx.distributed:
+                deferred.append((run, res))  # rank 0 after all runs: the other ranks need not wait
+            else:
+                after_run(run, res)
         results.append(res)
+    if dctx.is_main:
+        for run, res in deferred:
+            after_run(run, res)
     return results
 
 

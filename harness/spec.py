@@ -44,6 +44,7 @@ class ModelSpec:
     img_size: int = 32               # vision
     patch_size: int = 4              # vision
     num_classes: int = 10            # vision
+    expert_parallel: bool = False    # under torchrun: shard experts over ranks (harness.expert_parallel)
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,8 @@ class RunSpec:
         from .registry import get_router
 
         m = self.suite_spec.model
-        supported = get_router(self.router).supports_top_k
-        if supported and m.top_k not in supported:
-            fitting = [k for k in supported if k <= m.top_k] or [min(supported)]
-            m = dataclasses.replace(m, top_k=max(fitting))
-        return m
+        k = get_router(self.router).effective_top_k(m.top_k)
+        return m if k == m.top_k else dataclasses.replace(m, top_k=k)
 
     @property
     def data(self) -> DataSpec:
@@ -168,6 +166,9 @@ class RunSpec:
         d["data"] = {k: v for k, v in d["data"].items() if k not in ("cache_dir", "workers")}
         d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads",)}
         d["eval"] = {k: v for k, v in d["eval"].items() if k not in ("enabled", "batch_size")}
+        if not d["model"].get("expert_parallel"):
+            # added later: absent when off, so every spec hash from before it exists stays the same
+            d["model"].pop("expert_parallel", None)
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -199,7 +199,10 @@ class Store:
         """On resume: drop curve points recorded after the checkpoint we restart from."""
         with self.writer() as con:
             con.execute("DELETE FROM metrics WHERE run_id = ?", [run_id])  # final metrics come at the end only
-            con.execute("DELETE FROM curves WHERE run_id = ? AND step > ?", [run_id, step])
+            # training curves are logged at the 0-based step (evaluations at the steps done), so rows at
+            # `step` itself belong to the first update after the checkpoint and are redone too
+            con.execute("DELETE FROM curves WHERE run_id = ? AND (step > ? OR (step = ? AND (name IN "
+                        "('train_loss', 'lr') OR name LIKE 'aux/%' OR name LIKE 'stat/%')))", [run_id, step, step])
             con.execute("DELETE FROM routing WHERE run_id = ? AND step > ?", [run_id, step])
             con.execute("DELETE FROM routing_health WHERE run_id = ? AND step > ?", [run_id, step])
             con.execute("UPDATE runs SET status = 'running', error = NULL, step = ? WHERE run_id = ?", [step, run_id])

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .health import HealthTracker
 from .router import Routing
 from .spec import RunSpec
@@ -94,9 +95,12 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
 
 def make_optimizer(model: nn.Module, run: RunSpec) -> torch.optim.Optimizer:
     t = run.train
-    # nanoGPT's rule: weight-decay matrices (dim >= 2), not biases/norm gains
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    # nanoGPT's rule: weight-decay matrices (dim >= 2), not biases/norm gains; plus timm's convention:
+    # names in model.no_weight_decay() (ViT pos_embed, cls_token) are not decayed either (DeiT)
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.dim() >= 2 and n not in skip]
+    no_decay = [p for n, p in named if p.dim() < 2 or n in skip]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
@@ -163,14 +167,19 @@ def train_run(
     log: Callable[[str], None] = print,
 ) -> RunResult:
     t = run.train
-    device = pick_device(t.device)
+    # Under torchrun (harness.distributed) every rank runs this loop on its shard of the global batch;
+    # rank 0 alone writes the store and checkpoints. In a single process ``dctx`` is inert.
+    dctx = distributed.current()
+    device = dctx.device(pick_device(t.device))
     if t.threads:
         torch.set_num_threads(t.threads)
     ckpt_path = runs_dir / run.run_key / "ckpt.pt"
 
     # -- identify the run: resume the latest unfinished one with this spec+seed, or start fresh
     run_id, state = None, None
-    if resume:
+    if not dctx.is_main:
+        pass  # rank 0 decides below and tells the others
+    elif resume:
         prev = store.find_resumable(run.spec_hash, run.seed)
         if prev is not None:
             run_id = prev["run_id"]
@@ -180,7 +189,7 @@ def train_run(
                     state = None  # checkpoint of another attempt; start this one over
     elif ckpt_path.exists():
         ckpt_path.unlink()  # a fresh run never continues a stale checkpoint
-    if run_id is None:
+    if run_id is None and dctx.is_main:
         run_id = f"{run.run_key}-{uuid.uuid4().hex[:6]}"
         minfo = machine_info()
         store.register_machine(minfo)
@@ -191,20 +200,27 @@ def train_run(
             "seed": run.seed, "preset": run.suite_spec.preset, "status": "running", "step": 0,
             "total_steps": t.steps, "git_sha": git_sha(), "machine_id": minfo["machine_id"],
             "started_at": now(), "config": json.dumps(run.to_dict(), sort_keys=True, default=str),
-            "versions": json.dumps(package_versions(), sort_keys=True),
+            "versions": json.dumps({**package_versions(), **distributed.run_info(dctx)}, sort_keys=True),
         })
+    if dctx.distributed:  # every rank continues the same run from the same checkpoint
+        run_id, has_state = dctx.broadcast((run_id, state is not None))
+        if has_state:
+            state = distributed.share_checkpoint(state, ckpt_path, dctx, load_checkpoint)
+        dctx.barrier()
     start_step = int(state["step"]) if state else 0
-    if resume:
+    if resume and dctx.is_main:
         store.truncate_after(run_id, start_step)
 
     seed_everything(run.seed)
     model = adapter.build_model(run).to(device)
+    # the module to call for training: DDP (with experts sharded under model.expert_parallel) or the model
+    train_model = distributed.wrap_model(model, run, dctx, device) if dctx.distributed else model
     opt = make_optimizer(model, run)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
     health = HealthTracker()
     if state:
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(opt, state, model, dctx)  # = opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         health.load_state_dict(state["health"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -250,17 +266,22 @@ def train_run(
         for step in range(start_step, t.steps):
             model.on_step(step, t.steps)
             inputs, targets = adapter.train_batch(run, step, device)
+            if dctx.distributed:  # this rank's rows of the global (seed, step) batch
+                inputs, targets = dctx.shard(inputs), dctx.shard(targets)
             t0 = time.perf_counter()
             with amp:
-                out, routings = model(inputs, step=step, total_steps=t.steps)
+                out, routings = train_model(inputs, step=step, total_steps=t.steps)
                 task_loss = adapter.loss(out, targets)
             aux = _sum_aux(routings)
             loss = task_loss + sum(aux.values()) if aux else task_loss
-            _check_finite(loss, routings, step)
+            _check_finite(loss, routings, step, dctx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if dctx.distributed:
+                distributed.finish_grads(model, dctx)
             if t.grad_clip > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                gnorm = (distributed.clip_grad_norm(model, t.grad_clip, dctx) if dctx.distributed
+                         else torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
                 if not torch.isfinite(gnorm):
                     raise Diverged(step, "non-finite gradient norm")
             opt.step()
@@ -271,12 +292,12 @@ def train_run(
             items += adapter.items(inputs)
 
             if step % log_every == 0 or step == t.steps - 1:
-                pending_curves.append((step, "train_loss", task_loss.item()))
+                logged = {"train_loss": task_loss.item(), **{f"aux/{n}": v.item() for n, v in aux.items()},
+                          **{f"stat/{n}": v for n, v in _mean_stats(routings).items()}}
+                logged = dctx.mean_dict(logged)  # means over ranks (the global batch's loss)
+                pending_curves.append((step, "train_loss", logged.pop("train_loss")))
                 pending_curves.append((step, "lr", sched.get_last_lr()[0]))
-                for name, v in aux.items():
-                    pending_curves.append((step, f"aux/{name}", v.item()))
-                for name, v in _mean_stats(routings).items():
-                    pending_curves.append((step, f"stat/{name}", v))
+                pending_curves.extend((step, name, v) for name, v in logged.items())
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0:
@@ -288,27 +309,45 @@ def train_run(
                     pending_curves.append((done, name, v))
             if done % t.ckpt_every == 0 and done < t.steps:
                 # curves first, then the checkpoint: a resume truncates anything recorded after it
-                store.update_progress(run_id, done, pending_curves)
+                if dctx.is_main:
+                    store.update_progress(run_id, done, pending_curves)
                 pending_curves = []
-                save_checkpoint(ckpt_path, {
-                    "version": CKPT_VERSION, "run_id": run_id, "step": done, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "health": health.state_dict(),
-                    "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                            "python": random.getstate(),
-                            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
-                    "spec": run.to_dict(),
-                })
+                model_sd = distributed.model_state(model, dctx) if dctx.distributed else model.state_dict()
+                opt_sd = (distributed.optimizer_state(opt, model, dctx) if dctx.distributed
+                          else {"optimizer": opt.state_dict()})
+                if dctx.is_main:
+                    save_checkpoint(ckpt_path, {
+                        "version": CKPT_VERSION, "run_id": run_id, "step": done, "model": model_sd,
+                        **opt_sd, "scheduler": sched.state_dict(), "health": health.state_dict(),
+                        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                                "python": random.getstate(),
+                                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
+                        "spec": run.to_dict(),
+                    })
+                dctx.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
         step = t.steps
         if last_val is None:  # resumed after the final validation pass was checkpointed: redo it
             last_val = evaluate("val", step, t.eval_batches)
         final_metrics.update(last_val)
         final_metrics.update(evaluate("test", step, None))
-        final_metrics[f"train_{adapter.unit}_per_s"] = items / max(train_time, 1e-9)
-        final_metrics["peak_mem_mb"] = peak_memory_mb(device)
-        final_metrics["params_total"] = float(sum(p.numel() for p in model.parameters()))
+        if dctx.distributed:  # tokens of all ranks over the slowest rank's time; the largest rank's memory
+            (items,) = dctx.sum(items)
+            train_time, peak_mb = dctx.max(train_time, peak_memory_mb(device))
+            final_metrics[f"train_{adapter.unit}_per_s"] = items / max(train_time, 1e-9)
+            final_metrics["peak_mem_mb"] = peak_mb
+            final_metrics["params_total"] = float(distributed.count_parameters(model, dctx))
+        else:
+            final_metrics[f"train_{adapter.unit}_per_s"] = items / max(train_time, 1e-9)
+            final_metrics["peak_mem_mb"] = peak_memory_mb(device)
+            final_metrics["params_total"] = float(sum(p.numel() for p in model.parameters()))
         for li, v in health.final_fluctuation(t.steps):
             health_rows.append((step, li, "fluctuation_last_change", v))
-        _save_final_model(runs_dir / run.run_key / "model.pt", model, run, run_id)
+        if dctx.distributed:
+            model_sd = distributed.model_state(model, dctx)
+            if dctx.is_main:
+                _save_final_model(runs_dir / run.run_key / "model.pt", model, run, run_id, model_sd)
+        else:
+            _save_final_model(runs_dir / run.run_key / "model.pt", model, run, run_id)
     except Diverged as exc:
         status, error = "diverged", str(exc)
         step = exc.step
@@ -324,17 +363,21 @@ def train_run(
 
     metrics_rows = [{"name": k, "value": v, "split": k.split("_", 1)[0] if k.startswith(("val_", "test_")) else None}
                     for k, v in final_metrics.items()]
-    store.finish_run(run_id, status, step, metrics=metrics_rows, curves=pending_curves, routing=routing_rows,
-                     routing_health=health_rows, error=error)
-    if status == "finished" and ckpt_path.exists():
-        ckpt_path.unlink()  # the final model is kept in model.pt; the resume checkpoint is no longer needed
+    if dctx.is_main:
+        store.finish_run(run_id, status, step, metrics=metrics_rows, curves=pending_curves, routing=routing_rows,
+                         routing_health=health_rows, error=error)
+        if status == "finished" and ckpt_path.exists():
+            ckpt_path.unlink()  # the final model is kept in model.pt; the resume checkpoint is no longer needed
+    dctx.barrier()  # the run is recorded before any rank moves on (or exits)
     return RunResult(run_id, run.router, run.seed, status, step, final_metrics, error)
 
 
-def _save_final_model(path: Path, model: nn.Module, run: RunSpec, run_id: str) -> None:
+def _save_final_model(path: Path, model: nn.Module, run: RunSpec, run_id: str,
+                      state: dict[str, Tensor] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"version": CKPT_VERSION, "run_id": run_id, "spec": run.to_dict(), "model": model.state_dict()}, tmp)
+    torch.save({"version": CKPT_VERSION, "run_id": run_id, "spec": run.to_dict(),
+                "model": state if state is not None else model.state_dict()}, tmp)
     os.replace(tmp, path)
 
 
@@ -354,7 +397,17 @@ def _mean_stats(routings: list[Routing]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
-def _check_finite(loss: Tensor, routings: list[Routing], step: int) -> None:
+def _check_finite(loss: Tensor, routings: list[Routing], step: int,
+                  dctx: distributed.DistContext | None = None) -> None:
+    if dctx is not None and dctx.distributed:  # every rank stops together, or the others would hang in backward
+        try:
+            _check_finite(loss, routings, step)
+            local = None
+        except Diverged as exc:
+            local = exc
+        if dctx.any(local is not None):
+            raise local or Diverged(step, "non-finite loss or router logits on another rank")
+        return
     for i, r in enumerate(routings):
         if r.logits is not None and not bool(torch.isfinite(r.logits).all()):
             raise Diverged(step, f"non-finite router logits in MoE layer {i}")

@@ -47,7 +47,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def bench(one_thread):
-    return P.run_layer_bench(TINY, None, naive=True, repeats=5, warmup=0, mem_repeats=1, log=lambda m: None)
+    return P.run_layer_bench(TINY, None, naive=True, repeats=5, warmup=0, mem_repeats=1, router_inner=1,
+                             log=lambda m: None)
 
 
 def test_every_registered_router_plus_dense_and_naive_is_measured(bench):
@@ -137,7 +138,8 @@ def test_rows_are_well_formed_in_the_store(bench, tmp_path):
     smoe = df.filter(df["router"] == "smoe")
     metrics = set(smoe["metric"].to_list())
     expected = {"fwd_bwd_ms", "tokens_per_s", "peak_mem_mb", "saved_act_mb", "ratio_vs_smoe", "ratio_vs_dense",
-                "throughput_vs_dense", "ratio_vs_naive", "phased_total_ms"} | {f"phase_{p}_ms" for p in P.PHASES}
+                "throughput_vs_dense", "ratio_vs_naive", "phased_total_ms", "router_fwd_bwd_ms",
+                "router_overhead_vs_smoe"} | {f"phase_{p}_ms" for p in P.PHASES}
     assert expected <= metrics, expected - metrics
     for rec in df.iter_rows(named=True):
         cfg = json.loads(rec["config"])
@@ -149,8 +151,9 @@ def test_rows_are_well_formed_in_the_store(bench, tmp_path):
             assert rec["spread"] >= 0
         if rec["metric"].endswith("_ms") and not rec["metric"].startswith("phase_"):
             assert rec["value"] > 0
-    ref = smoe.filter((smoe["metric"] == "ratio_vs_smoe"))
-    assert set(ref["value"].to_list()) == {1.0}
+    for metric in ("ratio_vs_smoe", "router_overhead_vs_smoe"):
+        ref = smoe.filter((smoe["metric"] == metric))
+        assert set(ref["value"].to_list()) == {1.0}, metric
     if "competesmoe" in router_names():
         am = df.filter((df["router"] == "competesmoe") & (df["metric"] == "ratio_vs_smoe"))
         variants = {json.loads(c)["variant"] for c in am["config"]}
@@ -161,10 +164,13 @@ def test_amortised_is_the_weighted_mean_per_repeat():
     cfg = P.LayerConfig(tokens=10, d_model=4, d_ff=8, num_experts=4, top_k=2)
     mk = P.CandidateResult
     res = [
-        mk("smoe", "smoe", "reference", "moe", 2, samples={"fwd_bwd": [1.0, 1.0, 1.0, 1.0, 1.0]}),
+        mk("smoe", "smoe", "reference", "moe", 2,
+           samples={"fwd_bwd": [1.0, 1.0, 1.0, 1.0, 1.0], "router_fwd_bwd": [0.01] * 5}),
         mk("dense", "dense", "reference", "dense", 2, samples={"fwd_bwd": [0.5] * 5}),
-        mk("c@compete", "c", "compete", "moe", 2, weight=0.05, samples={"fwd_bwd": [3.0, 3.0, 3.0, 3.0, 3.0]}),
-        mk("c@plain", "c", "plain", "moe", 2, weight=0.95, samples={"fwd_bwd": [1.0, 1.1, 1.2, 1.0, 1.0]}),
+        mk("c@compete", "c", "compete", "moe", 2, weight=0.05,
+           samples={"fwd_bwd": [3.0, 3.0, 3.0, 3.0, 3.0], "router_fwd_bwd": [0.05] * 5}),
+        mk("c@plain", "c", "plain", "moe", 2, weight=0.95,
+           samples={"fwd_bwd": [1.0, 1.1, 1.2, 1.0, 1.0], "router_fwd_bwd": [0.03] * 5}),
     ]
     b = P.LayerBench(cfg, res, repeats=5, warmup=0)
     P.summarise_layer(b)
@@ -174,6 +180,12 @@ def test_amortised_is_the_weighted_mean_per_repeat():
     assert b.stats["smoe"]["ratio_vs_dense"].median == pytest.approx(2.0)
     assert b.stats["smoe"]["throughput_vs_dense"].median == pytest.approx(0.5)
     assert b.stats["c@plain"]["ratio_vs_smoe"].spread > 0
+    # router-resolved: smoe layer + (router - smoe router); a competition step counts its whole layer
+    assert b.stats["c@plain"]["router_overhead_vs_smoe"].median == pytest.approx(1.02)
+    assert b.stats["c@plain"]["router_overhead_vs_smoe"].spread == pytest.approx(0.0, abs=1e-12)
+    assert b.stats["c@compete"]["router_overhead_vs_smoe"].median == pytest.approx(3.0)
+    assert b.stats["c (amortised)"]["router_overhead_vs_smoe"].median == pytest.approx(0.05 * 3.0 + 0.95 * 1.02)
+    assert b.stats["smoe"]["router_overhead_vs_smoe"].median == pytest.approx(1.0)
 
 
 def test_memory_is_positive_and_grows_with_tokens(one_thread):

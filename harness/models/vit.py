@@ -68,15 +68,8 @@ __all__ = ["MoEVisionTransformer", "HarnessMlp", "effective_top_k", "vit_moe_tin
 
 
 def effective_top_k(router_cls: type[Router], top_k: int) -> int:
-    """``top_k`` if the router supports it, else its largest supported k below it (else its smallest).
-
-    The same rule as ``harness.spec.RunSpec.model``, so a run's stored ``model.top_k`` is what the
-    model uses; here it also covers ``timm.create_model(..., router="stablemoe", top_k=2)``.
-    """
-    supported = getattr(router_cls, "supports_top_k", None)
-    if not supported or top_k in supported:
-        return top_k
-    return max([k for k in supported if k <= top_k] or [min(supported)])
+    """The k this router runs at (``Router.effective_top_k``; also the rule of ``RunSpec.model``)."""
+    return router_cls.effective_top_k(top_k)
 
 
 class _RoutingScope:
