@@ -85,8 +85,12 @@ def measure_quality(routers: list[str], seeds: list[int], suite: str, preset: st
 
 def measure_throughput(routers: list[str], repeats: int, log: Callable[[str], None]) -> dict[str, list[float]]:
     """Per-repeat fwd+bwd time ratios router / dense (amortised for scheduled routers)."""
+    import torch
+
     from .profile import LayerConfig, run_layer_bench
 
+    # one thread, like the regress preset's training: small ops on 2 threads swing 2-5x with other load
+    torch.set_num_threads(1)
     names = sorted(set(routers) | {"dense"})
     bench = run_layer_bench(LayerConfig(**BENCH), names, naive=False, repeats=repeats, warmup=2, phases=False,
                             mem_repeats=1, log=log)
