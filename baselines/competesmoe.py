@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from harness.losses import router_z_loss, switch_balance_loss
 from harness.registry import register_router
-from harness.router import RouteContext, Router, Routing, check_range
+from harness.router import RouteContext, Router, Routing, check_gate_options, check_range
 
 from .smoe import gate_weights
 
@@ -127,10 +127,7 @@ class CompeteSMoERouter(Router):
             ("z_loss_weight", z_loss_weight),
         ):
             check_range(_NAME, key, val, 0)
-        if balance_fraction not in ("slots", "first"):
-            raise ValueError(f"router {_NAME!r}: hyper-parameter balance_fraction={balance_fraction!r} must be 'slots' or 'first'")
-        if renormalize not in ("auto", True, False):
-            raise ValueError(f"router {_NAME!r}: hyper-parameter renormalize={renormalize!r} must be 'auto', true or false")
+        check_gate_options(_NAME, balance_fraction, renormalize)
         self.version = version
         self.warmup_fraction = warmup_fraction
         self.competition_prob = competition_prob

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from harness.losses import router_z_loss, switch_balance_loss
 from harness.registry import register_router
-from harness.router import RouteContext, Router, Routing, check_range
+from harness.router import RouteContext, Router, Routing, check_gate_options, check_range
 
 
 def gate_weights(probs_topk: Tensor, renormalize: bool | str, top_k: int) -> Tensor:
@@ -54,10 +54,7 @@ class SMoERouter(Router):
         super().__init__(d_model, num_experts, top_k)
         check_range("smoe", "balance_weight", balance_weight, 0)
         check_range("smoe", "z_loss_weight", z_loss_weight, 0)
-        if balance_fraction not in ("slots", "first"):
-            raise ValueError(f"router 'smoe': hyper-parameter balance_fraction={balance_fraction!r} must be 'slots' or 'first'")
-        if renormalize not in ("auto", True, False):
-            raise ValueError(f"router 'smoe': hyper-parameter renormalize={renormalize!r} must be 'auto', true or false")
+        check_gate_options("smoe", balance_fraction, renormalize)
         self.balance_weight = balance_weight
         self.z_loss_weight = z_loss_weight
         self.balance_fraction = balance_fraction

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from harness.losses import router_z_loss, switch_balance_loss
 from harness.registry import register_router
-from harness.router import RouteContext, Router, Routing, check_range
+from harness.router import RouteContext, Router, Routing, check_gate_options, check_range
 
 from .smoe import gate_weights
 
@@ -82,10 +82,7 @@ class XMoERouter(Router):
             raise ValueError(f"router {_NAME!r}: hyper-parameter normalize_tokens={normalize_tokens!r} must be true or false")
         check_range(_NAME, "balance_weight", balance_weight, 0)
         check_range(_NAME, "z_loss_weight", z_loss_weight, 0)
-        if balance_fraction not in ("slots", "first"):
-            raise ValueError(f"router {_NAME!r}: hyper-parameter balance_fraction={balance_fraction!r} must be 'slots' or 'first'")
-        if renormalize not in ("auto", True, False):
-            raise ValueError(f"router {_NAME!r}: hyper-parameter renormalize={renormalize!r} must be 'auto', true or false")
+        check_gate_options(_NAME, balance_fraction, renormalize)
         self.routing_dim = routing_dim
         self.normalize_tokens = normalize_tokens
         self.balance_weight = balance_weight

@@ -164,6 +164,19 @@ def check_range(router: str, key: str, value: float, lo: float | None = None, hi
         raise ValueError(f"router {router!r}: hyper-parameter {key}={value!r} outside {bounds}")
 
 
+def check_choice(router: str, key: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Reject a hyper-parameter that is not one of ``choices`` with the router's name and the key."""
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"router {router!r}: hyper-parameter {key}={value!r} must be one of {allowed}")
+
+
+def check_gate_options(router: str, balance_fraction: str, renormalize: bool | str) -> None:
+    """The two options every softmax-top-k router shares (see baselines/smoe.py)."""
+    check_choice(router, "balance_fraction", balance_fraction, ("slots", "first"))
+    check_choice(router, "renormalize", renormalize, ("auto", True, False))
+
+
 def top_k_routing(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k of [T, E] scores -> (values [T,k], indices [T,k]); ties broken by lower index."""
     vals, idx = torch.topk(scores, k, dim=-1, sorted=True)
