@@ -53,11 +53,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.losses import router_z_loss, switch_balance_loss
+from harness.losses import switch_balance_loss
 from harness.registry import register_router
 from harness.router import RouteContext, Router, Routing, check_gate_options, check_range
 
-from .smoe import gate_weights
+from .smoe import softmax_topk
 
 _NAME = "competesmoe"
 SHARED_COUNTER = "competesmoe_competing"  # key in ctx.shared: layers that competed in this forward pass
@@ -171,13 +171,8 @@ class CompeteSMoERouter(Router):
         if self._competes(x, ctx):
             return self._compete(logits, probs, ctx)
 
-        top_p, idx = probs.topk(self.top_k, dim=-1)
-        weights = gate_weights(top_p, self.renormalize, self.top_k)
-        aux = {}
-        if self.balance_weight:
-            aux["balance"] = self.balance_weight * switch_balance_loss(probs, idx, self.balance_fraction)
-        if self.z_loss_weight:
-            aux["z_loss"] = self.z_loss_weight * router_z_loss(logits)
+        idx, weights, aux = softmax_topk(probs, logits, self.top_k, self.renormalize, self.balance_weight,
+                                         self.balance_fraction, self.z_loss_weight)
         return Routing(indices=idx, weights=weights, logits=logits, aux_losses=aux, stats={"competed": 0.0})
 
     def _compete(self, logits: Tensor, probs: Tensor, ctx: RouteContext) -> Routing:

@@ -36,11 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.losses import router_z_loss, switch_balance_loss
 from harness.registry import register_router
 from harness.router import RouteContext, Router, Routing, check_gate_options, check_range
 
-from .smoe import gate_weights
+from .smoe import softmax_topk
 
 _NAME = "moge"
 
@@ -146,16 +145,14 @@ class MoGERouter(Router):
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.gate.weight.float())
             probs = logits.softmax(-1)
-            top_p, idx = probs.topk(self.top_k, dim=-1)
-            weights = gate_weights(top_p, self.renormalize, self.top_k)
+            idx, weights, base_aux = softmax_topk(probs, logits, self.top_k, self.renormalize,
+                                                  self.balance_weight if self.keep_balance_loss else 0.0,
+                                                  self.balance_fraction, self.z_loss_weight)
             aux = {}
             if self.group_weight:
                 z = logits if self.penalize == "logits" else probs
                 aux["group_sparsity"] = self.group_weight * group_sparsity_penalty(
                     z, self.map_rows, self.map_cols, self.sigma, self.kernel_size, self.eps
                 )
-            if self.keep_balance_loss and self.balance_weight:
-                aux["balance"] = self.balance_weight * switch_balance_loss(probs, idx, self.balance_fraction)
-            if self.z_loss_weight:
-                aux["z_loss"] = self.z_loss_weight * router_z_loss(logits)
+            aux.update(base_aux)
         return Routing(indices=idx, weights=weights, logits=logits, aux_losses=aux, stats={"sigma": float(self.sigma)})

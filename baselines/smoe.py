@@ -34,6 +34,25 @@ def gate_weights(probs_topk: Tensor, renormalize: bool | str, top_k: int) -> Ten
     return probs_topk
 
 
+def softmax_topk(
+    probs: Tensor, logits: Tensor, top_k: int, renormalize: bool | str, balance_weight: float,
+    balance_fraction: str, z_loss_weight: float,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Top-k of ``probs``, the combine weights, and the weighted Switch balance and z losses.
+
+    The shared tail of every softmax-top-k router (smoe, xmoe, moge, competesmoe's
+    normal steps); a zero weight leaves that loss out.
+    """
+    top_p, idx = probs.topk(top_k, dim=-1)
+    weights = gate_weights(top_p, renormalize, top_k)
+    aux: dict[str, Tensor] = {}
+    if balance_weight:
+        aux["balance"] = balance_weight * switch_balance_loss(probs, idx, balance_fraction)
+    if z_loss_weight:
+        aux["z_loss"] = z_loss_weight * router_z_loss(logits)
+    return idx, weights, aux
+
+
 @register_router("smoe")
 class SMoERouter(Router):
     """Softmax top-k router with Switch balance loss and ST-MoE z-loss."""
@@ -70,11 +89,6 @@ class SMoERouter(Router):
         if self.noise is not None and ctx.training:
             scores = logits + torch.randn_like(logits) * F.softplus(self.noise(x).float())
         probs = scores.softmax(-1)
-        top_p, idx = probs.topk(self.top_k, dim=-1)
-        weights = gate_weights(top_p, self.renormalize, self.top_k)
-        aux = {}
-        if self.balance_weight:
-            aux["balance"] = self.balance_weight * switch_balance_loss(probs, idx, self.balance_fraction)
-        if self.z_loss_weight:
-            aux["z_loss"] = self.z_loss_weight * router_z_loss(logits)
+        idx, weights, aux = softmax_topk(probs, logits, self.top_k, self.renormalize, self.balance_weight,
+                                         self.balance_fraction, self.z_loss_weight)
         return Routing(indices=idx, weights=weights, logits=logits, aux_losses=aux)

@@ -41,11 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.losses import router_z_loss, switch_balance_loss
 from harness.registry import register_router
 from harness.router import RouteContext, Router, Routing, check_gate_options, check_range
 
-from .smoe import gate_weights
+from .smoe import softmax_topk
 
 _NAME = "xmoe"
 
@@ -115,13 +114,8 @@ class XMoERouter(Router):
     def forward(self, x: Tensor, ctx: RouteContext) -> Routing:
         logits = self.scores(x)
         probs = logits.softmax(-1)
-        top_p, idx = probs.topk(self.top_k, dim=-1)
-        weights = gate_weights(top_p, self.renormalize, self.top_k)
-        aux = {}
-        if self.balance_weight:
-            aux["balance"] = self.balance_weight * switch_balance_loss(probs, idx, self.balance_fraction)
-        if self.z_loss_weight:
-            aux["z_loss"] = self.z_loss_weight * router_z_loss(logits)
+        idx, weights, aux = softmax_topk(probs, logits, self.top_k, self.renormalize, self.balance_weight,
+                                         self.balance_fraction, self.z_loss_weight)
         return Routing(
             indices=idx,
             weights=weights,
