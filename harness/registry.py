@@ -70,7 +70,12 @@ def register_router(name: str) -> Callable[[R], R]:
                     f"({existing.origin}); pick another name"
                 )
         cls.router_name = name  # type: ignore[attr-defined]
-        origin = existing.origin if existing is not None and existing.target else _current_origin
+        if existing is not None and existing.target:
+            origin = existing.origin
+        elif cls.__module__.split(".")[0] == BUILTIN_PACKAGE:
+            origin = "built-in"  # also when a baseline module is imported before the registry loads them
+        else:
+            origin = _current_origin
         _REGISTRY[name] = _Entry(name=name, origin=origin, cls=cls)
         return cls
 

@@ -11,7 +11,6 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 
@@ -175,9 +174,3 @@ def check_gate_options(router: str, balance_fraction: str, renormalize: bool | s
     """The two options every softmax-top-k router shares (see baselines/smoe.py)."""
     check_choice(router, "balance_fraction", balance_fraction, ("slots", "first"))
     check_choice(router, "renormalize", renormalize, ("auto", True, False))
-
-
-def top_k_routing(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k of [T, E] scores -> (values [T,k], indices [T,k]); ties broken by lower index."""
-    vals, idx = torch.topk(scores, k, dim=-1, sorted=True)
-    return vals, idx

@@ -2,7 +2,6 @@
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -52,7 +51,7 @@ def make_fake_distribution(root, dist="hash-router-plugin", module="hash_router_
 
 @pytest.fixture
 def plugin_path(tmp_path, monkeypatch):
-    root = make_fake_distribution(tmp_path / "site")
+    make_fake_distribution(tmp_path / "site")
     make_fake_distribution(tmp_path / "site2", dist="broken-plugin", module="broken_plugin",
                            eps={"brokenrouter": "broken_plugin:Nope"}, src="raise ImportError('missing dep foo')\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))

@@ -7,7 +7,7 @@ import torch
 
 from harness import registry
 from harness.cli import main
-from harness.regress import Check, judge
+from harness.regress import judge
 from harness.registry import register_router
 
 from baselines.smoe import SMoERouter
@@ -66,7 +66,6 @@ def test_broken_router_fails_exactly_its_metric(tmp_path, plugins, capsys):
     Broken.quality = Broken.speed = True
     assert main(common) == 1
     out = capsys.readouterr().out
-    failed = {line.split(":")[0] for line in out.split("failed: ")[-1].strip().split(", ")}
     assert out.count("FAIL") >= 2
     summary = out.strip().splitlines()[-1]
     assert "test-badq/val_bpb FAIL" in summary and "test-slow/ratio_vs_dense FAIL" in summary

@@ -10,7 +10,6 @@ import time
 
 import duckdb
 import pytest
-import torch
 
 from harness import registry
 from harness.cli import main
