@@ -77,7 +77,7 @@ class StoreLocked(StoreError):
     pass
 
 
-def _is_lock_error(exc: Exception) -> bool:
+def is_lock_error(exc: Exception) -> bool:
     msg = str(exc).lower()
     return "lock" in msg or "conflicting" in msg or "being used" in msg
 
@@ -102,7 +102,7 @@ class Store:
             try:
                 return duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.Error as exc:
-                if not _is_lock_error(exc):
+                if not is_lock_error(exc):
                     raise StoreError(
                         f"cannot open results store {self.path}: {exc}. If the file is damaged, move it aside "
                         f"and re-run (runs keep their checkpoints under results/runs/)"

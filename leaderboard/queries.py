@@ -30,6 +30,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import duckdb
 import polars as pl
 
+from harness.store import StoreError as HarnessStoreError
+from harness.store import is_lock_error
+
 DEFAULT_STORE = "results/harness.duckdb"
 FILL_COMMAND = "harness run --suite lm"
 ALPHA = 0.05
@@ -94,7 +97,7 @@ def suite_meta(suite: str, metric_names: Iterable[str] = ()) -> SuiteMeta:
 
 # -- connections -----------------------------------------------------------------------------
 
-class StoreError(RuntimeError):
+class StoreError(HarnessStoreError):
     """The store cannot be read (damaged file, not a DuckDB file, ...)."""
 
 
@@ -104,11 +107,6 @@ class StoreMissing(StoreError):
 
 class StoreBusy(StoreError):
     """A writer kept the file locked for longer than we were willing to wait."""
-
-
-def is_lock_error(exc: BaseException) -> bool:
-    msg = str(exc).lower()
-    return "lock" in msg or "conflicting" in msg or "being used" in msg
 
 
 def resolve_store_path(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> str:
