@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import duckdb
 import pytest
 import torch
 import torch.distributed as dist
@@ -25,16 +24,9 @@ from harness.moe import MoELayer, build_ffn
 from harness.router import Router, Routing
 from harness.spec import SpecError, load_suite
 
-TINY = ["--preset", "tiny", "--no-eval", "--quiet"]
+from storeq import TINY, q
+
 WORLD = 2
-
-
-def q(store, sql, params=()):
-    con = duckdb.connect(str(store), read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
 
 
 def _env():

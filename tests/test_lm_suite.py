@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import duckdb
 import pytest
 import torch
 
@@ -16,15 +15,7 @@ from harness.registry import register_router
 from harness.router import Router, Routing
 from harness.spec import SpecError, load_suite
 
-TINY = ["--preset", "tiny", "--no-eval", "--quiet"]
-
-
-def q(store, sql, params=()):
-    con = duckdb.connect(str(store), read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
+from storeq import TINY, q
 
 
 def test_tiny_run_writes_expected_rows(tmp_path):

@@ -18,15 +18,7 @@ from harness.store import SCHEMA_VERSION, Store, StoreError
 
 from baselines.smoe import SMoERouter
 
-TINY = ["--preset", "tiny", "--no-eval", "--quiet"]
-
-
-def q(store, sql, params=()):
-    con = duckdb.connect(str(store), read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
+from storeq import TINY, q
 
 
 class Interrupt:
