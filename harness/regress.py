@@ -34,7 +34,7 @@ DEFAULT_SUITE, DEFAULT_PRESET = "lm", "regress"
 QUALITY_METRIC = "val_bpb"          # lower is better
 MIN_TOLERANCE = 0.01                # bits/byte
 MIN_EFFECT = 0.10                   # throughput: smallest slowdown that counts
-ALPHA = 0.05
+ALPHA = 0.01                        # shared machines: p < 0.05 alone fired on unchanged code
 BENCH = dict(tokens=2048, d_model=128, d_ff=256, num_experts=8, top_k=2)
 BENCH_REPEATS = 9
 
@@ -156,7 +156,11 @@ def judge(golden: dict[str, Any], quality: dict[str, dict[str, Any]], speed: dic
                 ok = delta <= gq["tolerance"]  # lower is better: only getting worse fails
                 checks.append(Check(router, QUALITY_METRIC, "pass" if ok else "FAIL", val, gq["value"],
                                     f"delta {delta:+.4f} (tolerance {gq['tolerance']:.4f})"))
-        if router in speed and "throughput" in g:
+        if router in speed and "throughput" in g and g["throughput"].get("bench", BENCH) != BENCH:
+            checks.append(Check(router, "ratio_vs_dense", "SPEC-CHANGED", None, g["throughput"]["median"],
+                                f"golden measured on bench {g['throughput']['bench']}, now {BENCH}; "
+                                f"re-record with `harness regress --update`"))
+        elif router in speed and "throughput" in g:
             new = speed[router]
             old = g["throughput"]["samples"]
             m_new, m_old = statistics.median(new), statistics.median(old)

@@ -89,3 +89,11 @@ def test_throughput_rule_needs_both_significance_and_effect():
     assert judge(golden, {}, {"r": noisy})[0].status == "pass"
     assert judge(golden, {}, {"r": slow})[0].status == "FAIL"
     assert judge(golden, {}, {"r": wild})[0].status == "pass"
+
+
+def test_throughput_golden_from_another_bench_config_is_refused():
+    golden = {"seed": 0, "routers": {"r": {"spec_hash": "h", "quality": {"value": 1, "tolerance": 1},
+                                           "throughput": {"samples": [1.0] * 7, "median": 1.0,
+                                                          "bench": {"tokens": 1}}}}}
+    (c,) = judge(golden, {}, {"r": [1.0] * 7})
+    assert c.status == "SPEC-CHANGED" and "--update" in c.detail
