@@ -114,10 +114,11 @@ def run_checks(store: str, suite: str | None = None, overrides: list[str] | None
             spec = load_suite(suite, overrides=overrides)
             adapter = get_adapter(spec.suite)
             run = spec.runs()[0]
-            if hasattr(adapter, "corpus"):
-                c = adapter.corpus(run)
-                return f"{spec.data.corpus}: train {len(c.train):,} / val {len(c.val):,} / test {len(c.test):,} bytes"
-            adapter.prepare(run)
+            from .data.text import TextCorpus
+
+            data = adapter.prepare(run)
+            if isinstance(data, TextCorpus):
+                return f"{spec.data.corpus}: train {len(data.train):,} / val {len(data.val):,} / test {len(data.test):,} bytes"
             return f"{spec.data.corpus}: ok"
 
         check(f"data for suite {suite}", data_paths)

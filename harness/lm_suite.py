@@ -51,6 +51,10 @@ class LMSuite:
             self._corpus_key = key
         return self._corpus
 
+    def prepare(self, run: RunSpec) -> TextCorpus:
+        """Load (and validate) the run's corpus once; every suite adapter has this door."""
+        return self.corpus(run)
+
     def build_model(self, run: RunSpec) -> nn.Module:
         return build_lm(run)
 

@@ -35,7 +35,7 @@ def preflight(spec: SuiteSpec, adapter) -> None:
         except (TypeError, ValueError) as exc:
             raise SpecError(f"router_args.{name}: {exc}") from exc
     if spec.routers:
-        adapter.corpus(spec.runs()[0]) if hasattr(adapter, "corpus") else adapter.prepare(spec.runs()[0])
+        adapter.prepare(spec.runs()[0])
 
 
 def run_suite(
