@@ -36,6 +36,26 @@ def activation_fn(name: str):
         raise ValueError(f"unknown activation {name!r}; choose from {sorted(_ACTIVATIONS)}") from None
 
 
+def ffn_init_(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
+    """THE initialisation of every FFN linear map: the dense baseline's and every expert's.
+
+    ``nn.Linear``'s default: weight and bias uniform in +-1/sqrt(fan_in). The weight bound is
+    computed exactly as ``nn.init.kaiming_uniform_(a=sqrt(5))`` computes it, so the dense
+    baseline (draws in the order fc1.weight, fc1.bias, fc2.weight, fc2.bias) gets the same
+    numbers as a plain ``nn.Linear`` pair. Layout-free: ``weight`` may be ``[out, in]`` (Linear)
+    or ``[E, in, out]`` (an expert bank); only ``fan_in`` matters. Experts once had zero biases
+    and so started (and, with the biases decayed, trained) worse than the dense FFN they
+    generalise (issue 21); biases stay out of weight decay through ``no_weight_decay``.
+    """
+    std = nn.init.calculate_gain("leaky_relu", math.sqrt(5)) / math.sqrt(fan_in)
+    w_bound = math.sqrt(3.0) * std
+    b_bound = 1 / math.sqrt(fan_in)
+    with torch.no_grad():
+        weight.uniform_(-w_bound, w_bound)
+        if bias is not None:
+            bias.uniform_(-b_bound, b_bound)
+
+
 class ExpertBank(nn.Module):
     """E two-layer FFN experts stored as stacked parameters ([E, d, f] and [E, f, d])."""
 
@@ -45,15 +65,20 @@ class ExpertBank(nn.Module):
         self.act = activation_fn(activation)
         self.activation = activation
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
-        self.b1 = nn.Parameter(torch.zeros(num_experts, d_ff))
+        self.b1 = nn.Parameter(torch.empty(num_experts, d_ff))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
-        self.b2 = nn.Parameter(torch.zeros(num_experts, d_model))
+        self.b2 = nn.Parameter(torch.empty(num_experts, d_model))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # same init as nn.Linear (kaiming-uniform bound 1/sqrt(fan_in)) applied per expert
-        nn.init.uniform_(self.w1, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
-        nn.init.uniform_(self.w2, -1 / math.sqrt(self.d_ff), 1 / math.sqrt(self.d_ff))
+        # the dense FFN's rule (ffn_init_), per expert, in the dense order: w1, b1, w2, b2
+        ffn_init_(self.w1, self.b1, self.d_model)
+        ffn_init_(self.w2, self.b2, self.d_ff)
+
+    @staticmethod
+    def no_weight_decay() -> set[str]:
+        """The stacked biases are 2-D but are biases: not decayed, like the dense FFN's (see make_optimizer)."""
+        return {"b1", "b2"}
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         h = self.act(torch.addmm(self.b1[e], x, self.w1[e]))
