@@ -94,11 +94,22 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
     return f
 
 
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Parameter names that any module (the model itself included) lists in its ``no_weight_decay()``,
+    as full names: timm's convention (ViT pos_embed, cls_token; DeiT) applied to every submodule, so the
+    expert bank's stacked 2-D biases are left undecayed like the dense FFN's 1-D ones (issue 21)."""
+    out: set[str] = set()
+    for prefix, m in model.named_modules():
+        if hasattr(m, "no_weight_decay"):
+            out |= {f"{prefix}.{n}" if prefix else n for n in m.no_weight_decay()}
+    return out
+
+
 def make_optimizer(model: nn.Module, run: RunSpec) -> torch.optim.Optimizer:
     t = run.train
-    # nanoGPT's rule: weight-decay matrices (dim >= 2), not biases/norm gains; plus timm's convention:
-    # names in model.no_weight_decay() (ViT pos_embed, cls_token) are not decayed either (DeiT)
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    # nanoGPT's rule: weight-decay matrices (dim >= 2), not biases/norm gains; plus the names any module
+    # lists in its no_weight_decay() (ViT pos_embed and cls_token; the experts' stacked biases)
+    skip = no_decay_names(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if p.dim() >= 2 and n not in skip]
     no_decay = [p for n, p in named if p.dim() < 2 or n in skip]
