@@ -29,14 +29,26 @@ Competition steps (training only):
 * Router loss (v2): MSE(softmax(logits), softmax(s).detach()), mean over T x E,
   weight 0.01.  v1: the target is the softmax of the top-k affinities with the
   other experts at probability 0 (the v1 code's ``gate_score_optimal``).
-* Diversity penalty (v2 only): mean pairwise cosine similarity between the k chosen
-  experts' outputs, weight 0.01 (``diversity_weight``; default None = 0.01 for v2,
-  0 for v1, which has no such term).  We average over the k(k-1) ordered pairs;
-  the v2 code masks the diagonal but averages over all k^2 entries, i.e. it equals
-  ours times (k-1)/k (half for k = 2) — fold that into the weight to reproduce it.
+* Router loss variant (``router_loss="hybrid"``, the LM-pretraining code's ``hybrid: 1``):
+  MSE over all E experts plus ``router_theta`` (0.2) times the MSE restricted to
+  the k experts the competition chose (``moe_model/model/moe/competesmoe.py``:
+  ``router_loss(gate_softmax, affinity_softmax) + router_loss(gather(...)) * router_theta``).
+* Diversity penalty (v2 only): cosine similarities between the k chosen experts'
+  outputs, weight 0.01 (``diversity_weight``; default None = 0.01 for v2, 0 for v1,
+  which has no such term). Default ``diversity_average="code"``: the v2 code's
+  ``experts_diversity_loss`` — the [k, k] similarity matrix with the diagonal zeroed,
+  averaged over all k^2 entries (= the mean over the k(k-1) ordered pairs times
+  (k-1)/k, i.e. half of it for k = 2). ``"pairs"`` averages over the k(k-1) pairs.
 * Balance term on competition steps (v2 code ``bal_comp_loss_coef``), weight 0.01:
   the Switch loss with P_i taken from softmax(s) (the affinity, as in the code)
-  and f_i from the competition's choices.
+  and f_i from the competition's first choices (``moe.py`` ``balanceloss``:
+  ``one_hot(rearrange(selected_experts, '... k -> k ...'))[0]``; ``balance_fraction="first"``).
+* Balance on normal steps (``balance_loss``): "switch" (default; ``moe.py``
+  ``balanceloss``, first choice) or "entropy": log E - H(mean_t p_t), the sigma-MoE
+  entropy ("perplexity") regulariser, our reading of ``moe.perplexity_reg`` in the
+  LM-pretraining sweep.
+* Gate init: N(0, 0.02) (``moe.py`` ``init_gate_weights(std=0.02)``; the code also
+  fixes that generator's seed to 42, we use the run's seed).
 
 Schedule (v2, "scheduled competition"): no competition during the first
 ``warmup_fraction`` (5%) of the steps; afterwards each layer competes with
@@ -53,9 +65,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.losses import switch_balance_loss
+from harness.losses import marginal_entropy_loss, switch_balance_loss
 from harness.registry import register_router
-from harness.router import RouteContext, Router, Routing, check_gate_options, check_range
+from harness.router import RouteContext, Router, Routing, check_choice, check_gate_options, check_range, fp32_linear
 
 from .smoe import softmax_topk
 
@@ -75,11 +87,22 @@ def mean_pairwise_cosine(chosen: Tensor) -> Tensor:
     """Mean cosine similarity over the k(k-1) ordered pairs of distinct experts: [T, k, d] -> scalar."""
     T, k, _ = chosen.shape
     if k < 2 or T == 0:
-        return chosen.new_zeros(())
+        return chosen.float().sum() * 0.0
     z = F.normalize(chosen.float(), p=2, dim=-1)
     sim = z @ z.transpose(1, 2)  # [T, k, k]
     off = ~torch.eye(k, dtype=torch.bool, device=chosen.device)
     return sim[:, off].mean()
+
+
+def diversity_loss(chosen: Tensor, average: str = "code") -> Tensor:
+    """CompeteSMoE v2 diversity penalty of [T, k, d] chosen outputs (0 for T = 0 or k = 1).
+
+    "code": ``experts_diversity_loss`` of ``moe_model/model/moe/competesmoe.py`` —
+    diagonal zeroed, mean over all k^2 entries; "pairs": mean over the k(k-1) ordered pairs.
+    """
+    k = chosen.shape[1]
+    pairs = mean_pairwise_cosine(chosen)
+    return pairs * (k - 1) / k if average == "code" and k > 1 else pairs
 
 
 @register_router(_NAME)
@@ -87,6 +110,16 @@ class CompeteSMoERouter(Router):
     """SMoE router that, on scheduled competition steps, routes by expert affinity and learns to imitate it."""
 
     description = "CompeteSMoE (v2 default): SMoE routing; 5% of steps route by expert response, router learns by MSE"
+    variants = {
+        # moe_pretrain_model/sweeps/slimpajama_moe_no_attmoe_154M_competesmoe.yaml: warm_up 0.0, rate_flip 0.07,
+        # router_loss_coef 0.001, hybrid 1 with router_theta 0.2, balance_loss_coef(_comp) 0.01,
+        # router_z_loss_coef 0.001, moe.perplexity_reg 0.01; diversity 0.005 per issue 16 (not in that file)
+        "lm_pretrain": {
+            "warmup_fraction": 0.0, "competition_prob": 0.07, "router_loss_weight": 0.001, "router_loss": "hybrid",
+            "router_theta": 0.2, "balance_loss": "entropy", "diversity_weight": 0.005,
+        },
+        "v1": {"version": 1},
+    }
 
     def __init__(
         self,
@@ -102,8 +135,12 @@ class CompeteSMoERouter(Router):
         competition_balance_weight: float = 0.01,
         balance_weight: float = 0.01,
         z_loss_weight: float = 1e-3,
-        balance_fraction: str = "slots",
+        balance_fraction: str = "first",
         renormalize: bool | str = "auto",
+        diversity_average: str = "code",
+        router_loss: str = "mse",
+        router_theta: float = 0.2,
+        balance_loss: str = "switch",
     ) -> None:
         super().__init__(d_model, num_experts, top_k)
         if version not in (1, 2) or isinstance(version, bool):
@@ -128,6 +165,14 @@ class CompeteSMoERouter(Router):
         ):
             check_range(_NAME, key, val, 0)
         check_gate_options(_NAME, balance_fraction, renormalize)
+        check_choice(_NAME, "diversity_average", diversity_average, ("code", "pairs"))
+        check_choice(_NAME, "router_loss", router_loss, ("mse", "hybrid"))
+        check_range(_NAME, "router_theta", router_theta, 0)
+        check_choice(_NAME, "balance_loss", balance_loss, ("switch", "entropy"))
+        self.diversity_average = diversity_average
+        self.router_loss = router_loss
+        self.router_theta = router_theta
+        self.balance_loss = balance_loss
         self.version = version
         self.warmup_fraction = warmup_fraction
         self.competition_prob = competition_prob
@@ -140,6 +185,7 @@ class CompeteSMoERouter(Router):
         self.balance_fraction = balance_fraction
         self.renormalize = renormalize
         self.gate = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, mean=0.0, std=0.02)  # moe.py init_gate_weights(std=0.02)
         self._step: int | None = None
         self._total_steps: int | None = None
 
@@ -165,14 +211,17 @@ class CompeteSMoERouter(Router):
 
     # -- routing ---------------------------------------------------------------
     def forward(self, x: Tensor, ctx: RouteContext) -> Routing:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.gate.weight.float())
-            probs = logits.softmax(-1)
-        if self._competes(x, ctx):
+        logits = fp32_linear(x, self.gate.weight)
+        probs = logits.softmax(-1)
+        if x.shape[0] and self._competes(x, ctx):
             return self._compete(logits, probs, ctx)
 
-        idx, weights, aux = softmax_topk(probs, logits, self.top_k, self.renormalize, self.balance_weight,
+        switch = self.balance_loss == "switch"
+        idx, weights, aux = softmax_topk(probs, logits, self.top_k, self.renormalize,
+                                         self.balance_weight if switch else 0.0,
                                          self.balance_fraction, self.z_loss_weight)
+        if self.balance_weight and not switch:
+            aux["balance"] = self.balance_weight * marginal_entropy_loss(probs)
         return Routing(indices=idx, weights=weights, logits=logits, aux_losses=aux, stats={"competed": 0.0})
 
     def _compete(self, logits: Tensor, probs: Tensor, ctx: RouteContext) -> Routing:
@@ -189,10 +238,13 @@ class CompeteSMoERouter(Router):
                 target = torch.zeros_like(aff).scatter(1, idx, weights)
             aux: dict[str, Tensor] = {}
             if self.router_loss_weight:
-                aux["router_mse"] = self.router_loss_weight * F.mse_loss(probs, target.detach())
+                mse = F.mse_loss(probs, target.detach())
+                if self.router_loss == "hybrid":
+                    mse = mse + self.router_theta * F.mse_loss(probs.gather(1, idx), target.detach().gather(1, idx))
+                aux["router_mse"] = self.router_loss_weight * mse
             if self.diversity_weight and k > 1:
                 chosen = outputs.gather(1, idx.unsqueeze(-1).expand(-1, -1, outputs.shape[-1]))
-                aux["diversity"] = self.diversity_weight * mean_pairwise_cosine(chosen)
+                aux["diversity"] = self.diversity_weight * diversity_loss(chosen, self.diversity_average)
             if self.competition_balance_weight:
                 aux["balance"] = self.competition_balance_weight * switch_balance_loss(
                     aff.softmax(-1), idx, self.balance_fraction

@@ -1,32 +1,56 @@
 """MoGE: Mixture of Group Experts (Kang et al. 2025, "Mixture of Group Experts for
 Learning Invariant Representations", arXiv 2504.09265).
 
-Verified from the abstract: MoGE keeps vanilla top-k routing and adds a
-*group-sparse regulariser on the input of the top-k* (the routing scores of each
-token), laid out as a 2D topographic map so that neighbouring experts form soft,
-overlapping groups. The remaining details follow the design notes' reading of the
-paper (marked unverified there: the paper body was not retrievable from the
-search corpus when this was written, so equation numbers are not cited — a
-reviewer should add them):
+MoGE keeps vanilla top-k routing and adds a *group-sparse regulariser* on the
+routing scores of each token, laid out as a 2D topographic map so that
+neighbouring experts form soft, overlapping groups (verified from the abstract).
+Every default below is taken from the official code, GitHub ``wangyuankl123/MoGE``
+(``Language_Modeling/`` is the LM reading, the default; ``Image_Classification/``
+the ViT reading, variant ``moge@vit``). The paper body was not available to us,
+so no equation numbers are cited; ``moge@paper`` keeps this harness's earlier
+reading of the design notes (unverified against the paper text). See docs/routers.md.
 
-* Routing (as ``smoe``): z = x W_r, p = softmax(z), top-k of p, gates renormalised
-  for k > 1.
-* Topographic map: the E scores of a token are reshaped row-major to an R x C map,
-  R = the largest divisor of E not above sqrt(E), C = E / R
-  (16 -> 4x4, 32 -> 4x8, 8 -> 2x4, a prime E -> 1 x E).
-* Group-sparsity penalty (topographic / overlapping group lasso):
-      L_gs = mean_t (1 / (R C)) * sum_{(r,c)} sqrt( (K_sigma * z_t^2)(r,c) + eps )
-  where K_sigma is a ``kernel_size`` x ``kernel_size`` Gaussian, normalised to sum 1,
-  applied as a 'same' 2D convolution with zero padding. Each term is the L2 norm
-  of a Gaussian-weighted neighbourhood (a group); the sum of group norms is
-  minimised when the large scores concentrate in few neighbourhoods.
-* sigma anneals from ``sigma_max`` (wide, strongly overlapping groups) to
-  ``sigma_min`` (~1) over training through ``on_step``; ``sigma_schedule`` is
-  'cosine' (default) or 'linear'.
-* Weight ``group_weight`` = 3e-3; in the LM setting it *replaces* the balance loss
-  (``keep_balance_loss=False``); ``True`` adds the Switch balance loss
-  (``balance_weight``) back. No router z-loss by default (``z_loss_weight``).
-* ``penalize``: 'logits' (default; the input of the top-k) or 'probs' (softmax).
+* Gate (``Language_Modeling/custom_gates.py``, ``CustomNaiveGate_Balance_SMoE``):
+  z = x W_r + b (``nn.Linear(d_model, E)``, with bias: ``gate_bias=True``), top-k
+  of z, combine weights softmax over the k selected logits (= the renormalised
+  top-k probabilities, as ``smoe``). Computed in fp32.
+* Penalised tensor (``custom_gates.py`` ``set_group_sparsity``: ``score = F.softmax(gate)``):
+  the softmax of the gate logits over all E experts (``penalize="probs"``);
+  ``"logits"`` penalises the raw logits (the earlier reading).
+* Map (``loss_group_sparsity.py`` ``transform_to_2d_map``): the E scores are
+  reshaped row-major to R x C with R the largest divisor of E not above sqrt(E)
+  (16 -> 4x4, 32 -> 4x8, 8 -> 2x4, prime E -> 1 x E).
+* Window (``cal_group_sparsity_gaussian_weight``): a W x W Gaussian
+  exp(-(dr^2 + dc^2) / (2 sigma^2)) over offsets ``arange(W) - W // 2``,
+  normalised to sum 1; W = 3 in the LM code (``window_size=3``) and the ViT configs
+  (``GS_WINDOW_SIZE: 3``). ``kernel_size=None`` (default) uses min(3, R, C), so a
+  valid convolution fits the map: a 2x2 window for E = 8 (the LM code, run as is,
+  fails there: a 3x3 window does not fit a 2x4 map). Even windows follow the
+  code's offsets (W = 2: offsets -1, 0).
+* Penalty (``loss_group_sparsity.py`` ``group_sparsity_loss``):
+      L_gs = (1 / P) * sum_t sum_{positions} sqrt( conv2d(p_t^2, G_sigma, padding=0) + 1e-8 )
+  a *valid* convolution (``padding="valid"``; a 4x4 map and W = 3 give P = 2x2
+  positions), summed over tokens and positions, divided by the number of
+  positions P (``reduction="sum"``). The ViT code also divides by W^2
+  (``reduction="sum_window"``); ``"mean"`` averages over tokens instead of summing
+  (the earlier reading). ``padding="same"`` zero-pads (the earlier reading).
+* sigma schedule (``Language_Modeling/sigmascheduler.py``):
+  sigma(t) = sigma_max - (sigma_max - sigma_min) * t^power, t = step / total_steps,
+  with the LM scripts' values sigma_max = 10 (``SIGMA_INIT``), sigma_min = 1
+  (``SIGMA_END``), power = 0.2 (``SIGMA_GAMMA``) (``scripts/smoe-s.sh``, ``smoe-m.sh``);
+  ``sigma_schedule="power"``; "cosine" and "linear" are options.
+* Weight: the LM scripts pass ``GROUP_SPARSE_LOSS_WEIGHT=1e-5`` and
+  ``trainer.py`` multiplies every gate loss by ``--load_balance 0.01``, so the
+  effective weight is 1e-5 * 0.01 = 1e-7 (``group_weight``), on a loss *summed*
+  over the tokens of a micro-batch. The ViT config
+  (``configs/vitmoe/vit_moge_small_patch16_224_32expert_4gpu_1k_last2_C4.yaml``)
+  uses ``GS_LOSS_WEIGHT: 0.003`` times the model's ``aux_loss_weight 0.01``
+  (``models/vision_transformer_moge.py``: ``l_aux * self.aux_loss_weight``) = 3e-5.
+* Balance: in the LM code ``g_blance`` is off, so the group-sparsity loss
+  *replaces* the balance loss (``keep_balance_loss=False``). The ViT (Tutel
+  ``tutel/impls/loss_group_sparsity.py``) adds Tutel's load-importance loss; we do
+  not implement that loss, ``moge@vit`` keeps the Switch balance loss at the same
+  weight (0.01) as its stand-in. No router z-loss.
 """
 from __future__ import annotations
 
@@ -37,11 +61,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.registry import register_router
-from harness.router import RouteContext, Router, Routing, check_gate_options, check_range
+from harness.router import RouteContext, Router, Routing, check_choice, check_gate_options, check_range, fp32_linear
 
 from .smoe import softmax_topk
 
 _NAME = "moge"
+SIGMA_SCHEDULES = ("power", "cosine", "linear")
+REDUCTIONS = ("sum", "sum_window", "mean")
 
 
 def map_shape(num_experts: int) -> tuple[int, int]:
@@ -50,65 +76,117 @@ def map_shape(num_experts: int) -> tuple[int, int]:
     return rows, num_experts // rows
 
 
+def default_window(rows: int, cols: int) -> int:
+    """The code's window 3, shrunk so that a valid convolution fits the R x C map (E = 8 -> 2)."""
+    return max(1, min(3, rows, cols))
+
+
 def gaussian_kernel(sigma: float, kernel_size: int, device=None, dtype=torch.float32) -> Tensor:
-    """[kernel_size, kernel_size] Gaussian exp(-(dr^2 + dc^2) / (2 sigma^2)), normalised to sum 1."""
-    half = kernel_size // 2
-    r = torch.arange(-half, half + 1, device=device, dtype=dtype)
+    """[W, W] Gaussian exp(-(dr^2 + dc^2) / (2 sigma^2)) at offsets ``arange(W) - W // 2``, summing to 1."""
+    r = torch.arange(kernel_size, device=device, dtype=dtype) - kernel_size // 2
     g = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2.0 * sigma * sigma))
     return g / g.sum()
 
 
-def group_sparsity_penalty(z: Tensor, rows: int, cols: int, sigma: float, kernel_size: int = 3, eps: float = 1e-6) -> Tensor:
-    """MoGE penalty of [T, E] scores: mean over tokens of (1/E) sum_map sqrt(conv(z^2, G_sigma) + eps)."""
+def group_sparsity_penalty(
+    z: Tensor, rows: int, cols: int, sigma: float, kernel_size: int = 3, eps: float = 1e-8,
+    padding: str = "valid", reduction: str = "sum",
+) -> Tensor:
+    """MoGE penalty of [T, E] scores (unweighted), see the module docstring.
+
+    ``sum``: sum over tokens and positions of sqrt(conv(z^2, G_sigma) + eps), divided
+    by the number of positions; ``sum_window``: also divided by W^2; ``mean``: the
+    ``sum`` value divided by T. 0 for an empty batch.
+    """
     T, E = z.shape
     if rows * cols != E:
         raise ValueError(f"map {rows}x{cols} does not hold {E} experts")
     if T == 0:
-        return z.new_zeros(())
+        return z.float().sum() * 0.0
+    if padding == "valid" and (kernel_size > rows or kernel_size > cols):
+        raise ValueError(f"a {kernel_size}x{kernel_size} window does not fit the {rows}x{cols} expert map with valid padding")
     sq = z.float().pow(2).reshape(T, 1, rows, cols)
     k = gaussian_kernel(sigma, kernel_size, device=z.device).reshape(1, 1, kernel_size, kernel_size)
-    pooled = F.conv2d(sq, k, padding=kernel_size // 2)  # 'same' with zero padding
-    return torch.sqrt(pooled + eps).mean()  # mean over T and the R*C positions
+    if padding == "same":
+        # zero padding keeping R x C positions (odd windows centre; even ones pad like the code's offsets)
+        lo, hi = kernel_size // 2, kernel_size - 1 - kernel_size // 2
+        sq = F.pad(sq, (lo, hi, lo, hi))
+    pooled = F.conv2d(sq, k).reshape(T, -1)
+    positions = pooled.shape[1]
+    total = torch.sqrt(pooled + eps).sum() / positions
+    if reduction == "sum_window":
+        total = total / (kernel_size * kernel_size)
+    elif reduction == "mean":
+        total = total / T
+    return total
 
 
 @register_router(_NAME)
 class MoGERouter(Router):
     """Softmax top-k routing with a topographic group-sparsity penalty on the routing scores."""
 
-    description = "MoGE: smoe top-k + Gaussian-neighbourhood group sparsity (3e-3) on a 2D map of the scores, no balance loss"
+    description = ("MoGE (official LM code): top-k + Gaussian group sparsity on softmax scores over a 2D expert map, "
+                   "sigma 10->1 (t^0.2), weight 1e-7 x sum over tokens, no balance loss")
+    variants = {
+        "code": {},  # the defaults: Language_Modeling/ of wangyuankl123/MoGE
+        "vit": {  # Image_Classification/ of wangyuankl123/MoGE (Tutel), see the module docstring
+            "reduction": "sum_window", "group_weight": 3e-5, "keep_balance_loss": True, "balance_weight": 0.01,
+        },
+        "paper": {  # this harness's earlier reading of the design notes' summary (unverified against the paper)
+            "penalize": "logits", "padding": "same", "reduction": "mean", "sigma_schedule": "cosine",
+            "sigma_max": 2.0, "sigma_min": 1.0, "group_weight": 3e-3, "eps": 1e-6, "kernel_size": 3,
+            "gate_bias": False,
+        },
+    }
 
     def __init__(
         self,
         d_model: int,
         num_experts: int,
         top_k: int,
-        group_weight: float = 3e-3,
-        penalize: str = "logits",
-        kernel_size: int = 3,
-        sigma_max: float = 2.0,
+        group_weight: float = 1e-7,
+        penalize: str = "probs",
+        kernel_size: int | None = None,
+        padding: str = "valid",
+        reduction: str = "sum",
+        sigma_max: float = 10.0,
         sigma_min: float = 1.0,
-        sigma_schedule: str = "cosine",
+        sigma_schedule: str = "power",
+        sigma_power: float = 0.2,
         keep_balance_loss: bool = False,
         balance_weight: float = 0.01,
         z_loss_weight: float = 0.0,
-        eps: float = 1e-6,
-        balance_fraction: str = "slots",
+        eps: float = 1e-8,
+        gate_bias: bool = True,
+        balance_fraction: str = "first",
         renormalize: bool | str = "auto",
     ) -> None:
         super().__init__(d_model, num_experts, top_k)
         check_range(_NAME, "group_weight", group_weight, 0)
-        if penalize not in ("logits", "probs"):
-            raise ValueError(f"router {_NAME!r}: hyper-parameter penalize={penalize!r} must be 'logits' or 'probs'")
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"router {_NAME!r}: hyper-parameter kernel_size={kernel_size!r} must be an odd integer >= 1")
+        check_choice(_NAME, "penalize", penalize, ("probs", "logits"))
+        check_choice(_NAME, "padding", padding, ("valid", "same"))
+        check_choice(_NAME, "reduction", reduction, REDUCTIONS)
+        self.map_rows, self.map_cols = map_shape(num_experts)
+        if kernel_size is None:
+            kernel_size = default_window(self.map_rows, self.map_cols)
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+            raise ValueError(f"router {_NAME!r}: hyper-parameter kernel_size={kernel_size!r} must be an integer >= 1 or null")
+        if padding == "valid" and kernel_size > min(self.map_rows, self.map_cols):
+            raise ValueError(
+                f"router {_NAME!r}: hyper-parameter kernel_size={kernel_size} does not fit the "
+                f"{self.map_rows}x{self.map_cols} map of {num_experts} experts with padding='valid' "
+                f"(use kernel_size <= {min(self.map_rows, self.map_cols)}, null, or padding='same')"
+            )
         if not sigma_min > 0:
             raise ValueError(f"router {_NAME!r}: hyper-parameter sigma_min={sigma_min!r} must be > 0")
         if not sigma_max >= sigma_min:
             raise ValueError(f"router {_NAME!r}: hyper-parameter sigma_max={sigma_max!r} must be >= sigma_min={sigma_min!r}")
-        if sigma_schedule not in ("cosine", "linear"):
-            raise ValueError(f"router {_NAME!r}: hyper-parameter sigma_schedule={sigma_schedule!r} must be 'cosine' or 'linear'")
-        if not isinstance(keep_balance_loss, bool):
-            raise ValueError(f"router {_NAME!r}: hyper-parameter keep_balance_loss={keep_balance_loss!r} must be true or false")
+        check_choice(_NAME, "sigma_schedule", sigma_schedule, SIGMA_SCHEDULES)
+        if not sigma_power > 0:
+            raise ValueError(f"router {_NAME!r}: hyper-parameter sigma_power={sigma_power!r} must be > 0")
+        for key, val in (("keep_balance_loss", keep_balance_loss), ("gate_bias", gate_bias)):
+            if not isinstance(val, bool):
+                raise ValueError(f"router {_NAME!r}: hyper-parameter {key}={val!r} must be true or false")
         check_range(_NAME, "balance_weight", balance_weight, 0)
         check_range(_NAME, "z_loss_weight", z_loss_weight, 0)
         if not eps > 0:
@@ -117,42 +195,51 @@ class MoGERouter(Router):
         self.group_weight = group_weight
         self.penalize = penalize
         self.kernel_size = kernel_size
+        self.padding = padding
+        self.reduction = reduction
         self.sigma_max = float(sigma_max)
         self.sigma_min = float(sigma_min)
         self.sigma_schedule = sigma_schedule
+        self.sigma_power = float(sigma_power)
         self.keep_balance_loss = keep_balance_loss
         self.balance_weight = balance_weight
         self.z_loss_weight = z_loss_weight
         self.eps = eps
         self.balance_fraction = balance_fraction
         self.renormalize = renormalize
-        self.map_rows, self.map_cols = map_shape(num_experts)
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.gate = nn.Linear(d_model, num_experts, bias=gate_bias)
         self.sigma = self.sigma_max
 
     def sigma_at(self, step: int, total_steps: int) -> float:
-        """sigma_max at step 0, sigma_min at the last step, linear or cosine in between."""
-        frac = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
+        """sigma at progress t = step / total_steps (clamped to [0, 1]).
+
+        "power" (``sigmascheduler.py``): sigma_max - (sigma_max - sigma_min) t^power;
+        "linear": power 1; "cosine": sigma_min + (sigma_max - sigma_min)(1 + cos(pi t)) / 2.
+        """
+        t = min(max(step / max(total_steps, 1), 0.0), 1.0)
         span = self.sigma_max - self.sigma_min
+        if self.sigma_schedule == "power":
+            return max(self.sigma_max - span * t ** self.sigma_power, self.sigma_min)
         if self.sigma_schedule == "linear":
-            return self.sigma_max - span * frac
-        return self.sigma_min + 0.5 * span * (1.0 + math.cos(math.pi * frac))
+            return self.sigma_max - span * t
+        return self.sigma_min + 0.5 * span * (1.0 + math.cos(math.pi * t))
 
     def on_step(self, step: int, total_steps: int) -> None:
         self.sigma = self.sigma_at(step, total_steps)
 
     def forward(self, x: Tensor, ctx: RouteContext) -> Routing:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.gate.weight.float())
+            logits = fp32_linear(x, self.gate.weight, self.gate.bias)
             probs = logits.softmax(-1)
             idx, weights, base_aux = softmax_topk(probs, logits, self.top_k, self.renormalize,
                                                   self.balance_weight if self.keep_balance_loss else 0.0,
                                                   self.balance_fraction, self.z_loss_weight)
             aux = {}
             if self.group_weight:
-                z = logits if self.penalize == "logits" else probs
+                z = probs if self.penalize == "probs" else logits
                 aux["group_sparsity"] = self.group_weight * group_sparsity_penalty(
-                    z, self.map_rows, self.map_cols, self.sigma, self.kernel_size, self.eps
+                    z, self.map_rows, self.map_cols, self.sigma, self.kernel_size, self.eps,
+                    padding=self.padding, reduction=self.reduction,
                 )
             aux.update(base_aux)
         return Routing(indices=idx, weights=weights, logits=logits, aux_losses=aux, stats={"sigma": float(self.sigma)})

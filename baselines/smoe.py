@@ -2,18 +2,35 @@
 
 Equations (numbers from the cited papers):
 
-* Gate (Switch eq. 1 / Shazeer eq. 3):  p(x) = softmax(x W_r),  W_r in R^{d x E}.
+* Gate (Switch eq. 1 / Shazeer eq. 3):  p(x) = softmax(x W_r),  W_r in R^{d x E}, no bias.
+  Computed in fp32 from fp32 weights with autocast off, as DeepSpeed's
+  ``deepspeed/moe/sharded_moe.py`` ``TopKGate.forward`` does (``input.float()``,
+  ``wg.weight.float()``) and ST-MoE Sec. 3.2 recommends ("selective precision").
 * Noisy top-k (Shazeer et al. 2017, eq. 4), optional (``noisy=True``):
   H(x)_i = (x W_r)_i + N(0,1) * softplus((x W_noise)_i), during training only.
+* Second expert (k >= 2), ``second_expert``:
+  "topk" (default): the k largest probabilities;
+  "gumbel": the first expert is the argmax, the others are the top-(k-1) of
+  ``logits + Gumbel(0, 1)`` among the remaining experts — GShard's sampled second
+  expert, fairseq/torchscale ``top2gating(second_expert_policy='sampling')``
+  (``logits_w_noise = logits + gumbel_rsample(...)``) and DeepSpeed
+  ``top2gating(top2_2nd_expert_sampling=True)``. Training only here (the code also
+  samples in evaluation; we keep evaluation deterministic). The combine weights
+  are the noise-free probabilities of the chosen experts, renormalised.
 * Top-k and combine: y = sum_{i in TopK} g_i E_i(x). With k > 1 the k gates are
-  renormalised to sum to 1 (GShard, Mixtral); with k = 1 the raw probability is
-  the gate (Switch eq. 2), otherwise the router would receive no gradient from
-  the task loss. ``renormalize="auto"`` (default) does exactly that; True/False force it.
+  renormalised to sum to 1 (GShard, Mixtral; torchscale ``gates1_s /= denom_s``);
+  with k = 1 the raw probability is the gate (Switch eq. 2), otherwise the router
+  would receive no gradient from the task loss. ``renormalize="auto"`` (default)
+  does exactly that; True/False force it.
 * Balance loss (Switch eq. 4): alpha * E * sum_i f_i P_i, alpha = 0.01, with
-  P_i = mean_t p_i(x_t). For k > 1, f_i is either the share of all T*k slots
-  routed to expert i (``balance_fraction="slots"``, default, as in DeepSpeed and
-  Mixtral) or the share of first choices (``"first"``, GShard).
+  P_i = mean_t p_i(x_t). For k > 1 the f_i convention is ``balance_fraction``
+  (see ``harness.losses``): "first" (default) — the share of first choices, as in
+  fairseq/torchscale ``top2gating`` (``ce = torch.mean(mask1)``) and DeepSpeed
+  ``top2gating``; "slots" — the share of the T*k slots (Megatron-Core, DeepSpeed
+  ``topkgating`` for k > 2); "k_slots" — k times that (Hugging Face Mixtral). The
+  three agree for k = 1.
 * Router z-loss (ST-MoE eq. 5): 1e-3 * mean_t (logsumexp_i (x W_r)_ti)^2.
+* An empty batch (T = 0) gives zero aux losses (``harness.losses``).
 """
 from __future__ import annotations
 
@@ -23,7 +40,7 @@ from torch import Tensor, nn
 
 from harness.losses import router_z_loss, switch_balance_loss
 from harness.registry import register_router
-from harness.router import RouteContext, Router, Routing, check_gate_options, check_range
+from harness.router import RouteContext, Router, Routing, check_choice, check_gate_options, check_range, fp32_linear
 
 
 def gate_weights(probs_topk: Tensor, renormalize: bool | str, top_k: int) -> Tensor:
@@ -34,16 +51,31 @@ def gate_weights(probs_topk: Tensor, renormalize: bool | str, top_k: int) -> Ten
     return probs_topk
 
 
+def gumbel_topk(logits: Tensor, top_k: int) -> Tensor:
+    """[T, k] experts: the argmax of ``logits``, then the top-(k-1) of logits + Gumbel noise among the rest."""
+    first = logits.argmax(-1, keepdim=True)
+    if top_k == 1:
+        return first
+    u = torch.rand_like(logits).clamp(1e-20, 1.0 - 1e-7)
+    noisy = logits - torch.log(-torch.log(u))  # + Gumbel(0, 1)
+    noisy = noisy.scatter(1, first, float("-inf"))
+    rest = noisy.topk(top_k - 1, dim=-1).indices
+    return torch.cat([first, rest], dim=1)
+
+
 def softmax_topk(
     probs: Tensor, logits: Tensor, top_k: int, renormalize: bool | str, balance_weight: float,
-    balance_fraction: str, z_loss_weight: float,
+    balance_fraction: str, z_loss_weight: float, indices: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Top-k of ``probs``, the combine weights, and the weighted Switch balance and z losses.
+    """Top-k of ``probs`` (or the given ``indices``), the combine weights, and the weighted balance and z losses.
 
     The shared tail of every softmax-top-k router (smoe, xmoe, moge, competesmoe's
     normal steps); a zero weight leaves that loss out.
     """
-    top_p, idx = probs.topk(top_k, dim=-1)
+    if indices is None:
+        top_p, idx = probs.topk(top_k, dim=-1)
+    else:
+        idx, top_p = indices, probs.gather(1, indices)
     weights = gate_weights(top_p, renormalize, top_k)
     aux: dict[str, Tensor] = {}
     if balance_weight:
@@ -57,7 +89,12 @@ def softmax_topk(
 class SMoERouter(Router):
     """Softmax top-k router with Switch balance loss and ST-MoE z-loss."""
 
-    description = "Softmax top-k (Switch/GShard), balance loss 0.01 + z-loss 1e-3, optional noisy top-k"
+    description = "Softmax top-k (Switch/GShard), balance loss 0.01 (first-choice f_i) + z-loss 1e-3, fp32 gate"
+    variants = {
+        "gshard": {"second_expert": "gumbel"},       # fairseq/torchscale/DeepSpeed top2gating default
+        "megatron": {"balance_fraction": "slots"},   # Megatron-Core switch_load_balancing_loss_func
+        "mixtral": {"balance_fraction": "k_slots"},  # HF MixtralSparseMoeBlock load_balancing_loss_func
+    }
 
     def __init__(
         self,
@@ -66,29 +103,35 @@ class SMoERouter(Router):
         top_k: int,
         balance_weight: float = 0.01,
         z_loss_weight: float = 1e-3,
-        balance_fraction: str = "slots",
+        balance_fraction: str = "first",
         noisy: bool = False,
         renormalize: bool | str = "auto",
+        second_expert: str = "topk",
     ) -> None:
         super().__init__(d_model, num_experts, top_k)
         check_range("smoe", "balance_weight", balance_weight, 0)
         check_range("smoe", "z_loss_weight", z_loss_weight, 0)
         check_gate_options("smoe", balance_fraction, renormalize)
+        check_choice("smoe", "second_expert", second_expert, ("topk", "gumbel"))
         self.balance_weight = balance_weight
         self.z_loss_weight = z_loss_weight
         self.balance_fraction = balance_fraction
         self.renormalize = renormalize
+        self.second_expert = second_expert
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.noise = nn.Linear(d_model, num_experts, bias=False) if noisy else None
         if self.noise is not None:
             nn.init.zeros_(self.noise.weight)  # Shazeer et al.: start with little noise
 
     def forward(self, x: Tensor, ctx: RouteContext) -> Routing:
-        logits = self.gate(x).float()  # routing in fp32 even under bf16 autocast (ST-MoE Sec. 3.2)
+        logits = fp32_linear(x, self.gate.weight)  # fp32 even under bf16 autocast (DeepSpeed TopKGate)
         scores = logits
         if self.noise is not None and ctx.training:
-            scores = logits + torch.randn_like(logits) * F.softplus(self.noise(x).float())
+            scores = logits + torch.randn_like(logits) * F.softplus(fp32_linear(x, self.noise.weight))
         probs = scores.softmax(-1)
+        idx = None
+        if self.second_expert == "gumbel" and ctx.training and self.top_k > 1:
+            idx = gumbel_topk(scores.detach(), self.top_k)
         idx, weights, aux = softmax_topk(probs, logits, self.top_k, self.renormalize, self.balance_weight,
-                                         self.balance_fraction, self.z_loss_weight)
+                                         self.balance_fraction, self.z_loss_weight, indices=idx)
         return Routing(indices=idx, weights=weights, logits=logits, aux_losses=aux)

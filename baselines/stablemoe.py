@@ -36,6 +36,10 @@ Other choices:
 
 * Capacity factor 2 (class attribute), as in the paper; the layer drops overflow.
 * Centroids (both) are initialised orthogonally with gain 0.1, as in the code.
+  The distilled word embedding keeps ``nn.Embedding``'s N(0, 1) init (issue 16
+  reports that the fairseq code keeps N(0, 1); we could not open
+  ``Hunter-DDM/stablemoe`` to re-check it); the harness models must not
+  re-initialise router parameters (``harness.conformance`` checks it).
 * Evaluation in stage 1: the code routes with the (still training) distilled
   router whenever it is not training; the paper only uses the distilled router at
   inference after training. Default ``eval_with_distilled=False`` keeps stage-1
@@ -71,6 +75,7 @@ class StableMoERouter(Router):
     description = "StableMoE: top-1, sigmoid gate, balance 0.3 + distillation 0.3, frozen distilled router after 10%"
     supports_top_k = (1,)
     capacity_factor = 2.0
+    variants = {"code": {"eval_with_distilled": True}}  # the official code routes eval with the distilled router
 
     def __init__(
         self,
@@ -171,7 +176,7 @@ class StableMoERouter(Router):
             aux: dict[str, Tensor] = {}
             teacher = s.detach().argmax(-1)
             if stage1_losses:
-                denom = float(T) if self.loss_reduction == "mean" else 1.0
+                denom = float(max(T, 1)) if self.loss_reduction == "mean" else 1.0  # T = 0: the sums are 0
                 if self.balance_weight:
                     aux["balance"] = self.balance_weight * stablemoe_balance_loss(s, idx[:, 0]) / denom
                 if self.distill_weight:
@@ -194,6 +199,8 @@ def stablemoe_balance_loss(scores: Tensor, assignment: Tensor) -> Tensor:
     over tokens (the caller divides by T for the per-token normalisation).
     """
     T, E = scores.shape
+    if T == 0:
+        return scores.sum() * 0.0
     counts = torch.bincount(assignment, minlength=E).to(scores.dtype)
     n = T / E
     coef = (counts - n) / n  # constant: |A_i| has no gradient

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from .moe import MoELayer, build_ffn
-from .registry import create_router, get_router
-from .router import RouteContext, Routing
+from .registry import create_router, get_router, register_router, unregister_router
+from .router import RouteContext, Router, Routing
 
 D_MODEL, D_FF, NUM_EXPERTS, T = 16, 32, 4, 24
 
@@ -129,3 +129,88 @@ def check_router(name: str) -> None:
     yb16, rb16 = run_layer(lb, x.detach().to(torch.bfloat16))
     assert yb16.dtype == torch.bfloat16 and torch.isfinite(yb16.float()).all(), f"{name}: bf16 failed"
     assert isinstance(lb, MoELayer)
+
+    check_fp32_routing(name)
+    check_empty_batch(name)
+    check_model_keeps_router_init(name)
+
+
+def check_fp32_routing(name: str, T_: int = 64, d: int = 64, E: int = 16) -> None:
+    """Routers decide in fp32: under bf16 autocast, fp32 logits equal to the fp32 run's, and the same decisions.
+
+    An ``nn.Linear`` gate under autocast runs its matmul in bf16 (logit errors ~1e-2);
+    compute the scores with ``harness.router.fp32_linear`` (autocast off, fp32 operands).
+    Evaluation mode, so that training-time noise does not enter the comparison.
+    """
+    cls = get_router(name)
+    if cls.is_dense:
+        return
+    k = min(pick_top_k(name), E)
+    torch.manual_seed(11)
+    router = create_router(name, d, E, k).eval()
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(T_, d, generator=g)
+    ctx_kw = {**make_ctx(T_, training=False), "embeddings": torch.randn(T_, d, generator=g)}
+    with torch.no_grad():
+        ref = router(x, RouteContext(**ctx_kw))
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            amp = router(x, RouteContext(**ctx_kw))
+    if ref.logits is not None:
+        assert amp.logits is not None and amp.logits.dtype == torch.float32, \
+            f"{name}: routing logits under bf16 autocast are {amp.logits.dtype if amp.logits is not None else None}, " \
+            f"not float32 (compute them with harness.router.fp32_linear)"
+        torch.testing.assert_close(amp.logits, ref.logits, rtol=1e-5, atol=1e-5,
+                                   msg=f"{name}: routing logits under bf16 autocast differ from fp32 (route in fp32)")
+    assert torch.equal(amp.indices, ref.indices), f"{name}: bf16 autocast changed the routing decisions"
+
+
+def check_empty_batch(name: str) -> None:
+    """T = 0 (an expert-parallel rank or a capacity edge case can route no tokens): shapes [0, k], aux losses 0."""
+    cls = get_router(name)
+    if cls.is_dense:
+        return
+    k = pick_top_k(name)
+    torch.manual_seed(13)
+    router = create_router(name, D_MODEL, NUM_EXPERTS, k)
+    x = torch.zeros(0, D_MODEL, requires_grad=True)
+    ctx = RouteContext(training=True, step=50, total_steps=100, token_ids=torch.zeros(0, dtype=torch.long),
+                       positions=torch.zeros(0, dtype=torch.long), embeddings=torch.zeros(0, D_MODEL),
+                       expert_fn=lambda: torch.zeros(0, NUM_EXPERTS, D_MODEL))
+    router.on_step(50, 100)
+    out = router(x, ctx)
+    assert out.indices.shape == (0, k) and out.weights.shape == (0, k), f"{name}: T=0 gave indices {tuple(out.indices.shape)}"
+    for key, v in out.aux_losses.items():
+        v = v.detach()
+        assert v.dim() == 0 and torch.isfinite(v) and float(v) == 0.0, f"{name}: aux loss {key} is {float(v)} for T=0, not 0"
+
+
+def check_model_keeps_router_init(name: str) -> None:
+    """The harness models build routers and must not re-initialise their parameters afterwards."""
+    from .models.lm import MoEDecoderLM
+
+    cls = get_router(name)
+    if cls.is_dense:
+        return
+    probe_name = f"__init_probe__{name.replace('@', '__')}"
+
+    class Probe(cls):  # type: ignore[misc, valid-type]
+        snapshots: list[dict[str, torch.Tensor]] = []
+
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            Probe.snapshots.append({n: p.detach().clone() for n, p in self.named_parameters()})
+
+    Probe.__name__ = Probe.__qualname__ = f"Probe_{cls.__name__}"
+    register_router(probe_name)(Probe)
+    try:
+        torch.manual_seed(14)
+        k = pick_top_k(name)
+        model = MoEDecoderLM(probe_name, vocab_size=256, d_model=D_MODEL, n_layers=1, n_heads=2, d_ff=D_FF,
+                             num_experts=NUM_EXPERTS, top_k=k, context=8)
+        routers = [m for m in model.modules() if isinstance(m, Router) and not m.is_dense]
+        assert len(routers) == len(Probe.snapshots) == 1
+        for pname, p in routers[0].named_parameters():
+            assert torch.equal(p.detach(), Probe.snapshots[0][pname]), \
+                f"{name}: the LM model re-initialised router parameter {pname!r} after the router built it"
+    finally:
+        unregister_router(probe_name)

@@ -11,11 +11,21 @@ From another package, in its ``pyproject.toml``::
 
     [project.entry-points."moe_harness.routers"]
     myrouter = "mypkg.routers:MyRouter"
+
+Named variants: a router class may declare ``variants = {"paper": {...}, "code": {...}}``
+(sets of its keyword hyper-parameters). ``get_router("moge@paper")`` returns a
+subclass of the router whose constructor defaults are those values (explicit
+keyword arguments still win), registered nowhere but cached here; its
+``router_name`` is ``"moge@paper"``, so runs, spec hashes, the store and the
+leaderboard keep the readings apart. An unknown variant is an
+:class:`UnknownRouterError` naming the known ones.
 """
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
+import inspect
 import pkgutil
 from dataclasses import dataclass
 from importlib import metadata
@@ -158,13 +168,88 @@ def _resolve(entry: _Entry) -> type[Router]:
 
 
 def router_names() -> list[str]:
+    """Registered routers (base names; their variants are in :func:`variant_names`)."""
     _ensure_loaded()
     return sorted(_REGISTRY)
 
 
-def get_router(name: str) -> type[Router]:
-    """The router class registered as ``name``; unknown names get the known list and a suggestion."""
+VARIANT_SEP = "@"
+_VARIANT_CLASSES: dict[tuple[type, str], type[Router]] = {}
+
+
+def split_router_name(name: str) -> tuple[str, str | None]:
+    """``"moge@paper"`` -> ``("moge", "paper")``; ``"moge"`` -> ``("moge", None)``."""
+    base, sep, variant = name.partition(VARIANT_SEP)
+    return base, (variant if sep else None)
+
+
+def _variant_class(base_cls: type[Router], base_name: str, variant: str) -> type[Router]:
+    """A subclass of ``base_cls`` whose hyper-parameter defaults are the variant's values (cached)."""
+    key = (base_cls, variant)
+    cached = _VARIANT_CLASSES.get(key)
+    if cached is not None:
+        return cached
+    preset = dict(base_cls.variants[variant])
+    sig = inspect.signature(base_cls.__init__)
+    unknown = sorted(set(preset) - set(base_cls.hparam_names()))
+    if unknown:
+        raise TypeError(f"router {base_name!r}: variant {variant!r} sets unknown hyper-parameter(s) {', '.join(unknown)}")
+    params = [p.replace(default=preset[p.name]) if p.name in preset else p for p in sig.parameters.values()]
+
+    @functools.wraps(base_cls.__init__)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+        bound = sig.bind_partial(self, *args, **kwargs)
+        base_cls.__init__(self, *args, **{**{k: v for k, v in preset.items() if k not in bound.arguments}, **kwargs})
+
+    __init__.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    name = f"{base_name}{VARIANT_SEP}{variant}"
+    settings = ", ".join(f"{k}={v!r}" for k, v in preset.items()) or "the defaults"
+    desc = f"{base_name} variant {variant!r}: {settings}"
+    cls = type(base_cls.__name__ + "_" + "".join(c if c.isalnum() else "_" for c in variant), (base_cls,), {
+        "__init__": __init__, "__module__": base_cls.__module__, "__doc__": base_cls.__doc__,
+        "description": desc, "router_name": name, "base_router": base_name, "variant": variant,
+        "variant_args": preset, "variants": {},
+    })
+    _VARIANT_CLASSES[key] = cls
+    return cls
+
+
+def variant_names(name: str | None = None) -> list[str]:
+    """``name@variant`` for every declared variant (of one router, or of all); broken plugins are skipped."""
     _ensure_loaded()
+    out = []
+    for base in ([name] if name else sorted(_REGISTRY)):
+        try:
+            cls = get_router(base)
+        except PluginLoadError:
+            continue
+        out += [f"{base}{VARIANT_SEP}{v}" for v in sorted(getattr(cls, "variants", {}) or {})]
+    return out
+
+
+def variant_args(name: str) -> dict[str, Any]:
+    """The hyper-parameters a ``name@variant`` sets ({} for a plain name)."""
+    return dict(getattr(get_router(name), "variant_args", {}) or {}) if split_router_name(name)[1] else {}
+
+
+def get_router(name: str) -> type[Router]:
+    """The router class registered as ``name``; unknown names get the known list and a suggestion.
+
+    ``name@variant`` gives the router with the variant's hyper-parameters as defaults.
+    """
+    _ensure_loaded()
+    base, variant = split_router_name(name)
+    if variant is not None:
+        cls = get_router(base)
+        known = sorted(getattr(cls, "variants", {}) or {})
+        if variant not in known:
+            close = difflib.get_close_matches(variant, known, n=1, cutoff=0.5)
+            hint = f" Did you mean '{base}{VARIANT_SEP}{close[0]}'?" if close else ""
+            raise UnknownRouterError(
+                f"unknown variant {variant!r} of router {base!r}.{hint} "
+                f"Known variants: {', '.join(known) if known else '(none)'}"
+            )
+        return _variant_class(cls, base, variant)
     entry = _REGISTRY.get(name)
     if entry is None:
         known = sorted(_REGISTRY)
@@ -197,6 +282,9 @@ def describe_routers() -> list[dict[str, str]]:
             cls = _resolve(entry)
             desc = (cls.description or (cls.__doc__ or "").strip().splitlines()[0] if (cls.description or cls.__doc__) else "")
             rows.append({"name": name, "description": desc, "origin": entry.origin})
+            for v in sorted(getattr(cls, "variants", {}) or {}):
+                vname = f"{name}{VARIANT_SEP}{v}"
+                rows.append({"name": vname, "description": get_router(vname).description, "origin": entry.origin})
         except PluginLoadError:
             rows.append({"name": name, "description": f"BROKEN: {entry.error}", "origin": entry.origin})
     return rows

@@ -11,6 +11,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -97,13 +99,20 @@ class Router(nn.Module):
       capacity_factor:   the capacity the paper trains with (None = no dropping);
                          a spec's ``model.capacity_factor`` overrides it.
       is_dense:          True only for the dense FFN baseline.
-      renormalize_hint:  documentation only.
+      variants:          named sets of hyper-parameters, e.g. ``{"paper": {...}, "code": {...}}``;
+                         ``name@variant`` (CLI ``--routers``, suite YAML ``routers:``) builds the
+                         router with those keyword arguments as its defaults (``harness.registry``).
+
+    Routers decide in fp32: compute scores from fp32 weights and inputs with autocast
+    disabled (``harness.conformance`` runs every router under bf16 autocast and
+    requires the same decisions and fp32 logits).
     """
 
     description: ClassVar[str] = ""
     capacity_factor: ClassVar[float | None] = None
     is_dense: ClassVar[bool] = False
     supports_top_k: ClassVar[tuple[int, ...] | None] = None  # e.g. (1,) for StableMoE
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, d_model: int, num_experts: int, top_k: int) -> None:
         super().__init__()
@@ -156,6 +165,18 @@ class Router(nn.Module):
         return {n: sig.parameters[n].default for n in cls.hparam_names()}
 
 
+def fp32_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T (+ bias)`` in fp32 with autocast off: the routing scores of every baseline.
+
+    Under bf16 autocast ``nn.Linear`` would run the gate matmul in bf16 (logit errors
+    of ~1e-2 change the top-k set of a few percent of tokens at E = 64); the
+    reference code computes the gate in fp32 (DeepSpeed ``TopKGate.forward``:
+    ``input.float()`` and ``wg.weight.float()``; ST-MoE Sec. 3.2).
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
 def check_range(router: str, key: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
     """Reject a hyper-parameter outside [lo, hi] with the router's name and the key."""
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -171,6 +192,8 @@ def check_choice(router: str, key: str, value: Any, choices: tuple[Any, ...]) ->
 
 
 def check_gate_options(router: str, balance_fraction: str, renormalize: bool | str) -> None:
-    """The two options every softmax-top-k router shares (see baselines/smoe.py)."""
-    check_choice(router, "balance_fraction", balance_fraction, ("slots", "first"))
+    """The two options every softmax-top-k router shares (see baselines/smoe.py and harness/losses.py)."""
+    from .losses import BALANCE_FRACTIONS
+
+    check_choice(router, "balance_fraction", balance_fraction, BALANCE_FRACTIONS)
     check_choice(router, "renormalize", renormalize, ("auto", True, False))

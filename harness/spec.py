@@ -140,7 +140,13 @@ class RunSpec:
 
     @property
     def router_kwargs(self) -> dict[str, Any]:
-        return dict(self.suite_spec.router_args.get(self.router, {}))
+        """``router_args`` of this router; for ``name@variant``, those of ``name`` overridden by its own entry."""
+        from .registry import split_router_name
+
+        args = self.suite_spec.router_args
+        base, variant = split_router_name(self.router)
+        merged = dict(args.get(base, {})) if variant is not None else {}
+        return {**merged, **args.get(self.router, {})}
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved configuration of this run (stored as JSON with the run)."""
@@ -166,6 +172,11 @@ class RunSpec:
         d["data"] = {k: v for k, v in d["data"].items() if k not in ("cache_dir", "workers")}
         d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads",)}
         d["eval"] = {k: v for k, v in d["eval"].items() if k not in ("enabled", "batch_size")}
+        if "@" in self.router:
+            # a named variant (harness.registry): hash the values it stands for, so redefining it re-keys its runs
+            from .registry import variant_args
+
+            d["variant_args"] = variant_args(self.router)
         if not d["model"].get("expert_parallel"):
             # added later: absent when off, so every spec hash from before it exists stays the same
             d["model"].pop("expert_parallel", None)

@@ -73,11 +73,11 @@ def test_xmoe_scores_are_cosine_over_temperature_and_bounded():
 
 def test_xmoe_temperature_learnable_or_fixed_and_code_variant():
     r = XMoERouter(8, 4, 1)
-    assert r.log_temperature.requires_grad
-    assert isinstance(r.log_temperature, nn.Parameter)
+    assert r.raw_temperature.requires_grad
+    assert isinstance(r.raw_temperature, nn.Parameter)
     fixed = XMoERouter(8, 4, 1, learnable_temperature=False, temperature=0.3)
-    assert not isinstance(fixed.log_temperature, nn.Parameter)
-    assert all(p is not fixed.log_temperature for p in fixed.parameters())
+    assert not isinstance(fixed.raw_temperature, nn.Parameter)
+    assert all(p is not fixed.raw_temperature for p in fixed.parameters())
     # the official code's scores: token not normalised, no temperature
     code = XMoERouter(8, 4, 1, normalize_tokens=False, temperature=1.0, learnable_temperature=False)
     x = torch.randn(5, 8)
@@ -217,10 +217,13 @@ def test_competesmoe_v2_routing_from_fixed_expert_outputs():
     probs = (x @ r.gate.weight.t()).softmax(-1)
     target = torch.tensor(a).softmax(-1)
     assert float(out.aux_losses["router_mse"]) == pytest.approx(0.01 * float(((probs - target) ** 2).mean()), rel=1e-5)
-    # diversity: cosine of the two chosen outputs; token 0: (3,3) vs (1,1) -> 1; token 1: (2,4) vs (0,0) -> 0
-    assert float(out.aux_losses["diversity"]) == pytest.approx(0.01 * (1.0 + 0.0) / 2, rel=1e-5)
-    # balance on competition steps: Switch loss with P from softmax(affinity), f from the competition's slots
-    f = torch.tensor([2 / 4, 1 / 4, 1 / 4])
+    # diversity: cosine of the two chosen outputs; token 0: (3,3) vs (1,1) -> 1; token 1: (2,4) vs (0,0) -> 0.
+    # The v2 code zeroes the diagonal of each [k, k] similarity matrix and averages over all k^2 = 4 entries:
+    # token 0 -> (0 + 1 + 1 + 0) / 4, token 1 -> 0; mean 0.25
+    assert float(out.aux_losses["diversity"]) == pytest.approx(0.01 * 0.25, rel=1e-5)
+    # balance on competition steps: Switch loss with P from softmax(affinity), f from the competition's FIRST
+    # choices (moe.py balanceloss: one_hot(...)[0]): experts 1 and 2
+    f = torch.tensor([0.0, 1 / 2, 1 / 2])
     assert float(out.aux_losses["balance"]) == pytest.approx(0.01 * 3 * float((f * target.mean(0)).sum()), rel=1e-5)
     assert out.stats["competed"] == 1.0
     router_sets = [sorted(row) for row in probs.topk(2, -1).indices.tolist()]
@@ -309,15 +312,15 @@ def test_moge_penalty_on_2x2_map_by_hand():
         ]
         expected += sum(math.sqrt(p / S + eps) for p in pos) / 4
     expected /= 2  # mean over tokens
-    got = group_sparsity_penalty(z, 2, 2, sigma, kernel_size=3, eps=eps)
+    got = group_sparsity_penalty(z, 2, 2, sigma, kernel_size=3, eps=eps, padding="same", reduction="mean")
     assert float(got) == pytest.approx(expected, rel=1e-6)
 
-    # the router applies it to its logits, weighted, instead of the balance loss
-    r = MoGERouter(4, 4, 2, sigma_max=1.0, sigma_min=1.0)
+    # the earlier reading (moge@paper) applies it to its logits, weighted, instead of the balance loss
+    r = create_router("moge@paper", 4, 4, 2, sigma_max=1.0, sigma_min=1.0)
     x = torch.randn(5, 4)
     out = r(x, RouteContext(training=True))
     assert set(out.aux_losses) == {"group_sparsity"}
-    ref = 3e-3 * group_sparsity_penalty(x @ r.gate.weight.t(), 2, 2, 1.0)
+    ref = 3e-3 * group_sparsity_penalty(x @ r.gate.weight.t(), 2, 2, 1.0, eps=1e-6, padding="same", reduction="mean")
     assert float(out.aux_losses["group_sparsity"]) == pytest.approx(float(ref), rel=1e-5)
     rb = MoGERouter(4, 4, 2, keep_balance_loss=True, penalize="probs", z_loss_weight=1e-3)
     assert set(rb(x, RouteContext(training=True)).aux_losses) == {"group_sparsity", "balance", "z_loss"}
@@ -325,21 +328,26 @@ def test_moge_penalty_on_2x2_map_by_hand():
 
 def test_moge_group_sparsity_prefers_grouped_scores():
     # same total energy: two adjacent experts (one group) cost less than two far-apart ones
+    # (valid windows cover the map's border less often, so compare experts every window sees: the interior)
     grouped = torch.zeros(1, 16)
-    grouped[0, [0, 1]] = 3.0
+    grouped[0, [5, 6]] = 3.0  # (1,1) and (1,2): neighbours
     spread = torch.zeros(1, 16)
-    spread[0, [0, 15]] = 3.0
+    spread[0, [5, 10]] = 3.0  # (1,1) and (2,2): diagonal
     assert group_sparsity_penalty(grouped, 4, 4, 1.0) < group_sparsity_penalty(spread, 4, 4, 1.0)
+    grouped, spread = torch.zeros(1, 16), torch.zeros(1, 16)
+    grouped[0, [0, 1]] = 3.0
+    spread[0, [0, 15]] = 3.0
+    assert group_sparsity_penalty(grouped, 4, 4, 1.0, padding="same") < group_sparsity_penalty(spread, 4, 4, 1.0, padding="same")
 
 
 def test_moge_sigma_schedule():
     lin = MoGERouter(4, 16, 2, sigma_max=3.0, sigma_min=1.0, sigma_schedule="linear")
     cos = MoGERouter(4, 16, 2, sigma_max=3.0, sigma_min=1.0, sigma_schedule="cosine")
-    N = 101
+    N = 100  # t = step / total_steps (Language_Modeling/sigmascheduler.py)
     for r in (lin, cos):
         r.on_step(0, N)
         assert r.sigma == pytest.approx(3.0)
-        r.on_step(N - 1, N)
+        r.on_step(N, N)
         assert r.sigma == pytest.approx(1.0)
         r.on_step(50, N)
         assert r.sigma == pytest.approx(2.0)
@@ -422,7 +430,18 @@ BAD = [
     ("competesmoe", {"router_loss_weight": -0.01}, "router_loss_weight"),
     ("competesmoe", {"diversity_weight": -0.01}, "diversity_weight"),
     ("moge", {"group_weight": -1.0}, "group_weight"),
-    ("moge", {"kernel_size": 2}, "kernel_size"),
+    ("moge", {"kernel_size": 3}, "kernel_size"),  # 4 experts: a 2x2 map, a 3x3 window does not fit (valid)
+    ("moge", {"kernel_size": 0}, "kernel_size"),
+    ("moge", {"padding": "reflect"}, "padding"),
+    ("moge", {"reduction": "max"}, "reduction"),
+    ("moge", {"sigma_power": 0.0}, "sigma_power"),
+    ("smoe", {"second_expert": "random"}, "second_expert"),
+    ("xmoe", {"temperature_param": "exp"}, "temperature_param"),
+    ("xmoe", {"balance_temperature": 0.0}, "balance_temperature"),
+    ("xmoe", {"rescale_embeddings": -1.0}, "rescale_embeddings"),
+    ("competesmoe", {"diversity_average": "all"}, "diversity_average"),
+    ("competesmoe", {"router_loss": "kl"}, "router_loss"),
+    ("competesmoe", {"balance_loss": "aux"}, "balance_loss"),
     ("moge", {"sigma_min": 0.0}, "sigma_min"),
     ("moge", {"sigma_max": 0.5, "sigma_min": 1.0}, "sigma_max"),
     ("moge", {"sigma_schedule": "step"}, "sigma_schedule"),
@@ -447,5 +466,5 @@ def test_defaults_are_the_papers():
     d = CompeteSMoERouter.hparam_defaults()
     assert (d["version"], d["warmup_fraction"], d["competition_prob"], d["max_competing_layers"]) == (2, 0.05, 0.05, 3)
     assert CompeteSMoERouter(8, 4, 2).diversity_weight == 0.01 and CompeteSMoERouter(8, 4, 2, version=1).diversity_weight == 0.0
-    d = MoGERouter.hparam_defaults()
-    assert (d["group_weight"], d["keep_balance_loss"], d["penalize"]) == (3e-3, False, "logits")
+    d = MoGERouter.hparam_defaults()  # wangyuankl123/MoGE Language_Modeling/ (see tests/test_router_reference.py)
+    assert (d["group_weight"], d["keep_balance_loss"], d["penalize"]) == (1e-7, False, "probs")
