@@ -70,6 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import distributed
 
     multi = (args.nproc or 1) > 1 or str(args.nnodes or "1") != "1"
+    args.jobs = _resolve_jobs(args, spec, multi or distributed.launched_by_torchrun())
     if multi and not distributed.launched_by_torchrun() and not os.environ.get(distributed.ENV_MARKER):
         return _launch_torchrun(args, spec)
     if distributed.launched_by_torchrun():
@@ -79,6 +80,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             distributed.shutdown()
     return _cmd_run(args, spec, distributed.current())
+
+
+def _resolve_jobs(args: argparse.Namespace, spec, ddp: bool) -> int:  # noqa: ANN001
+    """``--jobs``: validated; unset = as many runs at once as the cores allow at ``train.threads`` each."""
+    from .parallel import default_jobs
+    from .spec import SpecError
+
+    if args.jobs is not None and args.jobs < 1:
+        raise SpecError(f"--jobs must be a positive integer, got {args.jobs}")
+    if ddp:
+        if (args.jobs or 1) > 1:
+            raise SpecError("--jobs runs whole runs in parallel processes and --nproc/--nnodes spreads each run "
+                            "over DDP processes; they do not combine: use one or the other")
+        return 1
+    return args.jobs or default_jobs(spec.train.threads, len(spec.runs()))
 
 
 def _launch_torchrun(args: argparse.Namespace, spec) -> int:  # noqa: ANN001
@@ -109,12 +125,15 @@ def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
     dctx.barrier()
     after = None
     if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
+        import functools
+
         from .evaluate import eval_after_pretraining
 
-        def after(run, res):  # noqa: ANN001
-            eval_after_pretraining(run, res, store, runs_dir)
+        # a partial, not a closure: it can be pickled, so --jobs workers evaluate their own runs
+        after = functools.partial(eval_after_pretraining, store=store, runs_dir=runs_dir)
 
-    results = run_suite(spec, store, runs_dir, resume=args.resume, progress=not args.quiet, after_run=after)
+    results = run_suite(spec, store, runs_dir, resume=args.resume, progress=not args.quiet, after_run=after,
+                        jobs=getattr(args, "jobs", None) or 1)
     if not dctx.is_main:
         return 0  # rank 0 reports (and carries the exit status)
     from .runner import get_adapter
@@ -195,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restart", action="store_true", help="delete these runs' checkpoints and start clean")
     s.add_argument("--no-eval", action="store_true", help="skip lm-eval tasks after pretraining")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="train N runs (router x seed) at once in worker processes, one store "
+                        "(default: cores // train.threads, at most one per run; 1 = one after another)")
     g = s.add_argument_group("distributed (torchrun; see docs/distributed.md)")
     g.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="processes per node: re-launch this command through torchrun with DDP "
