@@ -205,12 +205,23 @@ def check_model_keeps_router_init(name: str) -> None:
     try:
         torch.manual_seed(14)
         k = pick_top_k(name)
-        model = MoEDecoderLM(probe_name, vocab_size=256, d_model=D_MODEL, n_layers=1, n_heads=2, d_ff=D_FF,
-                             num_experts=NUM_EXPERTS, top_k=k, context=8)
-        routers = [m for m in model.modules() if isinstance(m, Router) and not m.is_dense]
-        assert len(routers) == len(Probe.snapshots) == 1
-        for pname, p in routers[0].named_parameters():
-            assert torch.equal(p.detach(), Probe.snapshots[0][pname]), \
-                f"{name}: the LM model re-initialised router parameter {pname!r} after the router built it"
+        models = [("LM", lambda: MoEDecoderLM(probe_name, vocab_size=256, d_model=D_MODEL, n_layers=1, n_heads=2,
+                                               d_ff=D_FF, num_experts=NUM_EXPERTS, top_k=k, context=8))]
+        try:
+            from .models.vit import MoEVisionTransformer
+        except ImportError:  # timm missing: the LM check still runs
+            MoEVisionTransformer = None  # noqa: N806
+        if MoEVisionTransformer is not None:
+            models.append(("ViT", lambda: MoEVisionTransformer(
+                router=probe_name, num_experts=NUM_EXPERTS, top_k=k, d_ff=D_FF, depth=1, img_size=8, patch_size=4,
+                embed_dim=D_MODEL, num_heads=2, num_classes=3)))
+        for label, make in models:
+            Probe.snapshots.clear()
+            model = make()
+            routers = [m for m in model.modules() if isinstance(m, Router) and not m.is_dense]
+            assert len(routers) == len(Probe.snapshots) == 1
+            for pname, p in routers[0].named_parameters():
+                assert torch.equal(p.detach(), Probe.snapshots[0][pname]), \
+                    f"{name}: the {label} model re-initialised router parameter {pname!r} after the router built it"
     finally:
         unregister_router(probe_name)

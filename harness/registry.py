@@ -174,6 +174,7 @@ def router_names() -> list[str]:
 
 
 VARIANT_SEP = "@"
+_VARIANT_PREFIX = "Variant:"
 _VARIANT_CLASSES: dict[tuple[type, str], type[Router]] = {}
 
 
@@ -205,13 +206,23 @@ def _variant_class(base_cls: type[Router], base_name: str, variant: str) -> type
     name = f"{base_name}{VARIANT_SEP}{variant}"
     settings = ", ".join(f"{k}={v!r}" for k, v in preset.items()) or "the defaults"
     desc = f"{base_name} variant {variant!r}: {settings}"
-    cls = type(base_cls.__name__ + "_" + "".join(c if c.isalnum() else "_" for c in variant), (base_cls,), {
-        "__init__": __init__, "__module__": base_cls.__module__, "__doc__": base_cls.__doc__,
+    # Found by pickle as harness.registry.<_VARIANT_PREFIX + name> (module __getattr__ below), so a variant
+    # travels to --jobs worker processes and spawn-started ranks by reference, like any router class.
+    cls = type(_VARIANT_PREFIX + name, (base_cls,), {
+        "__init__": __init__, "__module__": __name__, "__qualname__": _VARIANT_PREFIX + name,
+        "__doc__": base_cls.__doc__,
         "description": desc, "router_name": name, "base_router": base_name, "variant": variant,
         "variant_args": preset, "variants": {},
     })
     _VARIANT_CLASSES[key] = cls
     return cls
+
+
+def __getattr__(attr: str) -> Any:
+    """``Variant:<name@variant>``: the variant's class (how pickle finds it, PEP 562)."""
+    if attr.startswith(_VARIANT_PREFIX):
+        return get_router(attr[len(_VARIANT_PREFIX):])
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 def variant_names(name: str | None = None) -> list[str]:

@@ -138,3 +138,80 @@ def test_cli_misspelt_router_suggests(tmp_path):
     assert out.stderr.strip().count("\n") == 0, out.stderr  # one line
     assert "Did you mean 'moge'" in out.stderr
     assert not (tmp_path / "s.duckdb").exists()
+
+
+# -- named variants: name@variant -------------------------------------------------------
+
+
+def test_variant_resolves_to_router_with_variant_defaults():
+    cls = get_router("moge@paper")
+    assert issubclass(cls, get_router("moge")) and cls.router_name == "moge@paper"
+    assert cls.hparam_defaults()["penalize"] == "logits" and get_router("moge").hparam_defaults()["penalize"] == "probs"
+    assert get_router("moge@paper") is cls  # cached: one class per variant
+    r = create_router("moge@paper", 8, 16, 2, sigma_max=4.0)  # explicit keywords still win
+    assert (r.penalize, r.padding, r.sigma_max) == ("logits", "same", 4.0)
+    with pytest.raises(TypeError, match="moge@paper"):
+        create_router("moge@paper", 8, 16, 2, not_a_key=1)
+    assert "moge@paper" in registry.variant_names() and "moge" not in registry.variant_names()
+    assert registry.variant_args("moge@vit")["reduction"] == "sum_window" and registry.variant_args("moge") == {}
+
+
+def test_unknown_variant_lists_known_ones():
+    with pytest.raises(UnknownRouterError) as ei:
+        get_router("moge@papr")
+    msg = str(ei.value)
+    assert "unknown variant 'papr' of router 'moge'" in msg and "Did you mean 'moge@paper'" in msg
+    assert "Known variants: code, paper, vit" in msg
+    with pytest.raises(UnknownRouterError, match="Known routers"):
+        get_router("mogee@paper")
+
+
+def test_variants_get_distinct_spec_hashes_names_and_merged_router_args(tmp_path):
+    from harness.spec import load_suite
+
+    spec = load_suite("lm", routers=["moge", "moge@paper", "moge@code"],
+                      overrides=["router_args.moge.sigma_min=0.5", "router_args.moge@paper.sigma_max=3.0"])
+    runs = {r.router: r for r in spec.runs()}
+    hashes = {r.spec_hash for r in runs.values()}
+    assert len(hashes) == 3  # moge@code has moge's values but is a distinct name (and hashes its variant args)
+    assert runs["moge@paper"].run_key.startswith("lm-moge@paper-")
+    assert runs["moge"].router_kwargs == {"sigma_min": 0.5}
+    assert runs["moge@paper"].router_kwargs == {"sigma_min": 0.5, "sigma_max": 3.0}  # base args, then its own
+    assert runs["moge@code"].router_kwargs == {"sigma_min": 0.5}
+    # the stored config rebuilds the variant (resume, evaluation)
+    from harness.lm_suite import build_lm
+
+    m = build_lm(runs["moge@paper"].to_dict())
+    router = m.moe_layers()[0].router
+    assert router.router_name == "moge@paper" and router.penalize == "logits" and router.sigma_max == 3.0
+    # a plain name's hash does not see the variant machinery
+    plain = load_suite("lm", routers=["moge"]).runs()[0]
+    assert "variant_args" not in plain.to_dict()
+
+
+def test_suite_yaml_selects_variants(tmp_path):
+    from harness.spec import SpecError, load_suite
+
+    y = tmp_path / "s.yaml"
+    y.write_text("suite: lm\nrouters: [smoe, smoe@gshard]\nrouter_args:\n  smoe@gshard: {balance_weight: 0.02}\n")
+    spec = load_suite(str(y))
+    assert spec.routers == ("smoe", "smoe@gshard")
+    run = [r for r in spec.runs() if r.router == "smoe@gshard"][0]
+    assert run.router_kwargs == {"balance_weight": 0.02}
+    y.write_text("suite: lm\nrouters: [smoe@nope]\n")
+    with pytest.raises((UnknownRouterError, SpecError), match="Known variants"):
+        load_suite(str(y))
+
+
+def test_cli_lists_variants_and_rejects_unknown_variant(tmp_path, capsys):
+    from harness import cli
+
+    assert cli.main(["routers"]) == 0
+    out = capsys.readouterr().out
+    assert "moge@paper" in out and "smoe@gshard" in out and "xmoe@torchscale" in out
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--suite", "lm", "--routers", "moge,moge@nope",
+                          "--store", str(tmp_path / "s.duckdb")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0, out.stderr
+    assert "unknown variant 'nope' of router 'moge'" in out.stderr and "Known variants: code, paper, vit" in out.stderr
+    assert not (tmp_path / "s.duckdb").exists()
