@@ -132,7 +132,8 @@ def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
         # a partial, not a closure: it can be pickled, so --jobs workers evaluate their own runs
         after = functools.partial(eval_after_pretraining, store=store, runs_dir=runs_dir)
 
-    results = run_suite(spec, store, runs_dir, resume=args.resume, progress=not args.quiet, after_run=after,
+    results = run_suite(spec, store, runs_dir, resume=args.resume, rerun=args.rerun,
+                        progress=not args.quiet, after_run=after,
                         jobs=getattr(args, "jobs", None) or 1)
     if not dctx.is_main:
         return 0  # rank 0 reports (and carries the exit status)
@@ -144,7 +145,7 @@ def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
     with pl.Config(tbl_rows=100, tbl_cols=20, float_precision=4, tbl_width_chars=160):
         print(summary_table(results, adapter.primary_metric, adapter.unit))
     print(f"results: {args.store}  (harness runs --store {args.store}; harness board --store {args.store})")
-    return 0 if all(r.status == "finished" for r in results) else 1
+    return 0 if all(r.status in ("finished", "skipped") for r in results) else 1
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -212,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs-dir", default=None, help="checkpoints and models (default: beside the store, runs/)")
     s.add_argument("--resume", action="store_true", help="continue unfinished runs from their last checkpoint")
     s.add_argument("--restart", action="store_true", help="delete these runs' checkpoints and start clean")
+    s.add_argument("--rerun", action="store_true",
+                   help="train runs whose (spec, seed) already finished in the store again (default: skip them; "
+                        "a copy is not another seed), e.g. to re-measure speed")
     s.add_argument("--no-eval", action="store_true", help="skip lm-eval tasks after pretraining")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("--jobs", type=int, default=None, metavar="N",
@@ -248,7 +252,8 @@ def _optional_commands():
     import importlib
 
     out = []
-    for mod in ("harness.profile", "harness.evaluate", "harness.board", "harness.regress", "harness.doctor"):
+    for mod in ("harness.profile", "harness.evaluate", "harness.board", "harness.regress", "harness.doctor",
+                "harness.claims"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as exc:

@@ -41,11 +41,48 @@ def preflight(spec: SuiteSpec, adapter) -> None:
         adapter.prepare(spec.runs()[0])
 
 
+def skip_finished(
+    runs: list[RunSpec],
+    store: Store,
+    rerun: bool = False,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    primary: str | None = None,
+) -> tuple[list[RunSpec], list[RunResult]]:
+    """Split ``runs`` into those to train and the results of those the store already holds finished.
+
+    A finished (spec hash, seed) is one sample: training it again adds an identical copy that the
+    statistics would count as another seed (pseudo-replication, issue 21). Each skip is one line in
+    the log; ``rerun=True`` (``harness run --rerun``, e.g. to re-measure speed) trains them all.
+    Skipped runs come back with status ``skipped`` and their stored metrics. Under torchrun rank 0
+    reads the store and tells the other ranks.
+    """
+    if rerun or not runs:
+        return list(runs), []
+    dctx = distributed.current()
+    found = [store.find_finished(r.spec_hash, r.seed) for r in runs] if dctx.is_main else None
+    if dctx.distributed:
+        found = dctx.broadcast(found)
+    todo: list[RunSpec] = []
+    skipped: list[RunResult] = []
+    for run, prev in zip(runs, found):
+        if prev is None:
+            todo.append(run)
+            continue
+        v = prev["metrics"].get(primary) if primary else None
+        metric = f", {primary}={v:.4f}" if isinstance(v, (int, float)) else ""
+        log(f"skip {run.suite}: router={run.router} seed={run.seed} spec={run.spec_hash[:10]} already finished "
+            f"({prev['run_id']}{metric}); --rerun trains it again")
+        skipped.append(RunResult(prev["run_id"], run.router, run.seed, "skipped", int(prev["step"] or 0),
+                                 dict(prev["metrics"])))
+    return todo, skipped
+
+
 def run_suite(
     spec: SuiteSpec,
     store: Store,
     runs_dir: Path,
     resume: bool = False,
+    rerun: bool = False,
     progress: bool = True,
     after_run: Callable[[RunSpec, RunResult], None] | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
@@ -69,8 +106,10 @@ def run_suite(
     results = []
     deferred = []
     runs = spec.runs()
+    runs, skipped = skip_finished(runs, store, rerun, log, adapter.primary_metric)  # not twice (issue 21)
+    results.extend(skipped)
     if jobs > 1 and len(runs) > 1:
-        return _run_suite_parallel(spec, adapter, runs, store, runs_dir, resume, after_run, log, jobs)
+        return skipped + _run_suite_parallel(spec, adapter, runs, store, runs_dir, resume, after_run, log, jobs)
     for i, run in enumerate(runs, 1):
         log(f"[{i}/{len(runs)}] {spec.suite}: router={run.router} seed={run.seed} spec={run.spec_hash[:10]}")
         t0 = time.monotonic()

@@ -273,6 +273,28 @@ class Store:
         with self.reader() as con:
             return con.sql(sql, params=params or None).pl()
 
+    def find_finished(self, spec_hash: str, seed: int) -> dict[str, Any] | None:
+        """The latest finished run of this spec+seed with its final metrics, or None.
+
+        ``harness run`` skips such a run unless ``--rerun``: a second copy of the same measurement is
+        not another sample (issue 21)."""
+        if not self.path.exists():
+            return None
+        with self.reader() as con:
+            try:
+                row = con.execute(
+                    "SELECT run_id, step, finished_at FROM runs WHERE spec_hash = ? AND seed = ? "
+                    "AND status = 'finished' ORDER BY finished_at DESC NULLS LAST, started_at DESC LIMIT 1",
+                    [spec_hash, seed],
+                ).fetchone()
+                if row is None:
+                    return None
+                metrics = con.execute("SELECT name, value FROM metrics WHERE run_id = ? AND value IS NOT NULL",
+                                      [row[0]]).fetchall()
+            except duckdb.CatalogException:
+                return None
+        return {"run_id": row[0], "step": row[1], "finished_at": row[2], "metrics": dict(metrics)}
+
     def find_resumable(self, spec_hash: str, seed: int) -> dict[str, Any] | None:
         if not self.path.exists():
             return None

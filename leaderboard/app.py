@@ -318,7 +318,8 @@ def leaderboard_tab(path: str, stamp, runs: pl.DataFrame, metrics: pl.DataFrame,
                 "entropy", help="expert-load entropy / log E at the final evaluation (1 = uniform)"),
             "max/mean": st.column_config.TextColumn("max/mean", help="busiest expert's load ÷ mean"),
             "excluded": st.column_config.TextColumn(
-                "excluded", help="this router's runs left out of the statistics (diverged / failed / unfinished); "
+                "excluded", help="this router's runs left out of the statistics (diverged / failed / unfinished; "
+                                 "duplicates: re-runs of a finished spec and seed, of which only the latest counts); "
                                  "'specs!' = several spec hashes are mixed, filter by spec hash"),
         },
     )
@@ -789,6 +790,8 @@ def main() -> None:
                        f"cache {TTL_S} s")
 
     meta = q.suite_meta(suite, metrics["name"].unique().to_list())
+    all_runs = runs  # Run detail lists every run; every statistic counts distinct (spec, seed) only
+    runs, n_dupes = q.distinct_seeds(runs)
     counts = q.status_counts(runs)
     fin = runs.filter(pl.col("status") == "finished")
 
@@ -810,6 +813,11 @@ def main() -> None:
     cols[3].metric("diverged", counts["diverged"], help="excluded from the overview")
     cols[4].metric("failed", counts["failed"], help="excluded from the overview; see Run detail")
     cols[5].metric("running / unfinished", counts["running"], help="excluded from the overview")
+    if n_dupes:
+        st.caption(f":material/content_copy: **{n_dupes} duplicate run{'s' if n_dupes != 1 else ''} set aside**: "
+                   f"finished again with the same spec hash and seed as another run (`harness run --rerun`). "
+                   f"A copy is not another seed, so every statistic here counts one run per spec hash and "
+                   f"seed, the latest finished; Run detail still lists them all.")
 
     tabs = st.tabs([":material/leaderboard: Leaderboard", ":material/show_chart: Training curves",
                     ":material/alt_route: Routing", ":material/quiz: lm-eval", ":material/speed: Benchmarks",
@@ -826,7 +834,7 @@ def main() -> None:
     with tabs[4]:
         bench_tab(perf, filt)
     with tabs[5]:
-        run_detail_tab(path, stamp_, runs, metrics, meta)
+        run_detail_tab(path, stamp_, all_runs, metrics, meta)
 
 
 main()

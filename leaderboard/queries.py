@@ -9,8 +9,8 @@ shows is unit-testable. Two kinds of function live here:
 * pure transforms (``filter_runs``, ``overview``, ``curve_bands``, ...) that
   take those frames and return new ones.
 
-Statistics: a router's score is the mean over seeds of its finished runs with a
-95% confidence interval from Student's t (``mean ± t(0.975, n-1) * s / sqrt(n)``);
+Statistics: a router's score is the mean over seeds of its finished runs (one per
+spec hash and seed, the latest: ``distinct_seeds``) with a 95% confidence interval from Student's t (``mean ± t(0.975, n-1) * s / sqrt(n)``);
 "differs from SMoE" is Welch's unequal-variance t-test at alpha = 0.05, only
 when both sides have at least two seeds.
 """
@@ -417,6 +417,36 @@ def status_counts(runs: pl.DataFrame) -> dict[str, int]:
     return out
 
 
+def distinct_seeds(runs: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """One finished run per (spec hash, seed), the latest finished; and how many finished copies were set aside.
+
+    Re-running a finished (spec, seed) (``harness run --rerun``) measures the same thing again: the
+    copy has the same numbers, and counting it as another seed shrinks the CI to 0 and invents
+    significance (pseudo-replication, issue 21). Every statistic on the board goes through this;
+    unfinished runs are kept (they are only counted)."""
+    if runs.height == 0 or not {"status", "spec_hash", "seed"} <= set(runs.columns):
+        return runs, 0
+    fin = runs.filter(pl.col("status") == "finished")
+    order = [c for c in ("finished_at", "started_at", "run_id") if c in runs.columns]
+    keep = fin.sort(order, descending=True, nulls_last=True).unique(subset=["spec_hash", "seed"], keep="first")
+    dropped = fin.height - keep.height
+    if dropped == 0:
+        return runs, 0
+    kept = keep["run_id"].to_list()
+    return runs.filter((pl.col("status") != "finished") | pl.col("run_id").is_in(kept)), dropped
+
+
+def duplicate_counts(runs: pl.DataFrame) -> dict[str, int]:
+    """Router -> finished copies :func:`distinct_seeds` sets aside."""
+    if runs.height == 0:
+        return {}
+    fin = runs.filter(pl.col("status") == "finished")
+    kept, _ = distinct_seeds(fin)
+    a = dict(fin.group_by("router").len().iter_rows())
+    b = dict(kept.group_by("router").len().iter_rows())
+    return {r: int(a[r] - b.get(r, 0)) for r in a if a[r] - b.get(r, 0)}
+
+
 def router_order(routers: Iterable[str]) -> list[str]:
     """dense and smoe first (the references), then the rest alphabetically."""
     rs = sorted(set(r for r in routers if r is not None))
@@ -535,7 +565,8 @@ OVERVIEW_SCHEMA = {
     "dead_experts": pl.Float64, "load_entropy": pl.Float64, "max_over_mean_load": pl.Float64,
     "fluctuation_last_change": pl.Float64,
     "sig_label": pl.Utf8, "p_value": pl.Float64, "significance": pl.Utf8,
-    "diverged": pl.Int64, "failed": pl.Int64, "running": pl.Int64, "spec_hashes": pl.Int64, "seeds": pl.Utf8,
+    "diverged": pl.Int64, "failed": pl.Int64, "running": pl.Int64, "duplicates": pl.Int64, "spec_hashes": pl.Int64,
+    "seeds": pl.Utf8,
 }
 
 
@@ -545,6 +576,8 @@ def overview(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame, me
 
     ``runs`` is the already-filtered run table of ONE suite; diverged/failed/running runs in it are
     only counted. ``vs_dense``/``vs_smoe`` are throughput ratios (router / reference, >1 = faster)."""
+    dupes = duplicate_counts(runs)
+    runs, _ = distinct_seeds(runs)  # a re-run copy of a (spec, seed) is not another seed
     counts: dict[str, dict[str, int]] = {}
     for router, status, n in runs.group_by("router", "status").len().iter_rows():
         counts.setdefault(router, {})[status] = int(n)
@@ -591,7 +624,7 @@ def overview(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame, me
             "fluctuation_last_change": mean(vals(r, "fluctuation_last_change")),
             "sig_label": label, "p_value": p, "significance": sig_text(label, p),
             "diverged": c.get("diverged", 0), "failed": c.get("failed", 0), "running": c.get("running", 0),
-            "spec_hashes": df["spec_hash"].n_unique() if df.height else 0,
+            "duplicates": dupes.get(r, 0), "spec_hashes": df["spec_hash"].n_unique() if df.height else 0,
             "seeds": ",".join(str(s) for s in sorted(df["seed"].to_list())) if df.height else "",
         })
     if not rows:
@@ -681,6 +714,8 @@ def display_overview(ov: pl.DataFrame, meta: SuiteMeta) -> pl.DataFrame:
             notes.append(f"{r['failed']} failed")
         if r["running"]:
             notes.append(f"{r['running']} running")
+        if r.get("duplicates"):
+            notes.append(f"{r['duplicates']} duplicate{'s' if r['duplicates'] != 1 else ''}")
         if r["spec_hashes"] and r["spec_hashes"] > 1:
             notes.append(f"{r['spec_hashes']} specs!")
         rows.append({
@@ -813,7 +848,7 @@ def lmeval_table(metrics: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
     schema = {"router": pl.Utf8, "task": pl.Utf8, "metric": pl.Utf8, "mean": pl.Float64, "ci": pl.Float64,
               "stderr": pl.Float64, "n": pl.Int64, "higher_better": pl.Boolean}
     m = metrics.filter(pl.col("name").str.starts_with(LMEVAL_PREFIX)).join(
-        runs.filter(pl.col("status") == "finished").select("run_id", "router"), on="run_id")
+        distinct_seeds(runs)[0].filter(pl.col("status") == "finished").select("run_id", "router"), on="run_id")
     if m.height == 0:
         return _empty(schema)
     parts = m["name"].str.slice(len(LMEVAL_PREFIX)).str.splitn("/", 2).struct.rename_fields(["task", "metric"])
