@@ -43,10 +43,12 @@ Competition steps (training only):
   the Switch loss with P_i taken from softmax(s) (the affinity, as in the code)
   and f_i from the competition's first choices (``moe.py`` ``balanceloss``:
   ``one_hot(rearrange(selected_experts, '... k -> k ...'))[0]``; ``balance_fraction="first"``).
-* Balance on normal steps (``balance_loss``): "switch" (default; ``moe.py``
-  ``balanceloss``, first choice) or "entropy": log E - H(mean_t p_t), the sigma-MoE
-  entropy ("perplexity") regulariser, our reading of ``moe.perplexity_reg`` in the
-  LM-pretraining sweep.
+* Balance (``balance_loss``): "switch" (default; ``moe.py`` ``balanceloss``, first
+  choice) or "entropy": log E - H(mean_t p_t), the sigma-MoE entropy balance that
+  the LM-pretraining code (``moe_pretrain_model/layers/moe/competesmoe.py``,
+  ``entropy_balance``) applies to the router on normal steps and to softmax(affinity)
+  on competition steps. The constant log E only makes it 0 at balance (the code's
+  ``entropy_balance`` body lives in its base class, which we did not open).
 * Gate init: N(0, 0.02) (``moe.py`` ``init_gate_weights(std=0.02)``; the code also
   fixes that generator's seed to 42, we use the run's seed).
 
@@ -111,12 +113,15 @@ class CompeteSMoERouter(Router):
 
     description = "CompeteSMoE (v2 default): SMoE routing; 5% of steps route by expert response, router learns by MSE"
     variants = {
-        # moe_pretrain_model/sweeps/slimpajama_moe_no_attmoe_154M_competesmoe.yaml: warm_up 0.0, rate_flip 0.07,
-        # router_loss_coef 0.001, hybrid 1 with router_theta 0.2, balance_loss_coef(_comp) 0.01,
-        # router_z_loss_coef 0.001, moe.perplexity_reg 0.01; diversity 0.005 per issue 16 (not in that file)
+        # moe_pretrain_model/sweeps/slimpajama_moe_no_attmoe_154M_competesmoe.yaml (warm_up 0.0, rate_flip 0.07,
+        # router_loss_coef 0.001, hybrid 1, router_theta 0.2, balance_loss_coef 0.01, balance_loss_coef_comp 0.01,
+        # balance_affinity 1) as moe_pretrain_model/layers/moe/competesmoe.py uses them: entropy balance on
+        # normal steps (balance_loss_coef), diversity and entropy balance of the affinity at
+        # balance_loss_coef_comp / 2 = 0.005 on competition steps
         "lm_pretrain": {
             "warmup_fraction": 0.0, "competition_prob": 0.07, "router_loss_weight": 0.001, "router_loss": "hybrid",
             "router_theta": 0.2, "balance_loss": "entropy", "diversity_weight": 0.005,
+            "competition_balance_weight": 0.005,
         },
         "v1": {"version": 1},
     }
@@ -246,9 +251,10 @@ class CompeteSMoERouter(Router):
                 chosen = outputs.gather(1, idx.unsqueeze(-1).expand(-1, -1, outputs.shape[-1]))
                 aux["diversity"] = self.diversity_weight * diversity_loss(chosen, self.diversity_average)
             if self.competition_balance_weight:
-                aux["balance"] = self.competition_balance_weight * switch_balance_loss(
-                    aff.softmax(-1), idx, self.balance_fraction
-                )
+                aff_p = aff.softmax(-1)
+                bal = (switch_balance_loss(aff_p, idx, self.balance_fraction) if self.balance_loss == "switch"
+                       else marginal_entropy_loss(aff_p))
+                aux["balance"] = self.competition_balance_weight * bal
             router_idx = probs.detach().topk(k, dim=-1).indices
             same = (router_idx.sort(-1).values == idx.sort(-1).values).all(-1)
             agreement = float(same.float().mean()) if same.numel() else 1.0

@@ -258,6 +258,9 @@ def test_competesmoe_hybrid_router_loss_and_entropy_balance_by_hand():
     full = float(((probs - target) ** 2).mean())
     topk = float(((probs[chosen] - target[chosen]) ** 2).mean())
     assert float(out.aux_losses["router_mse"]) == pytest.approx(0.001 * (full + 0.2 * topk), rel=1e-5)
+    # competition steps: entropy balance of softmax(affinity) at balance_loss_coef_comp / 2 = 0.005
+    assert float(out.aux_losses["balance"]) == pytest.approx(
+        0.005 * (math.log(3) + float((target * target.log()).sum())), rel=1e-5)
     # normal steps: entropy balance log E - H(mean p)
     normal = create_router("competesmoe@lm_pretrain", 2, 3, 2, competition_prob=0.0)
     xb = torch.randn(4, 2)
