@@ -6,6 +6,9 @@ batches of each evaluation:
 * load fractions per layer and expert (share of routing slots), load entropy
   normalised by log(E) (1 = perfectly uniform), max/mean load, dead experts
   (no slot at all during the evaluation);
+* combine-weight mass (``weight_sum``): the mean over tokens of the sum of a
+  token's combine weights (1 for renormalised top-k softmax; less for Switch's raw
+  top-1 probability, StableMoE's sigmoid gate or un-renormalised top-k);
 * routing fluctuation between consecutive evaluations: the share of a fixed
   set of probe tokens (the first validation batch) whose top-1 expert changed;
 * StableMoE's routing fluctuation (Dai et al. 2022, Sec. 2.3): for each probe
@@ -27,14 +30,18 @@ class HealthTracker:
         self.history: list[tuple[int, list[Tensor]]] = []  # (step, per-layer top-1 of probe tokens)
         self._counts: list[Tensor] | None = None
         self._probe: list[Tensor] | None = None
+        self._mass: list[list[float]] | None = None  # per layer [sum of combine weights, tokens]
 
     # -- during one evaluation ------------------------------------------------
     def begin(self) -> None:
-        self._counts, self._probe = None, None
+        self._counts, self._probe, self._mass = None, None, None
 
     def observe(self, layers: list[Any]) -> None:
         """Call after each eval forward with the model's MoE layers."""
         counts = [layer.last_counts.detach().cpu().double() for layer in layers]
+        mass = [[float(layer.last_routing.weights.detach().float().sum()), layer.last_routing.weights.shape[0]]
+                for layer in layers]
+        self._mass = mass if self._mass is None else [[a[0] + b[0], a[1] + b[1]] for a, b in zip(self._mass, mass)]
         if self._counts is None:
             self._counts = counts
             self._probe = [layer.last_routing.indices[:, 0].detach().cpu().clone() for layer in layers]
@@ -58,6 +65,8 @@ class HealthTracker:
                 (step, li, "max_over_mean_load", float(frac.max() * E)),
                 (step, li, "dead_experts", float((c == 0).sum())),
             ]
+            if self._mass is not None and self._mass[li][1] > 0:
+                health_rows.append((step, li, "weight_sum", self._mass[li][0] / self._mass[li][1]))
             if prev is not None and li < len(prev) and prev[li].shape == self._probe[li].shape:
                 health_rows.append((step, li, "fluctuation", float((prev[li] != self._probe[li]).float().mean())))
         self.history.append((step, self._probe))

@@ -1,0 +1,184 @@
+"""``harness regress``: catch a change that makes a router worse or slower, on any machine.
+
+Quality (``quality.py``, ``gate.py``) — each gated router trains the fixed ``regress``
+spec (suite ``lm``) at the golden's primary seed, in parallel worker processes;
+its val bits/byte, routing health and router signature are compared with the
+committed goldens (``tasks/regress/lm.json``) within tolerances derived from the
+recorded seed spread, plus a documented allowance when the machine differs from
+the recording one.
+
+Throughput (``ab.py``) — the base revision (default: the one the goldens were
+recorded at) is checked out in a temporary worktree and timed against the current
+tree in alternating fresh processes on this machine; a rank test decides. Timings
+from another machine are never used.
+
+Routers without a golden (third-party plugins) are reported NO-GOLDEN and do not
+fail the gate unless named with ``--routers`` or ``--strict``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from . import ab
+from .gate import (GOLDEN_VERSION, Check, GoldenError, judge_quality, load_golden, machine_fingerprint, make_golden,
+                   print_checks, write_golden)
+from .quality import QUALITY_METRIC, measure_quality
+
+__all__ = ["GOLDEN_VERSION", "Check", "GoldenError", "cmd_regress", "register_cli", "judge_quality"]
+
+DEFAULT_SUITE, DEFAULT_PRESET = "lm", "regress"
+
+
+def default_baseline(suite: str) -> Path:
+    return Path(str(resources.files("harness.tasks").joinpath("regress", f"{suite}.json")))
+
+
+def _csv(s: str | None) -> list[str]:
+    return [x.strip() for x in (s or "").split(",") if x.strip()]
+
+
+def _seeds(s: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in _csv(s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers, got {s!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds needs at least one seed")
+    return seeds
+
+
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def select_routers(args: argparse.Namespace, golden: dict | None) -> tuple[list[str], list[Check]]:
+    """(routers to measure, NO-GOLDEN/missing checks for the others)."""
+    from ..registry import get_router, router_names
+
+    known = router_names()
+    named = _csv(args.routers)
+    for r in named:
+        get_router(r)  # unknown / broken plugin: one-line error, exit 2, before anything runs
+    if args.update:
+        return named or known, []
+    g_routers = (golden or {}).get("routers", {})
+    notes: list[Check] = []
+    if named:
+        measure = named
+    else:
+        measure = [r for r in g_routers if r in known]
+        for r in g_routers:
+            if r not in known:
+                notes.append(Check(r, "-", "FAIL", None, None,
+                                   f"has a golden but is not registered: install it, or re-record without it"))
+    for r in (measure if named else known):
+        if r not in g_routers:
+            gated = bool(named) or args.strict
+            notes.append(Check(r, "-", "NO-GOLDEN", None, None,
+                               "no golden: record it with --update " + ("(gated)" if gated else "(not gated)")))
+    return [r for r in measure if r in g_routers], notes
+
+
+def cmd_regress(args: argparse.Namespace) -> int:
+    from ..registry import get_router
+    from ..spec import load_suite
+
+    t_start = time.perf_counter()
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    baseline = Path(args.baseline) if args.baseline else default_baseline(args.suite)
+    old = load_golden(baseline) if (baseline.exists() or not args.update) else None
+    routers, notes = select_routers(args, old)
+    seeds = args.seeds if args.update else [old["seed"]]
+    load_suite(args.suite, preset=args.preset, routers=routers, seeds=seeds)  # bad spec: exit 2 before any work
+    tree = Path(args.repo).resolve() if args.repo else ab.package_tree()
+
+    quality = {} if args.skip_quality or not routers else measure_quality(
+        routers, seeds, args.suite, args.preset, args.jobs, log)
+    t_quality = time.perf_counter() - t_start
+
+    if args.update:
+        golden = make_golden(quality, seeds, args.suite, args.preset, old,
+                             revision=ab.head_revision(tree), dirty=ab.tree_is_dirty(tree))
+        if old is not None and old.get("version") == GOLDEN_VERSION:
+            print("what moved against the previous golden (primary seed):")
+            print_checks(judge_quality(old, {r: {**q, "values": q["values"]} for r, q in quality.items()
+                                             if r in old["routers"]}, cross=False))
+        write_golden(baseline, golden)
+        if golden["recorded_on_dirty_tree"]:
+            print("regress: WARNING recorded on a tree with uncommitted changes: commit them, so the golden's "
+                  "revision (the throughput base) is the code that was measured")
+        for r in sorted(quality):
+            vals = [quality[r]["values"][s][QUALITY_METRIC] for s in seeds]
+            print(f"  {r:<14} {QUALITY_METRIC} " + " ".join(f"{v:.4f}" for v in vals))
+        print(f"golden written: {baseline} ({len(golden['routers'])} routers, seeds {seeds}, "
+              f"revision {str(golden['revision'])[:12]}) in {time.perf_counter() - t_start:.0f} s")
+        return 0
+
+    here = machine_fingerprint()
+    cross = here["fingerprint"] != old.get("machine", {}).get("fingerprint")
+    checks = judge_quality(old, quality, cross)
+    if cross and quality:
+        log(f"regress: recorded on {old.get('machine', {}).get('fingerprint')}, this machine is "
+            f"{here['fingerprint']}: cross-machine allowances apply (column 'allowance')")
+
+    speed_routers = [r for r in routers if not get_router(r).is_dense]
+    if not args.skip_speed and speed_routers:
+        res = ab.measure_ab(tree, args.base or old.get("revision"), speed_routers, rounds=args.rounds,
+                            repeats=args.repeats, log=log)
+        if res.skipped:
+            checks.append(Check("*", "ratio_vs_dense", "SKIPPED", None, None, res.skipped))
+        else:
+            for r in speed_routers:
+                status, v, g, detail = ab.judge_speed(r, res.base.get(r), res.current.get(r), args.min_effect)
+                checks.append(Check(r, "ratio_vs_dense", status, v, g, detail))
+    checks += notes
+    print_checks(checks)
+    bad = [c for c in checks if c.failed]
+    wall = time.perf_counter() - t_start
+    if bad:
+        print(f"regress: {len(bad)} check(s) failed in {wall:.0f} s: "
+              + ", ".join(f"{c.router}/{c.metric} {c.status}" for c in bad))
+        return 1
+    print(f"regress: all {sum(c.status == 'pass' for c in checks)} checks passed in {wall:.0f} s "
+          f"(quality {t_quality:.0f} s)" + "".join(f"; {c.status} {c.router}" for c in checks
+                                                 if c.status not in ("pass",) and c.router != "*")
+          + "".join(f"; throughput SKIPPED: {c.detail}" for c in checks if c.status == "SKIPPED"))
+    return 0
+
+
+def register_cli(sub, store_arg) -> None:
+    from ..parallel import available_cpus
+
+    p = sub.add_parser("regress", help="quality + routing health against committed goldens; throughput A/B "
+                                       "against the base revision on this machine")
+    p.add_argument("--suite", default=DEFAULT_SUITE)
+    p.add_argument("--preset", default=DEFAULT_PRESET)
+    p.add_argument("--routers", default=None,
+                   help="comma-separated (default: every router with a golden); named routers are gated")
+    p.add_argument("--strict", action="store_true", help="a registered router without a golden fails the gate")
+    p.add_argument("--baseline", default=None, help="golden JSON (default: tasks/regress/<suite>.json)")
+    p.add_argument("--base", default=None,
+                   help="git revision the throughput is compared against (default: the golden's revision)")
+    p.add_argument("--repo", default=None,
+                   help="git checkout whose working tree is the current code (default: the harness package's)")
+    p.add_argument("--update", action="store_true", help="re-record the goldens (all --seeds) and say what moved")
+    p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="seeds measured by --update for the tolerance")
+    p.add_argument("--jobs", type=_positive, default=available_cpus(),
+                   help="parallel training processes (default: the CPUs here; 1 = in this process)")
+    p.add_argument("--rounds", type=_positive, default=ab.ROUNDS, help="A/B processes per tree")
+    p.add_argument("--repeats", type=_positive, default=ab.REPEATS, help="timed repeats inside one A/B process")
+    p.add_argument("--min-effect", type=float, default=ab.MIN_EFFECT)
+    p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_regress)
