@@ -47,10 +47,14 @@ reading of the design notes (unverified against the paper text). See docs/router
   uses ``GS_LOSS_WEIGHT: 0.003`` times the model's ``aux_loss_weight 0.01``
   (``models/vision_transformer_moge.py``: ``l_aux * self.aux_loss_weight``) = 3e-5.
 * Balance: in the LM code ``g_blance`` is off, so the group-sparsity loss
-  *replaces* the balance loss (``keep_balance_loss=False``). The ViT (Tutel
-  ``tutel/impls/loss_group_sparsity.py``) adds Tutel's load-importance loss; we do
-  not implement that loss, ``moge@vit`` keeps the Switch balance loss at the same
-  weight (0.01) as its stand-in. No router z-loss.
+  *replaces* the balance loss (``keep_balance_loss=False``). The ViT
+  (``Image_Classification/tutel/impls/loss_group_sparsity.py``) adds Tutel's
+  load-importance loss (``balance_loss="load_importance"``, ``harness.losses``), weighted by
+  ``aux_loss_weight`` 0.01, with the ViT gate's noise ``gate_noise=1.0``
+  (``models/vision_transformer_moge.py`` ``MoEMlp(gate_noise=1.0)``; Tutel
+  ``moe_layer.py``: ``logits + gate_noise * randn / E`` in training, top-k of the
+  noisy softmax, the penalties on the noise-free softmax) and a bias-free gate
+  (Tutel ``gates/top.py``). ``balance_loss="switch"`` is the Switch loss. No z-loss.
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.losses import load_importance_loss
 from harness.registry import register_router
 from harness.router import RouteContext, Router, Routing, check_choice, check_gate_options, check_range, fp32_linear
 
@@ -131,6 +136,7 @@ class MoGERouter(Router):
         "code": {},  # the defaults: Language_Modeling/ of wangyuankl123/MoGE
         "vit": {  # Image_Classification/ of wangyuankl123/MoGE (Tutel), see the module docstring
             "reduction": "sum_window", "group_weight": 3e-5, "keep_balance_loss": True, "balance_weight": 0.01,
+            "balance_loss": "load_importance", "gate_noise": 1.0, "gate_bias": False,
         },
         "paper": {  # this harness's earlier reading of the design notes' summary (unverified against the paper)
             "penalize": "logits", "padding": "same", "reduction": "mean", "sigma_schedule": "cosine",
@@ -158,6 +164,8 @@ class MoGERouter(Router):
         z_loss_weight: float = 0.0,
         eps: float = 1e-8,
         gate_bias: bool = True,
+        balance_loss: str = "switch",
+        gate_noise: float = 0.0,
         balance_fraction: str = "first",
         renormalize: bool | str = "auto",
     ) -> None:
@@ -192,6 +200,13 @@ class MoGERouter(Router):
         if not eps > 0:
             raise ValueError(f"router {_NAME!r}: hyper-parameter eps={eps!r} must be > 0")
         check_gate_options(_NAME, balance_fraction, renormalize)
+        check_choice(_NAME, "balance_loss", balance_loss, ("switch", "load_importance"))
+        check_range(_NAME, "gate_noise", gate_noise, 0)
+        if balance_loss == "load_importance" and keep_balance_loss and not gate_noise > 0:
+            raise ValueError(f"router {_NAME!r}: hyper-parameter gate_noise={gate_noise!r} must be > 0 with "
+                             f"balance_loss='load_importance' (Tutel's load term divides by it)")
+        self.balance_loss = balance_loss
+        self.gate_noise = float(gate_noise)
         self.group_weight = group_weight
         self.penalize = penalize
         self.kernel_size = kernel_size
@@ -230,10 +245,18 @@ class MoGERouter(Router):
     def forward(self, x: Tensor, ctx: RouteContext) -> Routing:
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = fp32_linear(x, self.gate.weight, self.gate.bias)
-            probs = logits.softmax(-1)
-            idx, weights, base_aux = softmax_topk(probs, logits, self.top_k, self.renormalize,
-                                                  self.balance_weight if self.keep_balance_loss else 0.0,
+            probs = logits.softmax(-1)  # noise-free: what the penalties see (scores_wo_noise)
+            noisy = logits
+            if self.gate_noise > 0 and ctx.training:  # Tutel moe_layer.py: logits + gate_noise * randn / E
+                noisy = logits + self.gate_noise * torch.randn_like(logits) / self.num_experts
+            scores = noisy.softmax(-1) if noisy is not logits else probs
+            switch = self.keep_balance_loss and self.balance_loss == "switch"
+            idx, weights, base_aux = softmax_topk(scores, logits, self.top_k, self.renormalize,
+                                                  self.balance_weight if switch else 0.0,
                                                   self.balance_fraction, self.z_loss_weight)
+            if self.keep_balance_loss and self.balance_loss == "load_importance" and self.balance_weight:
+                base_aux["balance"] = self.balance_weight * load_importance_loss(
+                    probs, noisy.gather(1, idx), self.gate_noise)
             aux = {}
             if self.group_weight:
                 z = probs if self.penalize == "probs" else logits

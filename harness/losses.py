@@ -75,3 +75,25 @@ def marginal_entropy_loss(probs: Tensor) -> Tensor:
     p = probs.float().mean(0)
     h = -(p * torch.log(p.clamp_min(1e-12))).sum()
     return math.log(probs.shape[-1]) - h
+
+
+def load_importance_loss(probs: Tensor, topk_logits: Tensor, gate_noise: float) -> Tensor:
+    """Tutel's ``load_importance_loss`` (``tutel/impls/losses.py``; Shazeer et al. 2017 Sec. 4 / App. A).
+
+    ``(CV^2(Importance) + CV^2(Load)) / 2`` with Importance_i = sum_t p_ti (``probs``, the
+    noise-free softmax), Load_i = sum_t Phi((p_ti - threshold_t) / (gate_noise / E)),
+    threshold_t = the k-th selected *noisy logit* of token t (``topk_logits[:, -1]``, as
+    Tutel passes it), CV^2 = var / (mean^2 + 1e-10) with the unbiased variance over
+    experts. Needs ``gate_noise > 0``. 0 for an empty batch.
+    """
+    if probs.shape[0] == 0:
+        return probs.float().sum() * 0.0
+    num_experts = probs.shape[-1]
+    p = probs.float()
+    imp = p.sum(0)
+    l_imp = imp.var() / (imp.mean() ** 2 + 1e-10)
+    std = gate_noise / num_experts
+    diff = p - topk_logits[:, -1:].float()
+    load = (0.5 * (1.0 + torch.erf(diff / (std * math.sqrt(2.0))))).sum(0)  # Normal(0, std).cdf
+    l_load = load.var() / (load.mean() ** 2 + 1e-10)
+    return (l_imp + l_load) / 2.0

@@ -89,10 +89,10 @@ def test_moge_router_penalises_softmax_over_all_experts_by_hand():
     per_token = math.sqrt(1 / 256 + 1e-8)
     assert float(out.aux_losses["group_sparsity"]) == pytest.approx(1e-7 * T * per_token, rel=1e-6)
     vit = create_router("moge@vit", 4, 16, 2)
+    assert vit.gate.bias is None  # Tutel gates/top.py: Linear(..., bias=False)
     with torch.no_grad():
         vit.gate.weight.zero_()
-        vit.gate.bias.zero_()
-    outv = vit(torch.randn(T, 4), RouteContext(training=True))
+    outv = vit(torch.randn(T, 4), RouteContext(training=False))  # evaluation: no gate noise
     assert float(outv.aux_losses["group_sparsity"]) == pytest.approx(3e-5 * T * per_token / 9, rel=1e-6)
     assert "balance" in outv.aux_losses
 
@@ -289,3 +289,34 @@ def test_lm_model_keeps_stablemoe_distilled_embedding_init():
     router = m.moe_layers()[0].router
     assert float(router.distill_embedding.weight.std()) == pytest.approx(1.0, rel=0.1)  # N(0, 1), not N(0, 0.02)
     assert float(m.tok_emb.weight.std()) == pytest.approx(0.02, rel=0.1)
+
+
+def test_tutel_load_importance_loss_by_hand():
+    from harness.losses import load_importance_loss
+
+    Phi = lambda v: 0.5 * (1 + math.erf(v / math.sqrt(2)))  # noqa: E731
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    topk_noisy_logits = torch.tensor([[1.0], [0.5]])  # k = 1: the threshold is the chosen noisy logit
+    std = 1.0 / 2  # gate_noise / E
+    l_imp = ((1.1 - 1.0) ** 2 + (0.9 - 1.0) ** 2) / 1 / 1.0 ** 2  # unbiased var / mean^2 of (1.1, 0.9)
+    L0 = Phi((0.7 - 1.0) / std) + Phi((0.4 - 0.5) / std)
+    L1 = Phi((0.3 - 1.0) / std) + Phi((0.6 - 0.5) / std)
+    l_load = ((L0 - L1) ** 2 / 2) / ((L0 + L1) / 2) ** 2
+    got = load_importance_loss(probs, topk_noisy_logits, gate_noise=1.0)
+    assert float(got) == pytest.approx((l_imp + l_load) / 2, rel=1e-5)
+    assert float(load_importance_loss(torch.zeros(0, 2), torch.zeros(0, 1), 1.0)) == 0.0
+
+
+def test_moge_vit_variant_is_the_tutel_reading():
+    d = get_router("moge@vit").hparam_defaults()
+    assert (d["reduction"], d["group_weight"], d["balance_loss"], d["gate_noise"], d["gate_bias"]) == \
+        ("sum_window", 3e-5, "load_importance", 1.0, False)
+    r = create_router("moge@vit", 4, 16, 1)
+    x = torch.randn(6, 4)
+    ev = r(x, RouteContext(training=False))  # no gate noise in evaluation: top-1 of the clean softmax
+    assert torch.equal(ev.indices[:, 0], (x @ r.gate.weight.t()).argmax(-1))
+    torch.manual_seed(0)
+    tr = r(x, RouteContext(training=True))
+    assert {"group_sparsity", "balance"} == set(tr.aux_losses)
+    with pytest.raises(ValueError, match="gate_noise"):
+        create_router("moge@vit", 4, 16, 1, gate_noise=0.0)
