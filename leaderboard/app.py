@@ -334,7 +334,8 @@ def leaderboard_tab(path: str, stamp, runs: pl.DataFrame, metrics: pl.DataFrame,
         forest_chart(ov, meta)
 
     with st.expander("Per-run values"):
-        pr = q.per_run_table(runs.filter(pl.col("status") == "finished"), metrics, health, meta)
+        pr = q.per_run_table(q.distinct_seeds(runs)[0].filter(pl.col("status") == "finished"), metrics, health,
+                             meta)
         st.dataframe(pr.drop("machine").to_pandas(), hide_index=True, width="stretch")
     with st.expander("Export: LaTeX (booktabs) and CSV"):
         st.code(q.to_latex(fin, meta), language="latex")
@@ -619,6 +620,52 @@ def lmeval_tab(runs: pl.DataFrame, metrics: pl.DataFrame) -> None:
         st.dataframe(table.to_pandas(), hide_index=True, width="stretch")
 
 
+CLAIM_COLORS = {"holds": "#137333", "reversed": "#c5221f", "within noise": "#5f6368", "n<2": "#9aa0a6"}
+
+
+def claims_tab(runs: pl.DataFrame, metrics: pl.DataFrame, meta: q.SuiteMeta) -> None:
+    """Each paper's directional claim beside the harness' verdict on the runs shown (harness.claims)."""
+    from harness.claims import claims_table
+
+    try:
+        table = claims_table(runs, metrics, meta)
+    except ValueError as exc:  # a damaged claims table: say so, keep the rest of the page
+        st.error(f"{exc}", icon=":material/block:")
+        return
+    k = 100.0 if meta.percent else 1.0
+
+    def side(router: str, mean: float | None, ci: float | None, n: int) -> str:
+        return f"{router} {q.fmt_ci(None if mean is None else mean * k, None if ci is None else ci * k)} (n={n})"
+
+    rows = [{"claim": r["claim"], "harness verdict": r["verdict"],
+             f"harness {meta.quality}": side(r["router"], r["router_mean"], r["router_ci"], r["n_router"]) + " vs "
+             + side(r["baseline"], r["baseline_mean"], r["baseline_ci"], r["n_baseline"]),
+             "paper": f"arXiv {r['arxiv']} · {r['paper']}", "paper's setting": r["setting"],
+             "paper's figure": r["figure"]} for r in table.iter_rows(named=True)]
+    pdf = pd.DataFrame(rows)
+    labels = table["label"].to_list()
+
+    def style(df: pd.DataFrame) -> pd.DataFrame:
+        css = pd.DataFrame("", index=df.index, columns=df.columns)
+        for i, lab in enumerate(labels):
+            css.iloc[i, df.columns.get_loc("harness verdict")] = \
+                f"color: {CLAIM_COLORS.get(lab, '#5f6368')}; font-weight: 700"
+        css.iloc[:, 0] = "font-weight: 700"
+        return css
+
+    st.dataframe(pdf.style.apply(style, axis=None) if len(pdf) else pdf, hide_index=True, width="stretch",
+                 key="claims")
+    direction = "higher" if meta.higher_better else "lower"
+    st.caption(f"Each claim reads *router beats baseline* on {meta.quality} ({direction} is better): Welch t-test "
+               f"over distinct seeds of the runs selected in the sidebar, α = {q.ALPHA}. **holds** / **reversed**: "
+               f"significantly better / worse; **within noise**: no significant difference at these n; "
+               f"**n<2**: too few seeds to test. The papers' settings differ from this suite's; their figures "
+               f"are quoted as the claims table (tasks/claims/papers.yaml) gives them, marked where not verified.")
+    if labels and all(lab == "n<2" for lab in labels):
+        st.info("No claim can be tested yet: run at least two seeds of each router, e.g. "
+                "`harness run --suite lm --seeds 0,1,2`.", icon=":material/fact_check:")
+
+
 def bench_tab(perf: pl.DataFrame, filt: dict[str, Any]) -> None:
     p = perf
     if filt.get("machines") is not None:
@@ -820,11 +867,11 @@ def main() -> None:
                    f"seed, the latest finished; Run detail still lists them all.")
 
     tabs = st.tabs([":material/leaderboard: Leaderboard", ":material/show_chart: Training curves",
-                    ":material/alt_route: Routing", ":material/quiz: lm-eval", ":material/speed: Benchmarks",
-                    ":material/manage_search: Run detail"])
+                    ":material/alt_route: Routing", ":material/quiz: lm-eval", ":material/fact_check: Claims",
+                    ":material/speed: Benchmarks", ":material/manage_search: Run detail"])
     stamp_ = stamp
-    with tabs[0]:
-        leaderboard_tab(path, stamp_, runs, metrics, health, meta)
+    with tabs[0]:  # overview() sets the copies aside itself and names them per router
+        leaderboard_tab(path, stamp_, all_runs, metrics, health, meta)
     with tabs[1]:
         training_tab(path, stamp_, runs, meta)
     with tabs[2]:
@@ -832,8 +879,10 @@ def main() -> None:
     with tabs[3]:
         lmeval_tab(runs, metrics)
     with tabs[4]:
-        bench_tab(perf, filt)
+        claims_tab(runs, metrics, meta)
     with tabs[5]:
+        bench_tab(perf, filt)
+    with tabs[6]:
         run_detail_tab(path, stamp_, all_runs, metrics, meta)
 
 

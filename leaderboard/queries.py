@@ -10,7 +10,8 @@ shows is unit-testable. Two kinds of function live here:
   take those frames and return new ones.
 
 Statistics: a router's score is the mean over seeds of its finished runs (one per
-spec hash and seed, the latest: ``distinct_seeds``) with a 95% confidence interval from Student's t (``mean ± t(0.975, n-1) * s / sqrt(n)``);
+spec hash and seed, the latest: ``distinct_seeds``) with a 95% confidence interval
+from Student's t (``mean ± t(0.975, n-1) * s / sqrt(n)``);
 "differs from SMoE" is Welch's unequal-variance t-test at alpha = 0.05, only
 when both sides have at least two seeds.
 """

@@ -1,0 +1,199 @@
+"""The papers' claims beside the harness' verdict: ``harness claims`` and the leaderboard's Claims tab.
+
+    harness claims [--store results/harness.duckdb] [--suite lm] [--preset default]
+
+The shipped table (``tasks/claims/papers.yaml``) lists each paper's directional claim ("CompeteSMoE
+beats SMoE", ...) with its setting and figure. :func:`claims_table` judges each claim on stored runs:
+the suite's primary metric (lm ``val_bpb``, lower is better; vision ``val_top1``, higher is better)
+over *distinct* seeds (one finished run per spec hash and seed, the latest:
+``leaderboard.queries.distinct_seeds``), Welch's unequal-variance t-test (scipy) at alpha = 0.05:
+
+* ``holds (p=…)``: the router is significantly better than the baseline;
+* ``reversed (p=…)``: significantly worse;
+* ``within noise (p=…, n=…)``: no significant difference with these many seeds;
+* ``n<2``: either side has fewer than two seeds (no test).
+
+The page and the command call this one function, so they always agree.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import yaml
+
+ALPHA = 0.05
+CLAIM_KEYS = ("id", "router", "baseline", "claim", "paper", "arxiv", "setting", "figure")
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    router: str
+    baseline: str
+    claim: str
+    paper: str = ""
+    arxiv: str = ""
+    setting: str = ""
+    figure: str = "figure/table not verified"
+
+
+from .spec import SpecError
+
+
+class ClaimsError(SpecError):
+    """The claims table cannot be read (a user error: ``harness: error: ...``, exit 2)."""
+
+
+def claims_path() -> Path:
+    return Path(str(resources.files("harness.tasks").joinpath("claims", "papers.yaml")))
+
+
+def load_claims(path: str | Path | None = None) -> list[Claim]:
+    p = Path(path) if path is not None else claims_path()
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ClaimsError(f"{p}: cannot read the claims table: {exc}".replace("\n", " ")) from exc
+    items = raw.get("claims") if isinstance(raw, dict) else None
+    if not isinstance(items, list):
+        raise ClaimsError(f"{p}: expected a top-level 'claims:' list")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ClaimsError(f"{p}: claims[{i}] must be a mapping")
+        unknown = sorted(set(item) - set(CLAIM_KEYS))
+        missing = [k for k in ("id", "router", "baseline", "claim") if not item.get(k)]
+        if unknown or missing:
+            what = f"unknown key {unknown[0]!r}" if unknown else f"missing {missing[0]!r}"
+            raise ClaimsError(f"{p}: claims[{i}]: {what} (keys: {', '.join(CLAIM_KEYS)})")
+        out.append(Claim(**{k: str(v).strip() for k, v in item.items()}))
+    return out
+
+
+# -- the verdict ------------------------------------------------------------------------------------
+
+def fmt_p(p: float | None) -> str:
+    if p is None:
+        return "p=?"
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def verdict(router_vals: list[float], base_vals: list[float], higher_better: bool,
+            alpha: float = ALPHA) -> dict[str, Any]:
+    """label ('holds' | 'reversed' | 'within noise' | 'n<2'), p, t, the two n and the display text."""
+    from leaderboard.queries import welch
+
+    a = [float(v) for v in router_vals if v is not None and math.isfinite(float(v))]
+    b = [float(v) for v in base_vals if v is not None and math.isfinite(float(v))]
+    res = welch(a, b)
+    if res is None:
+        return {"label": "n<2", "p": None, "t": None, "n_router": len(a), "n_baseline": len(b),
+                "verdict": f"n<2 (n={len(a)} vs {len(b)})"}
+    t, p = res
+    if p < alpha:
+        label = "holds" if (t > 0) == higher_better else "reversed"
+        text = f"{label} ({fmt_p(p)})"
+    else:
+        label = "within noise"
+        n = f"{len(a)}" if len(a) == len(b) else f"{len(a)} vs {len(b)}"
+        text = f"within noise ({fmt_p(p)}, n={n})"
+    return {"label": label, "p": p, "t": t, "n_router": len(a), "n_baseline": len(b), "verdict": text}
+
+
+CLAIMS_SCHEMA = {
+    "claim": pl.Utf8, "router": pl.Utf8, "baseline": pl.Utf8, "verdict": pl.Utf8, "label": pl.Utf8,
+    "p": pl.Float64, "n_router": pl.Int64, "n_baseline": pl.Int64,
+    "router_mean": pl.Float64, "router_ci": pl.Float64, "baseline_mean": pl.Float64, "baseline_ci": pl.Float64,
+    "paper": pl.Utf8, "arxiv": pl.Utf8, "setting": pl.Utf8, "figure": pl.Utf8, "id": pl.Utf8,
+}
+
+
+def claims_table(runs: pl.DataFrame, metrics: pl.DataFrame, meta: Any, claims: list[Claim] | None = None,
+                 alpha: float = ALPHA) -> pl.DataFrame:
+    """One row per claim: the harness' verdict on ``runs`` (the filtered runs of ONE suite and preset).
+
+    ``meta`` is the suite's ``leaderboard.queries.SuiteMeta`` (which metric, which direction)."""
+    from leaderboard.queries import distinct_seeds, mean_ci
+
+    claims = load_claims() if claims is None else claims
+    runs, _ = distinct_seeds(runs)
+    fin = runs.filter(pl.col("status") == "finished").select("run_id", "router")
+    vals = metrics.filter(pl.col("name") == meta.quality).join(fin, on="run_id") \
+        .group_by("run_id", "router").agg(pl.col("value").last())
+    by_router: dict[str, list[float]] = {}
+    for router, v in vals.select("router", "value").iter_rows():
+        by_router.setdefault(router, []).append(v)
+    rows = []
+    for c in claims:
+        a, b = by_router.get(c.router, []), by_router.get(c.baseline, [])
+        v = verdict(a, b, meta.higher_better, alpha)
+        ra, rb = mean_ci(a), mean_ci(b)
+        rows.append({"claim": c.claim, "router": c.router, "baseline": c.baseline, "verdict": v["verdict"],
+                     "label": v["label"], "p": v["p"], "n_router": v["n_router"], "n_baseline": v["n_baseline"],
+                     "router_mean": ra[0], "router_ci": ra[1], "baseline_mean": rb[0], "baseline_ci": rb[1],
+                     "paper": c.paper, "arxiv": c.arxiv, "setting": c.setting, "figure": c.figure, "id": c.id})
+    return pl.DataFrame(rows, schema=CLAIMS_SCHEMA) if rows else pl.DataFrame(schema=CLAIMS_SCHEMA)
+
+
+# -- harness claims -----------------------------------------------------------------------------------
+
+def _fmt_side(router: str, mean: float | None, ci: float | None, n: int, meta: Any) -> str:
+    from leaderboard.queries import fmt_ci
+
+    k = 100.0 if meta.percent else 1.0
+    m = None if mean is None else mean * k
+    h = None if ci is None else ci * k
+    return f"{router} {fmt_ci(m, h)}{'%' if meta.percent and m is not None else ''} (n={n})"
+
+
+def cmd_claims(args: argparse.Namespace) -> int:
+    from leaderboard import queries as q
+
+    if not 0 < args.alpha < 1:
+        raise SpecError(f"--alpha must lie between 0 and 1, got {args.alpha}")
+    claims = load_claims(args.claims)
+    runs = q.load_runs(args.store, timeout=60)
+    suite_runs = runs.filter(pl.col("suite") == args.suite)
+    presets = suite_runs.group_by("preset").len().sort("len", descending=True)["preset"].drop_nulls().to_list()
+    preset = args.preset or (presets[0] if presets else None)
+    if preset is not None:
+        suite_runs = suite_runs.filter(pl.col("preset") == preset)
+    metrics = q.load_metrics(args.store, suite_runs["run_id"].to_list(), timeout=60)
+    meta = q.suite_meta(args.suite, metrics["name"].unique().to_list())
+    table = claims_table(suite_runs, metrics, meta, claims, args.alpha)
+    _, dupes = q.distinct_seeds(suite_runs)
+    direction = "higher" if meta.higher_better else "lower"
+    print(f"claims on {args.store}: suite {args.suite}, preset {preset or '(none)'}, "
+          f"{suite_runs.filter(pl.col('status') == 'finished').height - dupes} distinct finished runs"
+          + (f" ({dupes} duplicate{'s' if dupes != 1 else ''} set aside)" if dupes else "")
+          + (f"; other presets: {', '.join(p for p in presets if p != preset)}" if len(presets) > 1 else ""))
+    print(f"verdict: {meta.quality} ({direction} is better), Welch t-test over distinct seeds, alpha {args.alpha}")
+    for r in table.iter_rows(named=True):
+        print()
+        print(f"{r['claim']}: {r['verdict']}")
+        print(f"  harness: {_fmt_side(r['router'], r['router_mean'], r['router_ci'], r['n_router'], meta)} vs "
+              f"{_fmt_side(r['baseline'], r['baseline_mean'], r['baseline_ci'], r['n_baseline'], meta)} "
+              f"({meta.quality}, mean ± 95% CI)")
+        print(f"  paper:   arXiv {r['arxiv']}: {r['paper']}")
+        print(f"  setting: {r['setting']}")
+        print(f"  figure:  {r['figure']}")
+    if table.height and (table["label"] == "n<2").all():
+        print(f"\nno claim can be tested yet: run at least two seeds of each router, e.g. "
+              f"harness run --suite {args.suite} --preset {preset or 'default'} --seeds 0,1,2 --store {args.store}")
+    return 0
+
+
+def register_cli(sub: argparse._SubParsersAction, store_arg) -> None:  # noqa: ANN001
+    s = sub.add_parser("claims", help="the papers' claims beside the harness' verdict on the stored runs")
+    store_arg(s)
+    s.add_argument("--suite", default="lm", help="suite whose runs are judged (lm | vision | ...)")
+    s.add_argument("--preset", default=None, help="preset whose runs are judged (default: the one with most runs)")
+    s.add_argument("--alpha", type=float, default=ALPHA, help="significance level of the Welch t-test")
+    s.add_argument("--claims", default=None, help="a claims YAML instead of the shipped tasks/claims/papers.yaml")
+    s.set_defaults(fn=cmd_claims)
