@@ -238,6 +238,15 @@ def variant_names(name: str | None = None) -> list[str]:
     return out
 
 
+def router_defaults(name: str) -> dict[str, Any]:
+    """The hyper-parameter defaults ``name`` (or ``name@variant``) resolves to; part of every spec hash.
+
+    A change of a router's defaults therefore re-keys its runs: the store does not skip
+    them as already finished, and regression goldens report SPEC-CHANGED.
+    """
+    return {k: v for k, v in get_router(name).hparam_defaults().items() if v is not inspect.Parameter.empty}
+
+
 def variant_args(name: str) -> dict[str, Any]:
     """The hyper-parameters a ``name@variant`` sets ({} for a plain name)."""
     return dict(getattr(get_router(name), "variant_args", {}) or {}) if split_router_name(name)[1] else {}

@@ -172,11 +172,11 @@ class RunSpec:
         d["data"] = {k: v for k, v in d["data"].items() if k not in ("cache_dir", "workers")}
         d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads",)}
         d["eval"] = {k: v for k, v in d["eval"].items() if k not in ("enabled", "batch_size")}
-        if "@" in self.router:
-            # a named variant (harness.registry): hash the values it stands for, so redefining it re-keys its runs
-            from .registry import variant_args
+        from .registry import router_defaults
 
-            d["variant_args"] = variant_args(self.router)
+        defaults = router_defaults(self.router)  # the values a router's (or variant's) defaults stand for:
+        if defaults:  # changing them re-keys its runs (the dense baseline has none: its hash is unchanged)
+            d["router_defaults"] = defaults
         if not d["model"].get("expert_parallel"):
             # added later: absent when off, so every spec hash from before it exists stays the same
             d["model"].pop("expert_parallel", None)

@@ -1,4 +1,5 @@
 """Registry: decorator, did-you-mean, duplicates, and entry-point plugins living outside the package."""
+import json
 import os
 import subprocess
 import sys
@@ -215,3 +216,27 @@ def test_cli_lists_variants_and_rejects_unknown_variant(tmp_path, capsys):
     assert out.stderr.strip().count("\n") == 0, out.stderr
     assert "unknown variant 'nope' of router 'moge'" in out.stderr and "Known variants: code, paper, vit" in out.stderr
     assert not (tmp_path / "s.duckdb").exists()
+
+
+def test_spec_hash_follows_router_defaults():
+    """A router whose defaults change gets new spec hashes (the store must not skip it as already finished)."""
+    from harness.spec import load_suite
+
+    def make(default):
+        class R(Router):
+            def __init__(self, d_model, num_experts, top_k, weight: float = default):
+                super().__init__(d_model, num_experts, top_k)
+
+        return R
+
+    hashes = []
+    for default in (0.1, 0.2, 0.1):
+        registry.unregister_router("test-defaults")
+        register_router("test-defaults")(make(default))
+        try:
+            hashes.append(load_suite("lm", routers=["test-defaults"]).runs()[0].spec_hash)
+        finally:
+            registry.unregister_router("test-defaults")
+    assert hashes[0] != hashes[1] and hashes[0] == hashes[2]
+    dense = load_suite("lm", routers=["dense"]).runs()[0]
+    assert "router_defaults" not in json.dumps(dense.to_dict())  # stored config unchanged; dense has no defaults
