@@ -61,6 +61,14 @@ def _positive(s: str) -> int:
     return v
 
 
+def _rounds(s: str) -> int:
+    v = _positive(s)
+    if v < ab.MIN_ROUNDS:
+        raise argparse.ArgumentTypeError(f"--rounds must be >= {ab.MIN_ROUNDS}: with {v} processes per tree a "
+                                         f"rank test cannot reach p < {ab.ALPHA}, so no slowdown could ever fail")
+    return v
+
+
 def select_routers(args: argparse.Namespace, golden: dict | None) -> tuple[list[str], list[Check]]:
     """(routers to measure, NO-GOLDEN/missing checks for the others)."""
     from ..registry import get_router, router_names
@@ -83,10 +91,10 @@ def select_routers(args: argparse.Namespace, golden: dict | None) -> tuple[list[
                                    f"has a golden but is not registered: install it, or re-record without it"))
     for r in (measure if named else known):
         if r not in g_routers:
-            gated = bool(named) or args.strict
+            gated = (bool(named) or args.strict) and not getattr(args, "skip_quality", False)
             notes.append(Check(r, "-", "NO-GOLDEN", None, None,
                                "no golden: record it with --update " + ("(gated)" if gated else "(not gated)")))
-    return [r for r in measure if r in g_routers], notes
+    return measure, notes
 
 
 def cmd_regress(args: argparse.Namespace) -> int:
@@ -96,8 +104,17 @@ def cmd_regress(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     baseline = Path(args.baseline) if args.baseline else default_baseline(args.suite)
-    old = load_golden(baseline) if (baseline.exists() or not args.update) else None
-    routers, notes = select_routers(args, old)
+    old = None
+    if not args.update:
+        old = load_golden(baseline)
+    elif baseline.exists():
+        try:
+            old = load_golden(baseline)
+        except GoldenError as exc:  # re-recording replaces an unreadable or older golden
+            log(f"regress: replacing the old golden ({exc})")
+    measured, notes = select_routers(args, old)
+    # quality needs a golden (or --update); throughput A/B needs none: the base revision is the reference
+    routers = measured if args.update else [r for r in measured if r in old["routers"]]
     seeds = args.seeds if args.update else [old["seed"]]
     load_suite(args.suite, preset=args.preset, routers=routers, seeds=seeds)  # bad spec: exit 2 before any work
     tree = Path(args.repo).resolve() if args.repo else ab.package_tree()
@@ -131,13 +148,17 @@ def cmd_regress(args: argparse.Namespace) -> int:
         log(f"regress: recorded on {old.get('machine', {}).get('fingerprint')}, this machine is "
             f"{here['fingerprint']}: cross-machine allowances apply (column 'allowance')")
 
-    speed_routers = [r for r in routers if not get_router(r).is_dense]
+    speed_routers = [r for r in measured if not get_router(r).is_dense]
     if not args.skip_speed and speed_routers:
-        res = ab.measure_ab(tree, args.base or old.get("revision"), speed_routers, rounds=args.rounds,
-                            repeats=args.repeats, log=log)
+        try:
+            res = ab.measure_ab(tree, args.base or old.get("revision"), speed_routers, rounds=args.rounds,
+                                repeats=args.repeats, log=log)
+        except RuntimeError as exc:  # the current tree's own worker failed: that is a regression
+            res = ab.ABResult("", skipped=None)
+            checks.append(Check("*", "ratio_vs_dense", "FAIL", None, None, str(exc)))
         if res.skipped:
             checks.append(Check("*", "ratio_vs_dense", "SKIPPED", None, None, res.skipped))
-        else:
+        elif res.base_rev:
             for r in speed_routers:
                 status, v, g, detail = ab.judge_speed(r, res.base.get(r), res.current.get(r), args.min_effect)
                 checks.append(Check(r, "ratio_vs_dense", status, v, g, detail))
@@ -175,7 +196,8 @@ def register_cli(sub, store_arg) -> None:
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="seeds measured by --update for the tolerance")
     p.add_argument("--jobs", type=_positive, default=available_cpus(),
                    help="parallel training processes (default: the CPUs here; 1 = in this process)")
-    p.add_argument("--rounds", type=_positive, default=ab.ROUNDS, help="A/B processes per tree")
+    p.add_argument("--rounds", type=_rounds, default=ab.ROUNDS,
+                   help=f"A/B processes per tree (>= {ab.MIN_ROUNDS}: fewer cannot reach p < {ab.ALPHA})")
     p.add_argument("--repeats", type=_positive, default=ab.REPEATS, help="timed repeats inside one A/B process")
     p.add_argument("--min-effect", type=float, default=ab.MIN_EFFECT)
     p.add_argument("--skip-quality", action="store_true")

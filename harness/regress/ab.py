@@ -32,8 +32,9 @@ from .worker import MARKER
 
 ALPHA = 0.01           # shared machines: p < 0.05 alone fired on unchanged code
 MIN_EFFECT = 0.10      # the smallest slowdown that counts
-ROUNDS = 5             # processes per tree; 5 vs 5 allows p down to 0.004
-REPEATS = 3            # interleaved repeats inside one process (its sample is their median)
+ROUNDS = 5             # processes per tree; 5 vs 5 allows p down to 1/252 = 0.004
+MIN_ROUNDS = 5         # 4 vs 4 cannot go below p = 1/70 = 0.014 > ALPHA
+REPEATS = 5            # interleaved repeats inside one process (its sample is their median; bench minimum 5)
 BENCH = dict(tokens=2048, d_model=128, d_ff=256, num_experts=8, top_k=2)
 WORKER_TIMEOUT_S = 300
 
@@ -164,7 +165,12 @@ def measure_ab(current_tree: Path, base_rev: str | None, routers: list[str], rou
                 if r % 2:
                     order.reverse()
                 for side, tree in order:
-                    ratios = run_worker(tree, routers, repeats, bench)
+                    try:
+                        ratios = run_worker(tree, routers, repeats, bench)
+                    except RuntimeError as exc:
+                        if side == "base":  # nothing to judge against: not the current code's fault
+                            raise Skip(f"the base revision could not be timed: {exc}") from None
+                        raise
                     dest = out.base if side == "base" else out.current
                     for router, v in ratios.items():
                         dest.setdefault(router, []).append(v)
@@ -173,10 +179,6 @@ def measure_ab(current_tree: Path, base_rev: str | None, routers: list[str], rou
                     f"{statistics.median(out.current.get(x, [float('nan')])):.3f}" for x in routers))
     except Skip as exc:
         return ABResult(sha, skipped=str(exc))
-    except RuntimeError as exc:
-        if not out.current:  # the base tree's worker could not run at all: nothing to judge against
-            return ABResult(sha, skipped=str(exc))
-        raise
     return out
 
 
