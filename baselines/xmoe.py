@@ -80,7 +80,10 @@ class XMoERouter(Router):
             "normalize_tokens": False, "temperature": 1.0, "learnable_temperature": False,
             "balance_temperature": None, "embedding_init_gain": 0.32, "rescale_embeddings": 1.5,
         },
-        "paper": {"temperature_param": "log"},  # the earlier reading: tau = exp(log_tau) everywhere
+        "paper": {  # this harness's earlier reading of the paper (tau = exp(log_tau) also in the balance softmax)
+            "temperature_param": "log", "balance_temperature": None, "embedding_init_gain": 0.32,
+            "balance_fraction": "slots",
+        },
     }
 
     def __init__(

@@ -320,3 +320,14 @@ def test_moge_vit_variant_is_the_tutel_reading():
     assert {"group_sparsity", "balance"} == set(tr.aux_losses)
     with pytest.raises(ValueError, match="gate_noise"):
         create_router("moge@vit", 4, 16, 1, gate_noise=0.0)
+
+
+def test_xmoe_paper_variant_is_the_earlier_reading():
+    torch.manual_seed(0)
+    r = create_router("xmoe@paper", 8, 4, 2)
+    assert r.temperature_param == "log" and float(r.temperature) == pytest.approx(0.07)
+    x = torch.randn(16, 8)
+    out = r(x, RouteContext(training=True))
+    probs = out.logits.softmax(-1)  # the balance softmax is the routing one (tau = exp(log_tau))
+    expected = 0.01 * switch_balance_loss(probs, out.indices, "slots")
+    assert float(out.aux_losses["balance"]) == pytest.approx(float(expected), rel=1e-6)
