@@ -13,10 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
+from . import args as argtypes
+from .errors import UsageError, UserError
+
 EXIT_USAGE = 2
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -26,13 +32,62 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .store import StoreError
     from .train import CheckpointError
 
-    errs: list[type[BaseException]] = [SpecError, UnknownRouterError, PluginLoadError, DataError, StoreError,
-                                       CheckpointError]
+    errs: list[type[BaseException]] = [UserError, SpecError, UnknownRouterError, PluginLoadError, DataError,
+                                       StoreError, CheckpointError]
     from .data.vision import VisionDataError
-    from .regress import GoldenError
 
-    errs += [VisionDataError, GoldenError]
+    errs.append(VisionDataError)
+    try:
+        from .regress import GoldenError
+
+        errs.append(GoldenError)
+    except ImportError:  # pragma: no cover - regress is optional
+        pass
     return tuple(errs)
+
+
+class HarnessParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``harness: error: argument --x: ...; see `harness run --help```."""
+
+    def error(self, message: str):  # noqa: ANN201 - argparse's signature
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered like Ctrl-C so the running run is recorded ``interrupted`` before exit."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ANN001
+    raise Terminated()
+
+
+# argparse ``type=`` checks by option name, applied to every sub-command (also those registered by other
+# modules), so one bad value fails the same way everywhere, before anything runs: {dest: check}; per-command
+# entries override. The checks return strings unchanged (validated), so commands parse them as before.
+_ARG_TYPES = {
+    "*": {"store": argtypes.store_file, "routers": argtypes.names, "seeds": argtypes.seeds,
+          "tasks": argtypes.names, "jobs": argtypes.positive_int, "nproc": argtypes.positive_int,
+          "node_rank": argtypes.nonneg_int, "repeats": argtypes.positive_int, "batch_size": argtypes.positive_int,
+          "port": argtypes.port, "address": argtypes.address, "device": argtypes.device,
+          "min_effect": argtypes.float_range(0), "baseline": argtypes.out_file, "preset": argtypes.nonempty,
+          "suite": argtypes.nonempty, "run_id": argtypes.nonempty, "data_dir": argtypes.in_dir,
+          "limit": argtypes.float_range(0, lo_open=True)},
+    "run": {"runs_dir": argtypes.out_dir},
+    "eval": {"runs_dir": argtypes.in_dir},
+}
+
+
+def _harden(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse has no public type for it
+    for name, parser in sub.choices.items():
+        table = {**_ARG_TYPES["*"], **_ARG_TYPES.get(name, {})}
+        for action in parser._actions:  # noqa: SLF001
+            check = table.get(action.dest)
+            if check is None or action.type not in (None, str, int, float) or action.nargs not in (None, "?"):
+                continue
+            if action.choices is not None or isinstance(action, (argparse._StoreTrueAction,  # noqa: SLF001
+                                                                    argparse._StoreFalseAction)):  # noqa: SLF001
+                continue
+            action.type = check
 
 
 def _csv(s: str) -> list[str]:
@@ -40,8 +95,8 @@ def _csv(s: str) -> list[str]:
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default=os.environ.get("HARNESS_STORE", "results/harness.duckdb"),
-                   help="DuckDB results file (default results/harness.duckdb or $HARNESS_STORE)")
+    p.add_argument("--store", default=os.environ.get("HARNESS_STORE") or "results/harness.duckdb",
+                   type=argtypes.store_file, help="DuckDB results file (default results/harness.duckdb or $HARNESS_STORE)")
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -60,6 +115,10 @@ def cmd_routers(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .spec import load_suite
 
+    if args.resume and args.restart:
+        raise UsageError("--resume continues unfinished runs and --restart deletes their checkpoints; "
+                         "give one of them, not both")
+
     spec = load_suite(args.suite, preset=args.preset, overrides=args.set,
                       routers=_csv(args.routers) if args.routers else None,
                       seeds=[int(s) for s in _csv(args.seeds)] if args.seeds else None)
@@ -67,6 +126,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         spec = replace(spec, eval=replace(spec.eval, enabled=False))
+    if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
+        from .evaluate import check_tasks
+
+        check_tasks(spec.eval.tasks, "eval.tasks")  # now, not after hours of pretraining
     from . import distributed
 
     multi = (args.nproc or 1) > 1 or str(args.nnodes or "1") != "1"
@@ -116,6 +179,10 @@ def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
 
     store = Store(args.store)
     runs_dir = Path(args.runs_dir or Path(args.store).parent / "runs")
+    if dctx.is_main:  # before anything is written: a store and a runs directory that can be written
+        argtypes.probe_dir(Path(args.store).parent, "results store directory", "--store")
+        argtypes.probe_dir(runs_dir, "runs directory", "--runs-dir")
+        store.check_readable()
     if args.restart and dctx.is_main:
         import shutil
 
@@ -171,8 +238,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     store = Store(args.store)
     with store.reader() as con:
-        row = con.execute("SELECT * FROM runs WHERE run_id = ? OR run_id LIKE ? ORDER BY started_at DESC LIMIT 1",
-                          [args.run_id, args.run_id + "%"]).fetchone()
+        prefix = args.run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        row = con.execute("SELECT * FROM runs WHERE run_id = ? OR run_id LIKE ? ESCAPE '\\' "
+                          "ORDER BY started_at DESC LIMIT 1", [args.run_id, prefix]).fetchone()
         if row is None:
             raise SpecError(f"no run {args.run_id!r} in {args.store}; `harness runs` lists them")
         cols = [d[0] for d in con.description]
@@ -196,7 +264,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 # -- parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="harness", description="Benchmark harness for MoE routing strategies")
+    p = HarnessParser(prog="harness", description="Benchmark harness for MoE routing strategies")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("routers", help="list registered routers (built-in and plugins)")
@@ -234,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("runs", help="list runs in the store")
     _store_arg(s)
-    s.add_argument("--suite", default=None)
+    s.add_argument("--suite", default=None, choices=("lm", "vision"))
     s.set_defaults(fn=cmd_runs)
 
     s = sub.add_parser("show", help="print one run: spec, versions, metrics")
@@ -244,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in _optional_commands():
         register(sub, _store_arg)
+    _harden(sub)
     return p
 
 
@@ -268,19 +337,40 @@ def _optional_commands():
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.argv = argv  # `harness run --nproc N` re-launches exactly this command line through torchrun
+    prev_term = None
     try:
+        if threading.current_thread() is threading.main_thread():
+            prev_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # pragma: no cover - not the main thread of the main interpreter
+        prev_term = None
+    try:
+        args = build_parser().parse_args(argv)
+        args.argv = argv  # `harness run --nproc N` re-launches exactly this command line through torchrun
         return int(args.fn(args) or 0)
     except _user_errors() as exc:
-        msg = str(exc).strip().replace("\n", " ")
-        print(f"harness: error: {msg}", file=sys.stderr)
+        _error_line(str(exc))
         return EXIT_USAGE
+    except Terminated:
+        print("harness: terminated (SIGTERM); the running run is recorded as interrupted: "
+              "`harness run ... --resume` continues it", file=sys.stderr)
+        return EXIT_SIGTERM
     except KeyboardInterrupt:
         print("harness: interrupted; unfinished runs can be continued with --resume", file=sys.stderr)
-        return 130
+        return EXIT_SIGINT
+    except OSError as exc:  # the environment (disk full, read-only, permissions): say which file, not a traceback
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        _error_line(f"{exc.strerror or exc}{where}; free space or fix the permissions, then re-run "
+                    f"(`harness run ... --resume` continues unfinished runs)")
+        return EXIT_USAGE
+    finally:
+        if prev_term is not None:
+            signal.signal(signal.SIGTERM, prev_term)
+
+
+def _error_line(msg: str) -> None:
+    msg = " ".join(str(msg).split())  # one line, whatever the exception's message held
+    print(f"harness: error: {msg}", file=sys.stderr)
 
 
 if __name__ == "__main__":

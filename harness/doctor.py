@@ -134,6 +134,10 @@ def run_checks(store: str, suite: str | None = None, overrides: list[str] | None
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.suite:  # a bad --suite / --set is a usage error (exit 2); a problem doctor finds is a FAIL row (exit 1)
+        from .spec import load_suite
+
+        load_suite(args.suite, overrides=args.set)
     rows = run_checks(args.store, args.suite, args.set)
     w = max(len(r[0]) for r in rows)
     for name, ok, detail in rows:

@@ -501,6 +501,30 @@ def resolve_task_name(name: str, known: Iterable[str]) -> str:
     return name
 
 
+def shipped_tasks() -> list[str]:
+    """Names of the shipped lm-eval tasks (the ``task:`` of each YAML in tasks/lm_eval), without importing lm-eval."""
+    out = []
+    for f in sorted(tasks_dir().glob("*.yaml")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            if line.startswith("task:"):
+                out.append(line.split(":", 1)[1].strip())
+    return out
+
+
+def check_tasks(tasks: Sequence[str], where: str = "--tasks") -> None:
+    """SpecError naming the first task that is not shipped (``hellaswag`` counts for ``local_hellaswag``)."""
+    import difflib
+
+    from .spec import SpecError
+
+    known = shipped_tasks()
+    for t in tasks:
+        if resolve_task_name(t, known) not in known:
+            near = difflib.get_close_matches(t, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise SpecError(f"{where}: unknown lm-eval task {t!r}{hint} (tasks: {', '.join(known)})")
+
+
 def _one_line(exc: BaseException) -> str:
     msg = str(exc).strip() or type(exc).__name__
     if isinstance(exc, KeyError) and msg.startswith(("'", '"')):
@@ -670,6 +694,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .store import Store
 
     set_offline()
+    if args.tasks:
+        check_tasks(_csv(args.tasks))  # before the model loads
     lm = model_class()(pretrained=args.run_id, store=args.store, runs_dir=args.runs_dir, device=args.device,
              batch_size=args.batch_size, progress=not args.quiet)
     spec_eval = lm.spec.get("eval") or {}
@@ -709,16 +735,29 @@ def lm_eval_cli(argv: Sequence[str]) -> int:
     wants_tasks = not args or args[0] not in ("ls", "validate") or args[:2] == ["ls", "tasks"]
     if wants_tasks and "--include_path" not in args and not any(a.startswith("--include_path=") for a in args):
         args += ["--include_path", str(tasks_dir())]
+    import argparse
+
     from lm_eval.__main__ import cli_evaluate
 
-    old = sys.argv
+    from .errors import UsageError, UserError
+
+    def one_line_error(self, message):  # noqa: ANN001 - lm-eval's argparse errors: one line, no usage dump
+        raise UsageError(f"lm-eval: {message}; see `harness lm-eval --help`")
+
+    old, old_error = sys.argv, argparse.ArgumentParser.error
     sys.argv = ["lm-eval", *args]
+    argparse.ArgumentParser.error = one_line_error
     try:
         cli_evaluate()
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - lm-eval's own failures (unknown task, bad model_args): one line
+        raise UserError(f"lm-eval: {type(exc).__name__}: {_one_line(exc)}; see `harness lm-eval --help`") from exc
     finally:
         sys.argv = old
+        argparse.ArgumentParser.error = old_error
     return 0
 
 

@@ -1363,10 +1363,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .spec import SpecError
 
     mode = args.what or args.mode
+    routers = [r.strip() for r in args.routers.split(",") if r.strip()] if args.routers else None
+    # before any timing: every router asked for by name exists, and the store can be written
+    from .registry import get_router
+
+    for name in routers or ():
+        get_router(name)  # UnknownRouterError / PluginLoadError: one line, exit 2
+    if args.top_k > min(args.experts or [8]):
+        raise SpecError(f"--top-k {args.top_k} exceeds --experts {min(args.experts or [8])}")
+    if not args.no_store:
+        from .args import probe_dir
+        from .store import Store
+
+        probe_dir(os.path.dirname(os.path.abspath(args.store)), "results store directory", "--store")
+        Store(args.store).check_readable()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
-    routers = [r.strip() for r in args.routers.split(",") if r.strip()] if args.routers else None
     try:
         if mode == "layer":
             benches = []

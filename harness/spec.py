@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +24,10 @@ from typing import Any
 import yaml
 
 
-class SpecError(ValueError):
+from .errors import UserError
+
+
+class SpecError(UserError, ValueError):
     """A bad spec: the message names the file (or --set) and the key."""
 
 
@@ -196,6 +200,8 @@ def suite_path(name_or_path: str) -> Path:
     if p.suffix in (".yaml", ".yml"):
         if not p.exists():
             raise SpecError(f"{p}: spec file not found")
+        if not p.is_file():
+            raise SpecError(f"{p}: is a directory, not a suite YAML file")
         return p
     shipped = resources.files("harness.tasks").joinpath(f"{name_or_path}.yaml")
     if not shipped.is_file():
@@ -213,7 +219,11 @@ def load_suite(
 ) -> SuiteSpec:
     path = suite_path(suite)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the spec file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a UTF-8 text file; a suite spec is YAML text") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from exc
     if not isinstance(raw, dict):
@@ -241,14 +251,44 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
     m = spec.model
     if not 1 <= m.top_k <= m.num_experts:
         raise SpecError(f"{where}: model.top_k={m.top_k} must be between 1 and model.num_experts={m.num_experts}")
-    if m.d_model % m.n_heads:
+    if m.n_heads > 0 and m.d_model % m.n_heads:
         raise SpecError(f"{where}: model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
-    for key, val in (("model.n_layers", m.n_layers), ("model.d_ff", m.d_ff), ("train.steps", spec.train.steps),
+    for key, val in (("model.d_model", m.d_model), ("model.n_layers", m.n_layers), ("model.d_ff", m.d_ff),
+                     ("train.steps", spec.train.steps),
                      ("train.batch_size", spec.train.batch_size), ("model.moe_every", m.moe_every)):
         if val <= 0:
             raise SpecError(f"{where}: {key}={val} must be positive")
-    if spec.train.lr <= 0:
-        raise SpecError(f"{where}: train.lr must be positive")
+    t, d, e = spec.train, spec.data, spec.eval
+    # (key, value, lowest, highest, lowest excluded): every numeric knob whose bad values would only
+    # surface mid-training (a modulo by zero, an optimiser or dropout ValueError) is checked here
+    for key, val, lo, hi, open_lo in (
+        ("model.n_heads", m.n_heads, 1, None, False), ("model.context", m.context, 1, None, False),
+        ("model.dropout", m.dropout, 0.0, 1.0, False),
+        ("model.capacity_factor", m.capacity_factor, 0.0, None, True),
+        ("model.img_size", m.img_size, 1, None, False), ("model.patch_size", m.patch_size, 1, None, False),
+        ("model.num_classes", m.num_classes, 1, None, False),
+        ("train.lr", t.lr, 0.0, None, True), ("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0, False),
+        ("train.warmup_steps", t.warmup_steps, 0, None, False), ("train.weight_decay", t.weight_decay, 0.0, None, False),
+        ("train.beta1", t.beta1, 0.0, 0.999999, False), ("train.beta2", t.beta2, 0.0, 0.999999, False),
+        ("train.grad_clip", t.grad_clip, 0.0, None, False), ("train.eval_every", t.eval_every, 1, None, False),
+        ("train.eval_batches", t.eval_batches, 1, None, False), ("train.ckpt_every", t.ckpt_every, 1, None, False),
+        ("train.threads", t.threads, 1, None, False), ("data.workers", d.workers, 0, None, False),
+        ("eval.limit", e.limit, 1, None, False), ("eval.batch_size", e.batch_size, 1, None, False),
+    ):
+        if val is None:
+            continue
+        if isinstance(val, float) and not math.isfinite(val):
+            raise SpecError(f"{where}: {key}={val} must be a finite number")
+        if (lo is not None and (val <= lo if open_lo else val < lo)) or (hi is not None and val > hi):
+            rng = (f"> {lo}" if open_lo else f">= {lo}") + (f" and <= {hi}" if hi is not None else "")
+            raise SpecError(f"{where}: {key}={val} must be {rng}")
+    for s in spec.seeds:
+        if not 0 <= s < 2**32:
+            raise SpecError(f"{where}: seed {s} must be between 0 and {2**32 - 1}")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise SpecError(f"{where}: seeds {list(spec.seeds)} list a seed twice; each seed is one sample")
+    if len(set(spec.routers)) != len(spec.routers):
+        raise SpecError(f"{where}: routers {list(spec.routers)} list a router twice")
     if not spec.routers:
         raise SpecError(f"{where}: routers is empty")
     if spec.train.dtype not in ("float32", "bfloat16"):

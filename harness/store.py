@@ -34,9 +34,17 @@ from typing import Any, Iterable, Iterator
 
 import duckdb
 
+from .errors import UserError
+
 SCHEMA_VERSION = 1
 DEFAULT_STORE = "results/harness.duckdb"
-RUN_STATUSES = ("running", "finished", "diverged", "failed")
+# interrupted: stopped by SIGTERM / SIGINT or a checkpoint that could not be written; --resume continues it
+RUN_STATUSES = ("running", "finished", "diverged", "failed", "interrupted")
+
+# Lock waits of this process (seconds a connect spent retrying on another process's lock): the soak test
+# and `harness doctor` report the worst. With $HARNESS_LOCK_LOG set, every wait is also appended to that
+# file as "pid mode seconds" (one line per connection that had to wait), so waits of many processes add up.
+LOCK_WAITS: list[float] = []
 
 _DDL = [
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -69,7 +77,7 @@ def _migrate_0_to_1(con: duckdb.DuckDBPyConnection) -> None:
 _MIGRATIONS = {0: _migrate_0_to_1}
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     pass
 
 
@@ -96,18 +104,24 @@ class Store:
 
     # -- connections --------------------------------------------------------
     def _connect(self, read_only: bool, on_wait=None) -> duckdb.DuckDBPyConnection:
-        deadline = time.monotonic() + self.lock_timeout
-        delay, warned = 0.05, False
+        t0 = time.monotonic()
+        deadline = t0 + self.lock_timeout
+        delay, warned, waited = 0.05, False, False
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                if waited:
+                    _record_wait(time.monotonic() - t0, read_only)
+                return con
             except duckdb.Error as exc:
+                waited = True
                 if not is_lock_error(exc):
                     raise StoreError(
                         f"cannot open results store {self.path}: {exc}. If the file is damaged, move it aside "
                         f"and re-run (runs keep their checkpoints under results/runs/)"
                     ) from exc
                 if time.monotonic() > deadline:
+                    _record_wait(time.monotonic() - t0, read_only)
                     raise StoreLocked(
                         f"results store {self.path} stayed locked by another process for {self.lock_timeout:.0f}s; "
                         f"wait for it to finish or pass --store to use another file"
@@ -121,7 +135,11 @@ class Store:
     @contextlib.contextmanager
     def writer(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short write transaction (committed on success, rolled back on error)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the results store's directory {self.path.parent}: "
+                             f"{exc.strerror or exc}; pass --store a writable path") from None
         con = self._connect(read_only=False)
         try:
             if not self._initialised:
@@ -146,6 +164,12 @@ class Store:
             yield con
         finally:
             con.close()
+
+    def check_readable(self) -> None:
+        """An existing store file opens as a DuckDB store (StoreError otherwise); no file: nothing to check."""
+        if self.path.exists():
+            with self.reader():
+                pass
 
     def _init_schema(self, con: duckdb.DuckDBPyConnection) -> None:
         tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
@@ -212,10 +236,12 @@ class Store:
         if not self.path.exists():
             return 0
         with self.writer() as con:
-            n = con.execute("SELECT count(*) FROM runs WHERE spec_hash = ? AND seed = ? AND status = 'running'",
+            n = con.execute("SELECT count(*) FROM runs WHERE spec_hash = ? AND seed = ? "
+                            "AND status IN ('running', 'interrupted')",
                             [spec_hash, seed]).fetchone()[0]
             con.execute("UPDATE runs SET status = 'failed', error = ?, finished_at = ? "
-                        "WHERE spec_hash = ? AND seed = ? AND status = 'running'", [reason, now(), spec_hash, seed])
+                        "WHERE spec_hash = ? AND seed = ? AND status IN ('running', 'interrupted')",
+                        [reason, now(), spec_hash, seed])
         return int(n)
 
     def finish_run(
@@ -250,6 +276,12 @@ class Store:
                 "UPDATE runs SET status = ?, step = ?, finished_at = ?, error = ? WHERE run_id = ?",
                 [status, step, now(), error, run_id],
             )
+
+    def mark_interrupted(self, run_id: str, step: int, reason: str) -> None:
+        """A run stopped before its end (signal, unwritable checkpoint): resumable with ``--resume``."""
+        with self.writer() as con:
+            con.execute("UPDATE runs SET status = 'interrupted', error = ? WHERE run_id = ? AND status = 'running'",
+                        [reason, run_id])
 
     def add_metrics(self, run_id: str, metrics: Iterable[dict[str, Any]]) -> None:
         """Extra metrics for an existing run (e.g. lm-eval tasks after pretraining)."""
@@ -302,12 +334,23 @@ class Store:
             try:
                 row = con.execute(
                     "SELECT run_id, status, step FROM runs WHERE spec_hash = ? AND seed = ? "
-                    "AND status IN ('running', 'failed') ORDER BY started_at DESC LIMIT 1",
+                    "AND status IN ('running', 'failed', 'interrupted') ORDER BY started_at DESC LIMIT 1",
                     [spec_hash, seed],
                 ).fetchone()
             except duckdb.CatalogException:
                 return None
         return None if row is None else {"run_id": row[0], "status": row[1], "step": row[2]}
+
+
+def _record_wait(seconds: float, read_only: bool) -> None:
+    LOCK_WAITS.append(seconds)
+    log = os.environ.get("HARNESS_LOCK_LOG")
+    if log:
+        try:
+            with open(log, "a") as fh:
+                fh.write(f"{os.getpid()} {'read' if read_only else 'write'} {seconds:.3f}\n")
+        except OSError:
+            pass
 
 
 def _f(v: Any) -> float | None:

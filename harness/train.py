@@ -8,6 +8,7 @@ resume, throughput/memory measurement, routing health and the store rows.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import random
@@ -26,6 +27,7 @@ from . import distributed
 from .health import HealthTracker
 from .router import Routing
 from .spec import RunSpec
+from .errors import UserError
 from .store import Store, git_sha, machine_info, now, package_versions
 
 CKPT_VERSION = 1
@@ -37,8 +39,37 @@ class Diverged(RuntimeError):
         self.step = step
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint (or the final model) could not be written: disk full, read-only directory.
+
+    The previous checkpoint is untouched (writes go to a temporary file that replaces it only when
+    complete); the run is recorded ``interrupted`` and ``--resume`` continues from that checkpoint."""
+
+
+def _atomic_save(path: Path, obj: Any, what: str) -> None:
+    """torch.save to ``path.tmp``, fsync, rename over ``path``; a failed write leaves ``path`` as it was."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "writ" not in str(exc).lower():
+            raise  # not an I/O failure (torch wraps those as "PytorchStreamWriter failed writing ...")
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        why = (f"{exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})"
+               if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:200])
+        raise CheckpointWriteError(f"cannot write {what} {path}: {why}") from exc
 
 
 class SuiteAdapter(Protocol):
@@ -144,14 +175,8 @@ def peak_memory_mb(device: torch.device) -> float:
 # -- checkpoints --------------------------------------------------------------------------
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic: write a temporary file, fsync, then rename over the old checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Atomic: write a temporary file, fsync, then rename over the old checkpoint (CheckpointWriteError)."""
+    _atomic_save(path, state, "checkpoint")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -364,7 +389,20 @@ def train_run(
         status, error = "diverged", str(exc)
         step = exc.step
         log(f"[{run.router} seed {run.seed}] DIVERGED: {exc}")
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, CheckpointWriteError) as exc:
+        # stopped before the end (SIGINT, SIGTERM, a checkpoint that cannot be written): record it as
+        # interrupted so the store says so and --resume continues from the last checkpoint on disk
+        if isinstance(exc, CheckpointWriteError):
+            why = f"{exc}; the previous checkpoint is intact"
+            exc.args = (f"{exc}; the previous checkpoint is intact: free space or make the runs directory "
+                        f"writable (or pass --runs-dir), then `harness run ... --resume` continues",)
+        else:
+            why = f"interrupted ({'SIGTERM' if type(exc).__name__ == 'Terminated' else 'signal'})"
+        if dctx.is_main and run_id is not None:
+            _record_interrupted(store, run_id, f"{why} at step {step}; `harness run ... --resume` continues it",
+                                log, f"[{run.router} seed {run.seed}]")
+        raise
+    except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - a broken router must not stop the suite
         status, error = "failed", traceback.format_exc()
@@ -386,11 +424,16 @@ def train_run(
 
 def _save_final_model(path: Path, model: nn.Module, run: RunSpec, run_id: str,
                       state: dict[str, Tensor] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"version": CKPT_VERSION, "run_id": run_id, "spec": run.to_dict(),
-                "model": state if state is not None else model.state_dict()}, tmp)
-    os.replace(tmp, path)
+    _atomic_save(path, {"version": CKPT_VERSION, "run_id": run_id, "spec": run.to_dict(),
+                        "model": state if state is not None else model.state_dict()}, "final model")
+
+
+def _record_interrupted(store: Store, run_id: str, reason: str, log: Callable[[str], None], tag: str) -> None:
+    """Best effort and short: a process being stopped must not wait minutes for a busy store."""
+    try:
+        Store(store.path, lock_timeout=15.0).mark_interrupted(run_id, 0, reason)
+    except Exception as exc:  # noqa: BLE001 - the run stays 'running', which --resume also continues
+        log(f"{tag} could not record the interruption ({type(exc).__name__}: {exc}); --resume still continues it")
 
 
 def _sum_aux(routings: list[Routing]) -> dict[str, Tensor]:

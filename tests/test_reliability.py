@@ -48,7 +48,7 @@ def test_corrupt_checkpoint_clear_error_then_restart(tmp_path, capsys, interrupt
             "--set", "train.ckpt_every=10"]
     assert main(args) == 130  # interrupted right after the step-20 checkpoint
     ckpts = list((tmp_path / "runs").glob("*/ckpt.pt"))
-    assert len(ckpts) == 1 and q(store, "SELECT status, step FROM runs") == [("running", 20)]
+    assert len(ckpts) == 1 and q(store, "SELECT status, step FROM runs") == [("interrupted", 20)]
     data = ckpts[0].read_bytes()
     ckpts[0].write_bytes(data[: len(data) // 3])  # truncated
     Interrupt.on = False
