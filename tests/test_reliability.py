@@ -181,3 +181,132 @@ def test_doctor_reports_ok_and_problems(tmp_path, capsys):
                  "--set", f"data.path={tmp_path / 'nowhere'}"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "wiki.train.raw" in out
+
+
+# -- SIGTERM / SIGINT mid-run; a full disk or read-only runs directory at a checkpoint -----------------
+
+SIG_COMMON = ["run", "--suite", "lm", "--routers", "smoe", *TINY, "--set", "train.steps=80",
+              "--set", "train.ckpt_every=10", "--set", "train.eval_every=20", "--set", "train.threads=1"]
+FINAL_KEYS = "name IN ('val_bpb','test_bpb','val_byte_ppl','test_byte_ppl')"
+
+
+def _harness(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    store = tmp_path_factory.mktemp("ref") / "h.duckdb"
+    p = _harness(*SIG_COMMON, "--store", str(store))
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    return store
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_mid_run_recorded_interrupted_then_resume_matches(tmp_path, uninterrupted, sig, code):
+    store = tmp_path / "h.duckdb"
+    p = _harness(*SIG_COMMON, "--store", str(store))
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((tmp_path / "runs").glob("*/ckpt.pt")):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert p.poll() is None, "run finished before it could be signalled; make it longer"
+    os.kill(p.pid, sig)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == code, err[-2000:]
+    assert "Traceback" not in err
+    assert "--resume" in err.strip().splitlines()[-1]
+    (status, error), = q(store, "SELECT status, error FROM runs")
+    assert status == "interrupted" and "--resume" in error, (status, error)
+
+    p = _harness(*SIG_COMMON, "--store", str(store), "--resume")
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    assert "resuming" in err
+    assert q(store, "SELECT count(*), min(status) FROM runs") == [(1, "finished")]
+    got = q(store, f"SELECT name, value FROM metrics WHERE {FINAL_KEYS} ORDER BY name")
+    want = q(uninterrupted, f"SELECT name, value FROM metrics WHERE {FINAL_KEYS} ORDER BY name")
+    assert got == want and len(got) == 4
+    assert q(store, "SELECT step, name, count(*) c FROM curves GROUP BY step, name HAVING c > 1") == []
+
+
+DISK_ARGS = ["run", "--suite", "lm", "--routers", "smoe", *TINY, "--set", "train.ckpt_every=10",
+             "--set", "train.eval_every=10"]
+
+
+def _fail_second_checkpoint(monkeypatch, err):
+    """The first checkpoint (step 10) is written; the second (step 20) fails half-way with ``err``."""
+    import errno as errno_
+    import harness.train as train
+
+    real_save, calls = train.torch.save, {"n": 0}
+
+    def save(obj, f, *a, **k):
+        if isinstance(obj, dict) and "optimizer" in obj:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                if err == errno_.ENOSPC:
+                    f.write(b"partial checkpoint bytes")  # the disk filled up mid-write
+                raise OSError(err, os.strerror(err))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(train.torch, "save", save)
+    return calls
+
+
+@pytest.mark.parametrize("err", ["ENOSPC", "EROFS"])
+def test_checkpoint_write_failure_one_line_previous_checkpoint_intact(tmp_path, capsys, monkeypatch, err):
+    import errno as errno_
+
+    from harness.train import load_checkpoint
+
+    code = getattr(errno_, err)
+    ref = tmp_path / "ref" / "h.duckdb"
+    assert main(DISK_ARGS + ["--store", str(ref)]) == 0
+    store = tmp_path / "disk" / "h.duckdb"
+    calls = _fail_second_checkpoint(monkeypatch, code)
+    capsys.readouterr()
+    assert main(DISK_ARGS + ["--store", str(store)]) == 2
+    assert calls["n"] == 2
+    err_lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("harness: error:")]
+    assert len(err_lines) == 1, err_lines
+    assert os.strerror(code) in err_lines[0] and "previous checkpoint is intact" in err_lines[0]
+    assert "--resume" in err_lines[0]
+    ckpt, = (tmp_path / "disk" / "runs").glob("*/ckpt.pt")
+    assert load_checkpoint(ckpt)["step"] == 10  # the step-10 checkpoint, untouched
+    assert not list((tmp_path / "disk" / "runs").glob("*/*.tmp"))
+    (status, error), = q(store, "SELECT status, error FROM runs")
+    assert status == "interrupted" and os.strerror(code) in error
+
+    monkeypatch.undo()  # space freed / directory writable again
+    assert main(DISK_ARGS + ["--store", str(store), "--resume"]) == 0
+    assert q(store, "SELECT count(*), min(status) FROM runs") == [(1, "finished")]
+    got = q(store, f"SELECT name, value FROM metrics WHERE {FINAL_KEYS} ORDER BY name")
+    assert got == q(ref, f"SELECT name, value FROM metrics WHERE {FINAL_KEYS} ORDER BY name") and len(got) == 4
+
+
+def test_unwritable_runs_dir_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    """A runs directory that cannot be written (read-only mount, full disk) is found before training:
+    exit 2, one line, no run row. (Tests run as root, which chmod cannot stop: the write fails by patch.)"""
+    import errno as errno_
+    import tempfile
+
+    import harness.args as argtypes
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*a, dir=None, **k):  # noqa: A002
+        if dir is not None and os.path.basename(str(dir)) == "runs":
+            raise OSError(errno_.EROFS, os.strerror(errno_.EROFS), str(dir))
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(argtypes.tempfile, "mkstemp", mkstemp)
+    store = tmp_path / "h.duckdb"
+    assert main(DISK_ARGS + ["--store", str(store)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("harness: error: cannot write runs directory"), err
+    assert "Read-only file system" in err[0] and "--runs-dir" in err[0]
+    assert not store.exists() and not (tmp_path / "runs").exists()
