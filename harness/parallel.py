@@ -14,7 +14,8 @@ as :class:`Failed`, a fresh worker takes its place and the other items go on.
   torch thread count. ``fn`` and the items are pickled (module-level
   functions, ``functools.partial`` of them, dataclasses).
 * ``log(msg)`` inside a worker sends the line to the parent, which passes it
-  to its own ``log``: one writer, whole lines, no interleaving mid-line.
+  to its own ``log``: one writer, whole lines, no interleaving mid-line. A
+  message that is not a string (e.g. a progress tuple) goes to ``on_message``.
 * An exception escaping ``fn`` becomes ``Failed(error=<traceback>)`` for that
   item; a worker that dies becomes ``Failed(error="worker process ... died ...",
   exitcode=...)``. Either way the pool goes on with the other items.
@@ -113,8 +114,8 @@ def _worker_main(conn, fn: Callable[[Any, Callable[[str], None]], Any], parent_p
     signal.signal(signal.SIGTERM, _on_sigterm)
     _die_with_parent(parent_pid)
 
-    def log(msg: str) -> None:
-        conn.send(("log", None, str(msg)))
+    def log(msg: Any) -> None:
+        conn.send(("log", None, msg))
 
     try:
         while True:
@@ -172,12 +173,14 @@ def run_parallel(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
     on_start: Callable[[int, Any, int], None] | None = None,
     on_done: Callable[[int, Any, Any], None] | None = None,
+    on_message: Callable[[int, Any, Any], None] | None = None,
 ) -> list[Any]:
     """``[fn(item, log) for item in items]`` over ``jobs`` spawned worker processes (see the module doc).
 
     ``on_start(index, item, worker_id)`` runs in the parent when an item is handed to a worker, and
     ``on_done(index, item, result)`` when its result (or :class:`Failed`) comes back; both in completion
-    order, while the other workers keep going.
+    order, while the other workers keep going. ``on_message(index, item, msg)`` gets what a worker's
+    ``fn`` passed to ``log`` that is not a string.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -204,7 +207,10 @@ def run_parallel(
     def handle(w: _Worker, msg: tuple[str, int | None, Any]) -> None:
         kind, index, payload = msg
         if kind == "log":
-            log(payload)
+            if isinstance(payload, str):
+                log(payload)
+            elif on_message is not None and w.index is not None:
+                on_message(w.index, items[w.index], payload)
         elif kind == "done":
             finish(w, payload)
         elif kind == "error":

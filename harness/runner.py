@@ -109,7 +109,8 @@ def run_suite(
     runs, skipped = skip_finished(runs, store, rerun, log, adapter.primary_metric)  # not twice (issue 21)
     results.extend(skipped)
     if jobs > 1 and len(runs) > 1:
-        return skipped + _run_suite_parallel(spec, adapter, runs, store, runs_dir, resume, after_run, log, jobs)
+        return skipped + _run_suite_parallel(spec, adapter, runs, store, runs_dir, resume, after_run, log, jobs,
+                                           progress)
     for i, run in enumerate(runs, 1):
         log(f"[{i}/{len(runs)}] {spec.suite}: router={run.router} seed={run.seed} spec={run.spec_hash[:10]}")
         t0 = time.monotonic()
@@ -161,8 +162,16 @@ def _worker_run(run: RunSpec, log: Callable[[str], None], *, store: Store, runs_
     if not run.train.threads:
         torch.set_num_threads(threads)  # train.threads unset: share the cores between the workers
     adapter = _WORKER_ADAPTERS.get(run.suite) or _WORKER_ADAPTERS.setdefault(run.suite, get_adapter(run.suite))
+    last = [0.0]
+
+    def on_step(done: int) -> None:  # to the parent's combined bar, at most twice a second
+        now = time.monotonic()  # (the last step is counted when the run is done: after its test pass)
+        if now - last[0] >= 0.5 and done < run.train.steps:
+            last[0] = now
+            log(("step", done))  # type: ignore[arg-type]
+
     try:
-        res = train_run(run, adapter, store, runs_dir, resume=resume, progress=False, log=log)
+        res = train_run(run, adapter, store, runs_dir, resume=resume, progress=False, log=log, on_step=on_step)
     except (CheckpointError, StoreError) as exc:  # errors that stop a sequential suite stop this one too
         return _Abort(exc)  # type: ignore[return-value]
     if after_run is not None and res.status == "finished":
@@ -208,7 +217,8 @@ def _finish_line(i: int, n: int, res: RunResult, primary: str, seconds: float) -
 
 
 def _run_suite_parallel(spec: SuiteSpec, adapter, runs: list[RunSpec], store: Store, runs_dir: Path,  # noqa: ANN001
-                        resume: bool, after_run, log: Callable[[str], None], jobs: int) -> list[RunResult]:  # noqa: ANN001
+                        resume: bool, after_run, log: Callable[[str], None], jobs: int,  # noqa: ANN001
+                        progress: bool = True) -> list[RunResult]:
     from .parallel import Failed, available_cpus, run_parallel
 
     n, t0 = len(runs), {}
@@ -219,10 +229,33 @@ def _run_suite_parallel(spec: SuiteSpec, adapter, runs: list[RunSpec], store: St
                              after_run=after_run if in_worker else None)
     results: list[RunResult | None] = [None] * n
     log(f"{spec.suite}: {n} runs in {jobs} worker processes (--jobs {jobs})")
+    # one combined bar (steps of all runs) instead of a bar per worker; the lines are written around it
+    bar, steps = None, [0] * n
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(r.train.steps for r in runs), unit="step", desc=f"{n} runs", leave=False,
+                   dynamic_ncols=True, file=sys.stderr)
+
+    def say(msg: str) -> None:
+        if bar is None:
+            log(msg)
+        else:
+            with tqdm.external_write_mode(file=sys.stderr):
+                log(msg)
+
+    def advance(i: int, done: int) -> None:
+        if bar is not None and done > steps[i]:
+            bar.update(done - steps[i])
+        steps[i] = max(steps[i], done)
+
+    def on_message(i: int, run: RunSpec, msg: Any) -> None:
+        if isinstance(msg, tuple) and msg[:1] == ("step",):
+            advance(i, int(msg[1]))
 
     def on_start(i: int, run: RunSpec, wid: int) -> None:
         t0[i] = time.monotonic()
-        log(f"[{i + 1}/{n}] {spec.suite}: router={run.router} seed={run.seed} spec={run.spec_hash[:10]} "
+        say(f"[{i + 1}/{n}] {spec.suite}: router={run.router} seed={run.seed} spec={run.spec_hash[:10]} "
             f"(worker {wid})")
 
     def on_done(i: int, run: RunSpec, res: Any) -> None:
@@ -231,11 +264,18 @@ def _run_suite_parallel(spec: SuiteSpec, adapter, runs: list[RunSpec], store: St
         if isinstance(res, Failed):
             res = _record_lost(run, res, store)
         results[i] = res
-        log(_finish_line(i + 1, n, res, adapter.primary_metric, time.monotonic() - t0[i]))
+        advance(i, run.train.steps)  # a run that stopped early (diverged, failed) is done all the same
+        if bar is not None:
+            bar.set_postfix_str(f"{sum(r is not None for r in results)}/{n} runs done")
+        say(_finish_line(i + 1, n, res, adapter.primary_metric, time.monotonic() - t0[i]))
         if after_run is not None and not in_worker and res.status == "finished":
             after_run(run, res)
 
-    run_parallel(runs, jobs, task, log=log, on_start=on_start, on_done=on_done)
+    try:
+        run_parallel(runs, jobs, task, log=say, on_start=on_start, on_done=on_done, on_message=on_message)
+    finally:
+        if bar is not None:
+            bar.close()
     return [r for r in results if r is not None]
 
 

@@ -202,7 +202,9 @@ def train_run(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    on_step: Callable[[int], None] | None = None,
 ) -> RunResult:
+    """``on_step(steps_done)`` after every optimiser step (``--jobs`` workers report progress with it)."""
     t = run.train
     # Under torchrun (harness.distributed) every rank runs this loop on its shard of the global batch;
     # rank 0 alone writes the store and checkpoints. In a single process ``dctx`` is inert.
@@ -339,6 +341,8 @@ def train_run(
                 bar.update(1)
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{task_loss.item():.3f}", **{f"{adapter.unit}/s": f"{items / max(train_time, 1e-9):.0f}"})
+            if on_step is not None:
+                on_step(step + 1)
             done = step + 1
             if done % t.eval_every == 0 or done == t.steps:
                 last_val = evaluate("val", done, t.eval_batches)
