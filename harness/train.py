@@ -274,6 +274,9 @@ def train_run(
     routing_rows: list[tuple[int, int, int, float]] = []
     health_rows: list[tuple[int, int, str, float]] = []
     log_every = max(1, t.steps // 200)
+    # router stats are averaged over every step of a logging interval, not sampled at its last step, so
+    # a rare event (a CompeteSMoE competition step) is counted at its true rate; checkpointed with the run
+    stat_acc: dict[str, list[float]] = dict(state.get("stat_acc", {})) if state else {}
     items, train_time = 0, 0.0
     step = start_step
     status, error = "finished", None
@@ -330,9 +333,14 @@ def train_run(
             train_time += time.perf_counter() - t0
             items += adapter.items(inputs)
 
+            for name, v in _mean_stats(routings).items():
+                acc = stat_acc.setdefault(name, [0.0, 0])
+                acc[0] += v
+                acc[1] += 1
             if step % log_every == 0 or step == t.steps - 1:
                 logged = {"train_loss": task_loss.item(), **{f"aux/{n}": v.item() for n, v in aux.items()},
-                          **{f"stat/{n}": v for n, v in _mean_stats(routings).items()}}
+                          **{f"stat/{n}": a[0] / a[1] for n, a in stat_acc.items() if a[1]}}
+                stat_acc = {}
                 logged = dctx.mean_dict(logged)  # means over ranks (the global batch's loss)
                 pending_curves.append((step, "train_loss", logged.pop("train_loss")))
                 pending_curves.append((step, "lr", sched.get_last_lr()[0]))
@@ -359,7 +367,7 @@ def train_run(
                 if dctx.is_main:
                     save_checkpoint(ckpt_path, {
                         "version": CKPT_VERSION, "run_id": run_id, "step": done, "model": model_sd,
-                        **opt_sd, "scheduler": sched.state_dict(), "health": health.state_dict(),
+                        **opt_sd, "scheduler": sched.state_dict(), "health": health.state_dict(), "stat_acc": stat_acc,
                         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                 "python": random.getstate(),
                                 "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
