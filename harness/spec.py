@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -316,6 +317,9 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _apply_override(d: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100")
@@ -383,6 +387,8 @@ def _coerce(tp: Any, v: Any, where: str, key: str) -> Any:
     if tp is float:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             return float(v)
+        if isinstance(v, str) and _EXP_FLOAT.fullmatch(v.strip()):
+            return float(v)  # YAML 1.1 reads 1e-2 (no dot) as a string; every user means the number
         return _raise(where, key, "a number", v)
     if tp is str:
         if isinstance(v, str):

@@ -182,3 +182,12 @@ def test_paper_preset_resolves():
     assert s.train.steps == 60000 and s.train.batch_size == 48 and s.data.corpus == "enwik8"
     with pytest.raises(SpecError, match="unknown preset"):
         load_suite("lm", preset="nope")
+
+
+def test_set_accepts_exponent_floats_yaml_reads_as_strings():
+    """YAML 1.1 parses `1e-2` (no dot) as a string; `--set train.lr=1e-2` still means 0.01."""
+    from harness.spec import load_suite
+
+    spec = load_suite("lm", preset="tiny", overrides=["train.lr=1e-2", "train.weight_decay=5E-3"], routers=["smoe"])
+    run = spec.runs()[0]
+    assert run.train.lr == 0.01 and run.train.weight_decay == 0.005
