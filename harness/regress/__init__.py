@@ -119,8 +119,9 @@ def cmd_regress(args: argparse.Namespace) -> int:
     load_suite(args.suite, preset=args.preset, routers=routers, seeds=seeds)  # bad spec: exit 2 before any work
     tree = Path(args.repo).resolve() if args.repo else ab.package_tree()
 
+    cost = {r: g.get("run_seconds", 0.0) for r, g in (old or {}).get("routers", {}).items()}
     quality = {} if args.skip_quality or not routers else measure_quality(
-        routers, seeds, args.suite, args.preset, args.jobs, log)
+        routers, seeds, args.suite, args.preset, args.jobs, log, cost=cost)
     t_quality = time.perf_counter() - t_start
 
     if args.update:

@@ -106,7 +106,9 @@ def make_golden(quality: dict[str, dict[str, Any]], seeds: list[int], suite: str
         per_seed = [q["values"][s] for s in seeds]
         names = sorted(set.intersection(*(set(v) for v in per_seed)))  # gated only if every seed has it
         routers[router] = {"spec_hash": q["spec_hash"],
-                           "metrics": {n: metric_entry(n, per_seed[0][n], [v[n] for v in per_seed]) for n in names}}
+                           "metrics": {n: metric_entry(n, per_seed[0][n], [v[n] for v in per_seed]) for n in names},
+                           # not gated (timings never are): orders the gate's runs longest first
+                           "run_seconds": statistics.median(q.get("seconds") or [0.0])}
     return {"version": GOLDEN_VERSION, "suite": suite, "preset": preset, "seed": seeds[0], "seeds": seeds,
             "revision": revision, "recorded_on_dirty_tree": dirty, "versions": package_versions(),
             "machine": machine_fingerprint(), "routers": dict(sorted(routers.items()))}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,24 +65,32 @@ def run_one(item: tuple[str, int, str, str, tuple[str, ...], str], log: Callable
                       overrides=["eval.enabled=false", *overrides])
     (run,) = spec.runs()
     db = Path(tmp) / f"{router.replace('@', '_')}-{seed}.duckdb"  # one store per run: no lock waits
+    t0 = time.perf_counter()
     res = train_run(run, get_adapter(spec.suite), Store(db), Path(tmp) / "runs", progress=False,
                     log=lambda s: None)
+    seconds = time.perf_counter() - t0
     values = {QUALITY_METRIC: res.metrics.get(QUALITY_METRIC)} if res.status == "finished" else {}
     if res.status == "finished":
         values.update(summarise_store(db, res.run_id))
     log(f"regress: {router} seed {seed}: {res.status} {QUALITY_METRIC}={res.metrics.get(QUALITY_METRIC)}")
-    return {"router": router, "seed": seed, "spec_hash": run.spec_hash, "status": res.status,
+    return {"router": router, "seed": seed, "spec_hash": run.spec_hash, "status": res.status, "seconds": seconds,
             "error": (res.error or "").strip().splitlines()[-1:] or None, "values": values}
 
 
 def measure_quality(routers: list[str], seeds: list[int], suite: str, preset: str, jobs: int,
-                    log: Callable[[str], None], overrides: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-    """router -> {"spec_hash", "status": {seed: status}, "values": {seed: {metric: value}}}."""
+                    log: Callable[[str], None], overrides: tuple[str, ...] = (),
+                    cost: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """router -> {"spec_hash", "status": {seed: status}, "values": {seed: {metric: value}}, "seconds"}.
+
+    ``cost`` (router -> seconds one run took when the golden was recorded) orders the runs longest
+    first, so the last worker to finish is not the one that drew the slowest router.
+    """
     from ..parallel import Failed, run_parallel
 
     out: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="harness-regress-") as tmp:
-        items = [(r, s, suite, preset, tuple(overrides), tmp) for r in routers for s in seeds]
+        order = sorted(routers, key=lambda r: -(cost or {}).get(r, 0.0))
+        items = [(r, s, suite, preset, tuple(overrides), tmp) for r in order for s in seeds]
         if jobs <= 1:
             results = [run_one(item, log) for item in items]
         else:
@@ -96,6 +105,7 @@ def measure_quality(routers: list[str], seeds: list[int], suite: str, preset: st
             entry["spec_hash"] = res["spec_hash"]
             entry["status"][seed] = res["status"]
             entry["values"][seed] = res["values"]
+            entry.setdefault("seconds", []).append(res["seconds"])
             if res.get("error"):
                 entry["errors"][seed] = res["error"][0]
     return out
