@@ -191,6 +191,7 @@ def run_parallel(
     ctx = mp.get_context("spawn")
     pending = deque(range(n))
     workers: list[_Worker] = []
+    retired: list[_Worker] = []  # told to stop (nothing left for them); joined at the end
     next_wid = 0
     remaining = n
 
@@ -231,10 +232,14 @@ def run_parallel(
                 idle.index = i
                 if on_start is not None:
                     on_start(i, items[i], idle.wid)
-                idle.conn.send((i, items[i]))
+                try:
+                    idle.conn.send((i, items[i]))
+                except OSError:
+                    pass  # it died meanwhile: its sentinel reports the item below
             for w in [w for w in workers if w.index is None]:  # nothing left for them
                 w.stop()
                 workers.remove(w)
+                retired.append(w)
             ready = wait([w.conn for w in workers] + [w.proc.sentinel for w in workers])
             for w in list(workers):
                 if w.conn in ready:
@@ -258,13 +263,13 @@ def run_parallel(
                     w.conn.close()
         for w in workers:
             w.stop()
-        for w in workers:
+        for w in workers + retired:
             w.proc.join(timeout=30)
             if w.proc.is_alive():
                 w.proc.kill()
                 w.proc.join()
     except BaseException:  # Ctrl-C (or a bug here): stop every worker before re-raising
-        _shutdown(workers)
+        _shutdown(workers + retired)
         raise
     return results
 
