@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .quality import QUALITY_METRIC
 
 GOLDEN_VERSION = 2
 
 
-class GoldenError(RuntimeError):
-    pass
+class GoldenError(UserError):
+    """A missing, unreadable or outdated golden file (the message says how to re-record)."""
 
 
 @dataclass(frozen=True)
