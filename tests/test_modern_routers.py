@@ -303,3 +303,18 @@ def test_sigmoid_smoe_hparam_domain():
                {"z_loss_weight": -1.0}):
         with pytest.raises(ValueError, match="sigmoid_smoe"):
             create_router("sigmoid_smoe", 8, 4, 2, **kw)
+
+
+def test_lm_passes_token_positions_so_the_seq_loss_is_per_sequence():
+    from harness.models.lm import MoEDecoderLM
+
+    torch.manual_seed(0)
+    model = MoEDecoderLM("auxfree", vocab_size=256, d_model=16, n_layers=1, n_heads=2, d_ff=32, num_experts=4,
+                         top_k=2, context=8)
+    seen = []
+    router = model.moe_layers()[0].router
+    orig = router.forward
+    router.forward = lambda x, ctx: (seen.append(ctx.positions), orig(x, ctx))[1]
+    model(torch.randint(0, 256, (3, 5)))
+    assert seen[0].tolist() == list(range(5)) * 3
+    assert sequence_ids(seen[0], 15, torch.device("cpu")).tolist() == [0] * 5 + [1] * 5 + [2] * 5

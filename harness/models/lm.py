@@ -103,11 +103,12 @@ class MoEDecoderLM(nn.Module):
         x = self.drop(emb + self.pos_emb(torch.arange(L, device=idx.device)))
         shared: dict[str, Any] = {}
         token_ids = idx.reshape(-1)
+        positions = torch.arange(L, device=idx.device).repeat(B)  # [B*L] position in its sequence (0 starts one)
         flat_emb = emb.reshape(-1, emb.shape[-1])
         routings: list[Routing] = []
         for i, block in enumerate(self.blocks):
             ctx = RouteContext(training=self.training, step=step, total_steps=total_steps, token_ids=token_ids,
-                               embeddings=flat_emb, layer_index=i, shared=shared)
+                               embeddings=flat_emb, positions=positions, layer_index=i, shared=shared)
             x, routing = block(x, ctx)
             if routing is not None:
                 routings.append(routing)
