@@ -130,7 +130,9 @@ class Store:
                     on_wait(f"store {self.path} is busy (another process is writing); waiting...")
                     warned = True
                 time.sleep(delay * (1 + random.random()))
-                delay = min(delay * 2, 1.0)
+                # writers retry often (a reader holds the file for milliseconds, so a slow retry starves the
+                # writer behind a polling leaderboard); readers back off further
+                delay = min(delay * 2, 1.0 if read_only else 0.2)
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[duckdb.DuckDBPyConnection]:

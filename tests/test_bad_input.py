@@ -453,3 +453,18 @@ def test_subprocess_seeds_and_store_no_traceback(tmp_path):
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("harness: error: "), (args, p.stderr)
         assert list(tmp_path.iterdir()) == [], f"{args} wrote {list(tmp_path.iterdir())}"
+
+
+def test_board_binds_localhost_unless_address(monkeypatch, tmp_path, capsys):
+    """The leaderboard is private by default; --address shares it on purpose."""
+    seen = []
+    monkeypatch.setattr(harness.board.subprocess, "call", lambda cmd, **k: seen.append(cmd) or 0)
+    store = str(tmp_path / "x.duckdb")
+    assert main(["board", "--store", store]) == 0
+    assert main(["board", "--store", store, "--address", "0.0.0.0"]) == 0
+    default, shared = seen
+    assert default[default.index("--server.address") + 1] == "127.0.0.1"
+    assert shared[shared.index("--server.address") + 1] == "0.0.0.0"
+    out = capsys.readouterr().out
+    assert "this machine only" in out and "--address 0.0.0.0" in out
+    assert not (tmp_path / "x.duckdb").exists()
