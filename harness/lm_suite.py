@@ -31,6 +31,7 @@ def build_lm(spec: dict | RunSpec) -> MoEDecoderLM:
         d_ff=m["d_ff"], num_experts=m["num_experts"], top_k=m["top_k"], moe_every=m["moe_every"],
         context=m["context"], dropout=m["dropout"], capacity_factor=m["capacity_factor"],
         activation=m["activation"], router_kwargs=d.get("router_args") or {},
+        shared_experts=m.get("shared_experts", 0),  # absent in runs stored before issue 18
     )
 
 

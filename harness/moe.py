@@ -119,6 +119,13 @@ class MoELayer(nn.Module):
     capacity_factor: None keeps every token; c > 0 lets each expert take at most
     ``ceil(c * T * k / E)`` slots and drops the rest (their output is 0, the
     residual stream carries them); the dropped count is in ``routing.stats``.
+
+    shared_experts: N >= 1 adds DeepSeekMoE's always-on shared experts (Dai et al. 2024,
+    arXiv 2401.06066 eq. 9: h = sum_{i<=N_s} FFN_i(u) + sum_i g_i FFN_i(u)): N experts of
+    width d_ff that every token uses with weight 1, i.e. one FFN of width ``d_ff * N``
+    (torchtitan ``MoE.shared_experts = FeedForward(hidden_dim * num_shared_experts)``), added to
+    the routed output whatever the router decided. Its init is the experts' (``ffn_init_``).
+    The equal-FLOP dense baseline is then ``d_ff * (top_k + N)`` wide (``build_ffn``).
     """
 
     def __init__(
@@ -129,8 +136,11 @@ class MoELayer(nn.Module):
         capacity_factor: float | None = None,
         activation: str = "gelu",
         experts: ExpertBank | None = None,
+        shared_experts: int = 0,
     ) -> None:
         super().__init__()
+        if isinstance(shared_experts, bool) or not isinstance(shared_experts, int) or shared_experts < 0:
+            raise ValueError(f"shared_experts must be an integer >= 0, got {shared_experts!r}")
         self.router = router
         self.num_experts, self.top_k = router.num_experts, router.top_k
         # ``experts``: an existing bank to adopt (expert parallelism re-wraps a built layer without
@@ -140,6 +150,9 @@ class MoELayer(nn.Module):
         if cf is not None and cf <= 0:
             raise ValueError(f"capacity_factor must be positive or None, got {cf}")
         self.capacity_factor = cf
+        self.num_shared_experts = shared_experts
+        # N shared experts of width d_ff = one always-on FFN of width d_ff * N (a one-expert bank: same init rule)
+        self.shared_expert = (ExpertBank(1, d_model, d_ff * shared_experts, activation) if shared_experts else None)
         self.last_routing: Routing | None = None
         self.last_counts: Tensor | None = None  # [E] slots per expert in the last forward
 
@@ -171,6 +184,8 @@ class MoELayer(nn.Module):
             dropped = 0
         else:
             y, counts_t, dropped = self._dispatch(x2, idx, w, counts_t)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert.expert(0, x2)
 
         routing.stats = dict(routing.stats)
         routing.stats["dropped_tokens"] = float(dropped)
@@ -221,8 +236,12 @@ def build_ffn(
     capacity_factor: float | None = None,
     activation: str = "gelu",
     expert_parallel: bool = False,
+    shared_experts: int = 0,
 ) -> nn.Module:
     """The FFN of one block: an :class:`MoELayer` for a router, or the equal-FLOP dense FFN for ``dense``.
+
+    ``shared_experts`` N: N always-on experts of width d_ff in the MoE layer; the dense FFN is then
+    ``d_ff * (top_k + N)`` wide, so the active FLOPs per token stay equal.
 
     ``expert_parallel=True`` with torch.distributed initialised on more than one rank gives the
     :class:`harness.expert_parallel.ExpertParallelMoELayer` (same initial weights, this rank's experts).
@@ -236,9 +255,13 @@ def build_ffn(
         from baselines.dense import DenseFFN
 
         router = create_router(router_name, d_model, num_experts, top_k, **(router_kwargs or {}))
-        return DenseFFN(d_model, d_ff * top_k, router=router, activation=activation)
+        return DenseFFN(d_model, d_ff * (top_k + shared_experts), router=router, activation=activation)
     router = create_router(router_name, d_model, num_experts, top_k, **(router_kwargs or {}))
-    layer = MoELayer(d_model, d_ff, router, capacity_factor=capacity_factor, activation=activation)
+    layer = MoELayer(d_model, d_ff, router, capacity_factor=capacity_factor, activation=activation,
+                     shared_experts=shared_experts)
+    if expert_parallel and shared_experts:
+        raise ValueError("shared_experts with expert parallelism is not supported (the expert-parallel layer "
+                         "does not carry the shared experts); set model.shared_experts=0 or model.expert_parallel=false")
     if expert_parallel:
         import torch.distributed as dist
 

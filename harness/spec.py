@@ -50,6 +50,7 @@ class ModelSpec:
     patch_size: int = 4              # vision
     num_classes: int = 10            # vision
     expert_parallel: bool = False    # under torchrun: shard experts over ranks (harness.expert_parallel)
+    shared_experts: int = 0          # DeepSeekMoE always-on experts of width d_ff (any router); dense: d_ff*(k+N)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,8 @@ class RunSpec:
         if not d["model"].get("expert_parallel"):
             # added later: absent when off, so every spec hash from before it exists stays the same
             d["model"].pop("expert_parallel", None)
+        if not d["model"].get("shared_experts"):
+            d["model"].pop("shared_experts", None)  # added later (issue 18): absent when 0, old hashes unchanged
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -268,6 +271,7 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
         ("model.capacity_factor", m.capacity_factor, 0.0, None, True),
         ("model.img_size", m.img_size, 1, None, False), ("model.patch_size", m.patch_size, 1, None, False),
         ("model.num_classes", m.num_classes, 1, None, False),
+        ("model.shared_experts", m.shared_experts, 0, None, False),
         ("train.lr", t.lr, 0.0, None, True), ("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0, False),
         ("train.warmup_steps", t.warmup_steps, 0, None, False), ("train.weight_decay", t.weight_decay, 0.0, None, False),
         ("train.beta1", t.beta1, 0.0, 0.999999, False), ("train.beta2", t.beta2, 0.0, 0.999999, False),
@@ -288,6 +292,9 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
             raise SpecError(f"{where}: seed {s} must be between 0 and {2**32 - 1}")
     if len(set(spec.seeds)) != len(spec.seeds):
         raise SpecError(f"{where}: seeds {list(spec.seeds)} list a seed twice; each seed is one sample")
+    if m.shared_experts and m.expert_parallel:
+        raise SpecError(f"{where}: model.shared_experts={m.shared_experts} with model.expert_parallel=true is not "
+                        f"supported (the expert-parallel layer does not carry shared experts); set one of them off")
     if len(set(spec.routers)) != len(spec.routers):
         raise SpecError(f"{where}: routers {list(spec.routers)} list a router twice")
     if not spec.routers:

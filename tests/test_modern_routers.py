@@ -318,3 +318,77 @@ def test_lm_passes_token_positions_so_the_seq_loss_is_per_sequence():
     model(torch.randint(0, 256, (3, 5)))
     assert seen[0].tolist() == list(range(5)) * 3
     assert sequence_ids(seen[0], 15, torch.device("cpu")).tolist() == [0] * 5 + [1] * 5 + [2] * 5
+
+
+# ---------------------------------------------------------------------------
+# shared experts (DeepSeekMoE), a layer option for any router
+# ---------------------------------------------------------------------------
+
+
+def test_shared_experts_add_an_always_on_ffn_of_width_d_ff_times_n():
+    from baselines.dense import DenseFFN
+    from harness.moe import MoELayer
+    from harness.router import Routing
+
+    torch.manual_seed(0)
+    layer = build_ffn("smoe", 8, 16, 4, 2, shared_experts=2)
+    assert isinstance(layer, MoELayer) and layer.num_shared_experts == 2
+    assert tuple(layer.shared_expert.w1.shape) == (1, 8, 32)  # N experts of width d_ff = one FFN of width d_ff * N
+    x = torch.randn(6, 8)
+    y, _ = layer(x, RouteContext())
+    # the routed part is the plain layer's; the shared part is added on top
+    plain = MoELayer(8, 16, layer.router, experts=layer.experts)
+    y_plain, _ = plain(x, RouteContext())
+    torch.testing.assert_close(y, y_plain + layer.shared_expert.expert(0, x))
+
+    # with a router path of zero weight, the layer is exactly a dense FFN of width d_ff * N
+    zero = build_ffn("smoe", 8, 16, 4, 2, shared_experts=1)
+    orig = zero.router.forward
+    zero.router.forward = lambda x_, ctx: (lambda r: Routing(indices=r.indices, weights=r.weights * 0.0))(orig(x_, ctx))
+    dense = DenseFFN(8, 16)
+    with torch.no_grad():
+        dense.fc1.weight.copy_(zero.shared_expert.w1[0].t())
+        dense.fc1.bias.copy_(zero.shared_expert.b1[0])
+        dense.fc2.weight.copy_(zero.shared_expert.w2[0].t())
+        dense.fc2.bias.copy_(zero.shared_expert.b2[0])
+    torch.testing.assert_close(zero(x, RouteContext())[0], dense(x)[0])
+    # gradients reach the shared expert; biases stay out of weight decay like the experts'
+    y.square().mean().backward()
+    assert layer.shared_expert.w1.grad.abs().sum() > 0
+    assert layer.shared_expert.no_weight_decay() == {"b1", "b2"}
+
+
+def test_shared_experts_keep_the_dense_baseline_at_equal_active_flops():
+    dense = build_ffn("dense", 8, 16, 4, 2, shared_experts=1)
+    assert dense.fc1.out_features == 16 * (2 + 1)
+    assert build_ffn("dense", 8, 16, 4, 2).fc1.out_features == 32
+    # every router takes the option; 0 is the old layer (no shared module)
+    for name in ("auxfree", "hash", "sigmoid_smoe", "stablemoe"):
+        k = get_router(name).effective_top_k(2)
+        assert build_ffn(name, 8, 16, 4, k, shared_experts=1).shared_expert is not None
+    assert build_ffn("smoe", 8, 16, 4, 2).shared_expert is None
+    with pytest.raises(ValueError, match="shared_experts"):
+        build_ffn("smoe", 8, 16, 4, 2, shared_experts=-1)
+
+
+def test_shared_experts_spec_field_hash_and_models():
+    import dataclasses
+
+    from harness.lm_suite import build_lm
+    from harness.spec import ModelSpec, SpecError, load_suite
+
+    spec = load_suite("lm", preset="tiny", routers=["smoe", "dense"])
+    run, dense_run = spec.runs()
+    assert ModelSpec().shared_experts == 0
+    shared = dataclasses.replace(run, suite_spec=dataclasses.replace(
+        spec, model=dataclasses.replace(spec.model, shared_experts=1)))
+    assert shared.spec_hash != run.spec_hash  # 0 is left out of the hash (old hashes unchanged), 1 re-keys
+    assert build_lm(shared).moe_layers()[0].num_shared_experts == 1
+    assert build_lm(run).moe_layers()[0].shared_expert is None
+    dense_shared = dataclasses.replace(shared, router="dense")
+    m = spec.model
+    assert build_lm(dense_shared).blocks[-1].ffn.fc1.out_features == m.d_ff * (m.top_k + 1)
+    with pytest.raises(SpecError, match="shared_experts"):
+        load_suite("lm", preset="tiny", overrides=["model.shared_experts=-1"])
+    with pytest.raises(SpecError, match="expert_parallel"):  # the expert-parallel layer does not carry them
+        load_suite("lm", preset="tiny", overrides=["model.shared_experts=1", "model.expert_parallel=true"])

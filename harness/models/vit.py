@@ -135,6 +135,7 @@ class MoEVisionTransformer(VisionTransformer):
       d_ff:            width of one expert (default: timm's ``embed_dim * mlp_ratio``).
       moe_every:       MoE in every block (1) or every other block (2), counted from the last.
       router_kwargs:   the router's hyper-parameters (unknown keys are errors).
+      shared_experts:  always-on experts of width d_ff per MoE layer (``harness.moe.MoELayer``); dense: d_ff*(k+N).
     """
 
     def __init__(
@@ -147,6 +148,7 @@ class MoEVisionTransformer(VisionTransformer):
         capacity_factor: float | None = None,
         activation: str = "gelu",
         router_kwargs: dict[str, Any] | None = None,
+        shared_experts: int = 0,
         depth: int = 12,
         **vit_kwargs: Any,
     ) -> None:
@@ -171,7 +173,7 @@ class MoEVisionTransformer(VisionTransformer):
             if kwargs is not None and "vocab_size" in router_cls.hparam_names() and "vocab_size" not in kwargs:
                 kwargs["vocab_size"] = self.patch_embed.num_patches + self.num_prefix_tokens
             ffn = build_ffn(router if is_moe else "dense", in_features, width, num_experts, k, kwargs,
-                            capacity_factor=capacity_factor, activation=activation)
+                            capacity_factor=capacity_factor, activation=activation, shared_experts=shared_experts)
             built.append(HarnessMlp(ffn, i, scope, drop))
             return built[-1]
 
