@@ -172,6 +172,14 @@ def in_dir(s: str) -> str:
     return str(p)
 
 
+def dir_or_missing(s: str) -> str:
+    """A directory to read from that may not exist yet (then nothing is found there); never a file."""
+    p = _path(s)
+    if p.exists() and not p.is_dir():
+        raise _bad(f"{p} is a file, not a directory")
+    return str(p)
+
+
 def in_file(s: str) -> str:
     """An existing, readable regular file."""
     p = _path(s)

@@ -70,7 +70,7 @@ _ARG_TYPES = {
           "node_rank": argtypes.nonneg_int, "repeats": argtypes.positive_int, "batch_size": argtypes.positive_int,
           "port": argtypes.port, "address": argtypes.address, "device": argtypes.device,
           "min_effect": argtypes.float_range(0), "baseline": argtypes.out_file, "preset": argtypes.nonempty,
-          "suite": argtypes.nonempty, "run_id": argtypes.nonempty, "data_dir": argtypes.in_dir,
+          "suite": argtypes.nonempty, "run_id": argtypes.nonempty, "data_dir": argtypes.dir_or_missing,
           "limit": argtypes.float_range(0, lo_open=True)},
     "run": {"runs_dir": argtypes.out_dir},
     "eval": {"runs_dir": argtypes.in_dir},

@@ -203,7 +203,6 @@ CASES: list[tuple[str, list[str]]] = [
     ("eval-batch-size-zero", ["eval", "x", "--batch-size", "0"]),
     ("eval-device-unknown", ["eval", "x", "--device", "tpu"]),
     ("eval-data-dir-is-file", ["eval", "x", "--data-dir", "$F"]),
-    ("eval-data-dir-missing", ["eval", "x", "--data-dir", "$T/nowhere"]),
     ("eval-runs-dir-is-file", ["eval", "x", "--runs-dir", "$F"]),
     # lm-eval passthrough
     ("lm-eval-unknown-option", ["lm-eval", "--bogus"]),
