@@ -10,6 +10,13 @@ side starts or trains differently (issue 21: zero expert biases, decayed, cost +
 the default preset). Each (model, seed) goes through the harness' one training loop into a
 throw-away store; the report gives val bpb per seed, mean ± sd, the mean difference and Welch's p.
 
+Measured (default preset, W=256, 2-core box shared with other jobs, 2026-12-01), val bpb:
+
+    seeds 0-5      dense 3.4344 3.4443 3.4628 3.4866 3.4733 3.5299   mean 3.4719 ± 0.0342 (sd)
+                   1-expert 3.5121 3.4356 3.4562 3.4360 3.4962 3.4902   mean 3.4711 ± 0.0328
+                   difference -0.0008 bpb, Welch p = 0.97
+    --legacy-init  1-expert seeds 0-2: 3.5206 3.4916 3.5455 (+0.072 over dense seeds 0-2, p = 0.026)
+
 ``--legacy-init`` patches the experts back to the old rule (zero biases, biases decayed) to show the
 gap the shared rule closes. The router keeps its defaults (balance loss, z-loss): they are part of
 what an SMoE layer is, and with one expert only the z-loss has a gradient.
