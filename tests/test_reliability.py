@@ -238,22 +238,25 @@ DISK_ARGS = ["run", "--suite", "lm", "--routers", "smoe", *TINY, "--set", "train
 
 
 def _fail_second_checkpoint(monkeypatch, err):
-    """The first checkpoint (step 10) is written; the second (step 20) fails half-way with ``err``."""
+    """The first checkpoint (step 10) is written; the second (step 20) fails the way the kernel fails it:
+    ENOSPC from the writes (the temporary file is /dev/full, a real full device), EROFS from open()."""
+    import builtins
     import errno as errno_
+
     import harness.train as train
 
-    real_save, calls = train.torch.save, {"n": 0}
+    calls = {"n": 0}
 
-    def save(obj, f, *a, **k):
-        if isinstance(obj, dict) and "optimizer" in obj:
+    def fake_open(file, mode="r", *a, **k):
+        if str(file).endswith("ckpt.tmp") and "w" in mode:
             calls["n"] += 1
             if calls["n"] == 2:
                 if err == errno_.ENOSPC:
-                    f.write(b"partial checkpoint bytes")  # the disk filled up mid-write
-                raise OSError(err, os.strerror(err))
-        return real_save(obj, f, *a, **k)
+                    return builtins.open("/dev/full", mode, *a, **k)
+                raise OSError(err, os.strerror(err), str(file))
+        return builtins.open(file, mode, *a, **k)
 
-    monkeypatch.setattr(train.torch, "save", save)
+    monkeypatch.setattr(train, "open", fake_open, raising=False)  # shadows the builtin in harness.train only
     return calls
 
 
