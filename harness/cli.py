@@ -352,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         _error_line(str(exc))
         return EXIT_USAGE
     except Terminated:
-        print("harness: terminated (SIGTERM); the running run is recorded as interrupted: "
-              "`harness run ... --resume` continues it", file=sys.stderr)
+        print("harness: terminated (SIGTERM); unfinished runs are recorded as interrupted: "
+              "`harness run ... --resume` continues them", file=sys.stderr)
         return EXIT_SIGTERM
     except KeyboardInterrupt:
         print("harness: interrupted; unfinished runs can be continued with --resume", file=sys.stderr)
