@@ -50,10 +50,11 @@ of the report's body, so a reviewer should re-check the numbers):
   one expert); only the ``topk_groups`` best groups are eligible for the top-k.
   Default off (``n_groups=1``); DeepSeek-V3 uses 8 groups, 4 eligible.
 
-Not reproduced: γ = 0 for the last 500B tokens (a schedule; set ``bias_update_rate``),
+Not reproduced: γ = 0 for the last 500B tokens (a schedule; set ``bias_update_rate``) and
 the gate init (torchtitan: truncated normal with the model's init std; we keep
-``nn.Linear``'s default like ``smoe``), and expert parallelism's all-reduce of the loads
-(the harness's layer sees all tokens of a rank; ``harness.expert_parallel`` is per rank).
+``nn.Linear``'s default like ``smoe``).
+Under data parallelism (``--nproc``) ``on_step`` all-reduces the loads first, as torchtitan
+does, so every rank applies the same update from the global load.
 """
 from __future__ import annotations
 
@@ -167,6 +168,11 @@ class AuxFreeRouter(Router):
     def on_step(self, step: int, total_steps: int) -> None:
         """Apply the ±γ update from the load recorded since the last call (after the previous optimiser step)."""
         load = self.tokens_per_expert
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # data parallel: every rank calls on_step; the update uses the global load, as torchtitan's
+            # _update_expert_bias all-reduces tokens_per_expert over the data-parallel ranks
+            torch.distributed.all_reduce(load)
         if int(load.sum()) == 0:
             return
         with torch.no_grad():
