@@ -42,7 +42,7 @@ DEFAULT_STORE = "results/harness.duckdb"
 RUN_STATUSES = ("running", "finished", "diverged", "failed", "interrupted")
 
 # Lock waits of this process (seconds a connect spent retrying on another process's lock): the soak test
-# and `harness doctor` report the worst. With $HARNESS_LOCK_LOG set, every wait is also appended to that
+# (tests/test_soak.py) reports the worst. With $HARNESS_LOCK_LOG set, every wait is also appended to that
 # file as "pid mode seconds" (one line per connection that had to wait), so waits of many processes add up.
 LOCK_WAITS: list[float] = []
 
