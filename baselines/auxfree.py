@@ -116,7 +116,7 @@ def group_limited_mask(biased: Tensor, n_groups: int, topk_groups: int) -> Tenso
 class AuxFreeRouter(Router):
     """Sigmoid affinities, top-k selection on affinity + a per-expert bias updated by ±γ from the load."""
 
-    description = ("Aux-loss-free (DeepSeek-V3): sigmoid, bias for selection only, ±0.001 sign update "
+    description = ("Aux-loss-free (DeepSeek-V3): sigmoid, bias for selection only, +-0.001 sign update "
                    "per step, normalised weights, seq-wise balance 1e-4, fp32 gate")
     variants = {
         "torchtitan": {"bias_update": "centered", "seq_balance_weight": 0.0},  # _update_expert_bias; no seq loss
