@@ -119,14 +119,18 @@ def cmd_regress(args: argparse.Namespace) -> int:
     load_suite(args.suite, preset=args.preset, routers=routers, seeds=seeds)  # bad spec: exit 2 before any work
     tree = Path(args.repo).resolve() if args.repo else ab.package_tree()
 
+    # the revision is read before measuring: it must name the code that was measured, not a later HEAD
+    revision, dirty = ab.head_revision(tree), ab.tree_is_dirty(tree)
     cost = {r: g.get("run_seconds", 0.0) for r, g in (old or {}).get("routers", {}).items()}
     quality = {} if args.skip_quality or not routers else measure_quality(
         routers, seeds, args.suite, args.preset, args.jobs, log, cost=cost)
     t_quality = time.perf_counter() - t_start
 
     if args.update:
-        golden = make_golden(quality, seeds, args.suite, args.preset, old,
-                             revision=ab.head_revision(tree), dirty=ab.tree_is_dirty(tree))
+        if ab.head_revision(tree) != revision:
+            log(f"regress: WARNING HEAD moved during the recording; the golden names {str(revision)[:12]}, "
+                f"the revision that was measured")
+        golden = make_golden(quality, seeds, args.suite, args.preset, old, revision=revision, dirty=dirty)
         if old is not None and old.get("version") == GOLDEN_VERSION:
             print("what moved against the previous golden (primary seed):")
             print_checks(judge_quality(old, {r: {**q, "values": q["values"]} for r, q in quality.items()
