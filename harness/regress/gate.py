@@ -176,8 +176,10 @@ def judge_quality(golden: dict[str, Any], quality: dict[str, dict[str, Any]], cr
     return checks
 
 
-def print_checks(checks: list[Check], out=sys.stdout) -> None:
+def print_checks(checks: list[Check], out=None) -> None:
     import polars as pl
+
+    out = out if out is not None else sys.stdout  # at call time: a captured or redirected stdout
 
     df = pl.DataFrame([{"router": c.router, "metric": c.metric, "status": c.status, "value": c.value,
                         "golden": c.golden, "tolerance": c.tolerance, "allowance": c.allowance,
