@@ -23,6 +23,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from .. import args as args_
 from . import ab
 from .gate import (GOLDEN_VERSION, Check, GoldenError, judge_quality, load_golden, machine_fingerprint, make_golden,
                    print_checks, write_golden)
@@ -42,27 +43,11 @@ def _csv(s: str | None) -> list[str]:
 
 
 def _seeds(s: str) -> list[int]:
-    try:
-        seeds = [int(x) for x in _csv(s)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers, got {s!r}") from None
-    if not seeds:
-        raise argparse.ArgumentTypeError("--seeds needs at least one seed")
-    return seeds
-
-
-def _positive(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+    return [int(x) for x in args_.seeds(s).split(",")]
 
 
 def _rounds(s: str) -> int:
-    v = _positive(s)
+    v = args_.positive_int(s)
     if v < ab.MIN_ROUNDS:
         raise argparse.ArgumentTypeError(f"--rounds must be >= {ab.MIN_ROUNDS}: with {v} processes per tree a "
                                          f"rank test cannot reach p < {ab.ALPHA}, so no slowdown could ever fail")
@@ -199,11 +184,11 @@ def register_cli(sub, store_arg) -> None:
                    help="git checkout whose working tree is the current code (default: the harness package's)")
     p.add_argument("--update", action="store_true", help="re-record the goldens (all --seeds) and say what moved")
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="seeds measured by --update for the tolerance")
-    p.add_argument("--jobs", type=_positive, default=available_cpus(),
+    p.add_argument("--jobs", type=args_.positive_int, default=available_cpus(),
                    help="parallel training processes (default: the CPUs here; 1 = in this process)")
     p.add_argument("--rounds", type=_rounds, default=ab.ROUNDS,
                    help=f"A/B processes per tree (>= {ab.MIN_ROUNDS}: fewer cannot reach p < {ab.ALPHA})")
-    p.add_argument("--repeats", type=_positive, default=ab.REPEATS, help="timed repeats inside one A/B process")
+    p.add_argument("--repeats", type=args_.int_range(5), default=ab.REPEATS, help="timed repeats inside one A/B process")
     p.add_argument("--min-effect", type=float, default=ab.MIN_EFFECT)
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
