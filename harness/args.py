@@ -67,6 +67,11 @@ def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool 
     return f
 
 
+def split_csv(s: str | None) -> list[str]:
+    """``"smoe, moge,"`` -> ``["smoe", "moge"]``: the comma lists every sub-command takes (already validated)."""
+    return [x.strip() for x in (s or "").split(",") if x.strip()]
+
+
 def seeds(s: str) -> str:
     """``0,1,2``: distinct integers in numpy's seed range (returned as given, validated)."""
     parts = [x.strip() for x in s.split(",")]

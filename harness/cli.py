@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from . import args as argtypes
+from .args import split_csv as _csv
 from .errors import UsageError, UserError
 
 EXIT_USAGE = 2
@@ -88,10 +89,6 @@ def _harden(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argparse
                                                                     argparse._StoreFalseAction)):  # noqa: SLF001
                 continue
             action.type = check
-
-
-def _csv(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:

@@ -91,6 +91,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from .args import split_csv as _csv
+
 MODEL_NAME = "moe-harness"
 PREFIX_TOKEN = 10  # b"\n": the document separator of the training corpora, used as BOS
 DEFAULT_TASKS = ("shakespeare_ppl", "shakespeare_cloze")
@@ -685,10 +687,6 @@ def eval_after_pretraining(run, res, store, runs_dir) -> dict[str, dict[str, tup
 
 
 # -- command line -------------------------------------------------------------------------------
-
-def _csv(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
-
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .store import Store

@@ -38,10 +38,6 @@ def default_baseline(suite: str) -> Path:
     return Path(str(resources.files("harness.tasks").joinpath("regress", f"{suite}.json")))
 
 
-def _csv(s: str | None) -> list[str]:
-    return [x.strip() for x in (s or "").split(",") if x.strip()]
-
-
 def _seeds(s: str) -> list[int]:
     return [int(x) for x in args_.seeds(s).split(",")]
 
@@ -59,7 +55,7 @@ def select_routers(args: argparse.Namespace, golden: dict | None) -> tuple[list[
     from ..registry import get_router, router_names
 
     known = router_names()
-    named = _csv(args.routers)
+    named = args_.split_csv(args.routers)
     for r in named:
         get_router(r)  # unknown / broken plugin: one-line error, exit 2, before anything runs
     if args.update:
@@ -78,7 +74,8 @@ def select_routers(args: argparse.Namespace, golden: dict | None) -> tuple[list[
         if r not in g_routers:
             gated = (bool(named) or args.strict) and not getattr(args, "skip_quality", False)
             notes.append(Check(r, "-", "NO-GOLDEN", None, None,
-                               "no golden: record it with --update " + ("(gated)" if gated else "(not gated)")))
+                               "no golden: record it with --update " + ("(gated)" if gated else "(not gated)"),
+                               gated=gated))
     return measure, notes
 
 
