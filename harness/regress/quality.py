@@ -20,7 +20,6 @@ or, with ``jobs=1``, in this process (so a test can monkeypatch a router).
 """
 from __future__ import annotations
 
-import functools
 import tempfile
 import time
 from pathlib import Path
@@ -94,7 +93,7 @@ def measure_quality(routers: list[str], seeds: list[int], suite: str, preset: st
         if jobs <= 1:
             results = [run_one(item, log) for item in items]
         else:
-            results = run_parallel(items, min(jobs, len(items)), functools.partial(run_one), log=log)
+            results = run_parallel(items, min(jobs, len(items)), run_one, log=log)
         for item, res in zip(items, results):
             router, seed = item[0], item[1]
             entry = out.setdefault(router, {"spec_hash": None, "status": {}, "values": {}, "errors": {}})

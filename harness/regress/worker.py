@@ -20,41 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-from typing import Any
 
-MARKER = "REGRESS-RATIOS "
-
-
-def ratio_series(bench) -> dict[str, list[float]]:
-    """router -> per-repeat t_router / t_dense at the same k (amortised over a router's scheduled variants)."""
-    samples = {res.label: res.samples.get("fwd_bwd") for res in bench.results}
-    by_router: dict[str, list[Any]] = {}
-    for res in bench.results:
-        if res.kind == "moe":
-            by_router.setdefault(res.router, []).append(res)
-    out: dict[str, list[float]] = {}
-    for router, parts in by_router.items():
-        k = parts[0].top_k
-        dense = samples.get("dense" if k == bench.cfg.top_k else f"dense[k={k}]")
-        if not dense:
-            continue
-        weighted = [p for p in parts if p.weight is not None]
-        if len(weighted) >= 2:  # e.g. CompeteSMoE: competition steps at their rate, normal steps otherwise
-            t = [sum(p.weight * p.samples["fwd_bwd"][i] for p in weighted) for i in range(len(dense))]
-        else:
-            main = next((p for p in parts if p.label == router), parts[0])
-            t = main.samples["fwd_bwd"]
-        out[router] = [a / b for a, b in zip(t, dense)]
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.regress.worker")
     p.add_argument("--routers", required=True)
     p.add_argument("--bench", required=True, help="JSON LayerConfig fields")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)  # the bench's minimum for a median with a spread
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -63,14 +37,20 @@ def main(argv: list[str] | None = None) -> int:
 
     import harness
     from harness.profile import LayerConfig, run_layer_bench
+    from harness.regress.ab import MARKER
 
     torch.set_num_threads(args.threads)  # 1 thread: small ops on 2 threads swing 2-5x with other load
     routers = [r for r in args.routers.split(",") if r]
     bench = run_layer_bench(LayerConfig(**json.loads(args.bench)), sorted(set(routers) | {"dense"}), naive=False,
                             repeats=args.repeats, warmup=args.warmup, phases=False, mem_repeats=1,
                             log=lambda s: None)
-    series = ratio_series(bench)
-    ratios = {r: statistics.median(series[r]) for r in routers if r in series}
+    # bench.stats holds per label the median of the per-repeat ratios to the dense FFN at the same k;
+    # a scheduled router (CompeteSMoE's competition steps) is read at its amortised label
+    ratios = {}
+    for r in routers:
+        st = bench.stats.get(f"{r} (amortised)") or bench.stats.get(r) or {}
+        if "ratio_vs_dense" in st:
+            ratios[r] = st["ratio_vs_dense"].median
     print(MARKER + json.dumps({"ratios": ratios, "tree": str(harness.__path__[0]),
                                "threads": torch.get_num_threads()}), flush=True)
     return 0
