@@ -18,15 +18,8 @@ from harness.moe import build_ffn
 from harness.registry import create_router, get_router
 from harness.router import RouteContext
 
-pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = [pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def sig(v: float) -> float:

@@ -22,16 +22,8 @@ from harness.registry import create_router
 from harness.router import RouteContext
 
 # float(loss) on graph-attached scalars is intended here (hand-value comparisons)
-pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add sync overhead (and stall badly on a loaded 2-core box)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = [pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def sigmoid(v: float) -> float:

@@ -22,18 +22,12 @@ from harness.losses import expert_fractions, marginal_entropy_loss, router_z_los
 from harness.registry import create_router, get_router
 from harness.router import RouteContext
 
-pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
+pytestmark = [pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar"),
+              pytest.mark.usefixtures("one_thread")]
 
 W0, W1, W2 = 1.0, math.exp(-0.5), math.exp(-1.0)  # 3x3 Gaussian at sigma = 1: centre, edge, corner
 S3 = W0 + 4 * W1 + 4 * W2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 # ---------------------------------------------------------------------------
