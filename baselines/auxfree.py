@@ -5,7 +5,7 @@ secondary summaries and the reference code below — the search corpus held no c
 of the report's body, so a reviewer should re-check the numbers):
 
 * Affinity (eq. 15):  s_{i,t} = sigmoid(u_t^T e_i), computed in fp32 from fp32 weights
-  with autocast off (``harness.router.fp32_linear``; torchtitan
+  with autocast off (``harness.routing.router.fp32_linear``; torchtitan
   ``torchtitan/models/moe.py`` ``TokenChoiceTopKRouter.forward``: "sigmoid or softmax is
   performed in float32").
 * Selection with a per-expert bias (eq. 16):  g'_{i,t} = s_{i,t} if s_{i,t} + b_i is in
@@ -61,8 +61,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from harness.registry import register_router
-from harness.router import RouteContext, Router, Routing, check_choice, check_range, fp32_linear
+from harness.routing.registry import register_router
+from harness.routing.router import RouteContext, Router, Routing, check_choice, check_range, fp32_linear
 
 _NAME = "auxfree"
 

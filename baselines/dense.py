@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from harness.moe import activation_fn, ffn_init_
-from harness.registry import register_router
-from harness.router import RouteContext, Router, Routing
+from harness.layers.moe import activation_fn, ffn_init_
+from harness.routing.registry import register_router
+from harness.routing.router import RouteContext, Router, Routing
 
 
 @register_router("dense")
@@ -49,7 +49,7 @@ class DenseFFN(nn.Module):
         self.last_counts: Tensor | None = None
 
     def reset_parameters(self) -> None:
-        # the experts' rule (harness.moe.ffn_init_): a one-expert MoE layer starts where this FFN does
+        # the experts' rule (harness.layers.moe.ffn_init_): a one-expert MoE layer starts where this FFN does
         ffn_init_(self.fc1.weight, self.fc1.bias, self.fc1.in_features)
         ffn_init_(self.fc2.weight, self.fc2.bias, self.fc2.in_features)
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from harness.registry import register_router
-from harness.router import RouteContext, Router, Routing, check_choice, check_range
+from harness.routing.registry import register_router
+from harness.routing.router import RouteContext, Router, Routing, check_choice, check_range
 
 _NAME = "hash"
 

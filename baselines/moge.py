@@ -49,7 +49,7 @@ reading of the design notes (unverified against the paper text). See docs/router
 * Balance: in the LM code ``g_blance`` is off, so the group-sparsity loss
   *replaces* the balance loss (``keep_balance_loss=False``). The ViT
   (``Image_Classification/tutel/impls/loss_group_sparsity.py``) adds Tutel's
-  load-importance loss (``balance_loss="load_importance"``, ``harness.losses``), weighted by
+  load-importance loss (``balance_loss="load_importance"``, ``harness.routing.losses``), weighted by
   ``aux_loss_weight`` 0.01, with the ViT gate's noise ``gate_noise=1.0``
   (``models/vision_transformer_moge.py`` ``MoEMlp(gate_noise=1.0)``; Tutel
   ``moe_layer.py``: ``logits + gate_noise * randn / E`` in training, top-k of the
@@ -64,9 +64,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.losses import load_importance_loss
-from harness.registry import register_router
-from harness.router import RouteContext, Router, Routing, check_choice, check_gate_options, check_range, fp32_linear
+from harness.routing.losses import load_importance_loss
+from harness.routing.registry import register_router
+from harness.routing.router import RouteContext, Router, Routing, check_choice, check_gate_options, check_range, fp32_linear
 
 from .smoe import softmax_topk
 

@@ -3,7 +3,7 @@
 Equations:
 
 * Scores: s_{i,t} = sigmoid((x_t W_r)_i), W_r in R^{d x E}, no bias, in fp32 with
-  autocast off (``harness.router.fp32_linear``; torchtitan ``torchtitan/models/moe.py``
+  autocast off (``harness.routing.router.fp32_linear``; torchtitan ``torchtitan/models/moe.py``
   ``TokenChoiceTopKRouter.forward``: ``torch.sigmoid(scores.to(torch.float32))``). Unlike
   softmax, each expert's score is independent of the others (DeepSeek-V3 eq. 15).
 * Top-k of s; combine weights: the selected scores, ``normalize=False`` (default:
@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from harness.losses import BALANCE_FRACTIONS, router_z_loss, switch_balance_loss
-from harness.registry import register_router
-from harness.router import RouteContext, Router, Routing, check_choice, check_range, fp32_linear
+from harness.routing.losses import BALANCE_FRACTIONS, router_z_loss, switch_balance_loss
+from harness.routing.registry import register_router
+from harness.routing.router import RouteContext, Router, Routing, check_choice, check_range, fp32_linear
 
 _NAME = "sigmoid_smoe"
 

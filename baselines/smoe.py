@@ -24,13 +24,13 @@ Equations (numbers from the cited papers):
   does exactly that; True/False force it.
 * Balance loss (Switch eq. 4): alpha * E * sum_i f_i P_i, alpha = 0.01, with
   P_i = mean_t p_i(x_t). For k > 1 the f_i convention is ``balance_fraction``
-  (see ``harness.losses``): "first" (default) — the share of first choices, as in
+  (see ``harness.routing.losses``): "first" (default) — the share of first choices, as in
   fairseq/torchscale ``top2gating`` (``ce = torch.mean(mask1)``) and DeepSpeed
   ``top2gating``; "slots" — the share of the T*k slots (Megatron-Core, DeepSpeed
   ``topkgating`` for k > 2); "k_slots" — k times that (Hugging Face Mixtral). The
   three agree for k = 1.
 * Router z-loss (ST-MoE eq. 5): 1e-3 * mean_t (logsumexp_i (x W_r)_ti)^2.
-* An empty batch (T = 0) gives zero aux losses (``harness.losses``).
+* An empty batch (T = 0) gives zero aux losses (``harness.routing.losses``).
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.losses import router_z_loss, switch_balance_loss
-from harness.registry import register_router
-from harness.router import RouteContext, Router, Routing, check_choice, check_gate_options, check_range, fp32_linear
+from harness.routing.losses import router_z_loss, switch_balance_loss
+from harness.routing.registry import register_router
+from harness.routing.router import RouteContext, Router, Routing, check_choice, check_gate_options, check_range, fp32_linear
 
 
 def gate_weights(probs_topk: Tensor, renormalize: bool | str, top_k: int) -> Tensor:

@@ -62,8 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.registry import register_router
-from harness.router import RouteContext, Router, Routing, check_range
+from harness.routing.registry import register_router
+from harness.routing.router import RouteContext, Router, Routing, check_range
 
 _NAME = "stablemoe"
 

@@ -60,9 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.losses import switch_balance_loss
-from harness.registry import register_router
-from harness.router import RouteContext, Router, Routing, check_choice, check_gate_options, check_range
+from harness.routing.losses import switch_balance_loss
+from harness.routing.registry import register_router
+from harness.routing.router import RouteContext, Router, Routing, check_choice, check_gate_options, check_range
 
 from .smoe import softmax_topk
 

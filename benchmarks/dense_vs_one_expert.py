@@ -40,7 +40,7 @@ def legacy_init() -> None:
     """The expert init before issue 21: zero biases, and the stacked biases weight-decayed."""
     import torch
 
-    from harness.moe import ExpertBank
+    from harness.layers.moe import ExpertBank
 
     def reset(self) -> None:  # noqa: ANN001
         torch.nn.init.uniform_(self.w1, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.legacy_init:
         legacy_init()
-    from harness.lm_suite import LMSuite
+    from harness.suites.lm import LMSuite
     from harness.spec import load_suite
     from harness.store import Store
-    from harness.train import train_run
+    from harness.training.loop import train_run
     from leaderboard.queries import welch
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

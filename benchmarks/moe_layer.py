@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from harness.profile import (
+from harness.bench import (
     MIN_REPEATS,
     LayerConfig,
     layer_rows,

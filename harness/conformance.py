@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .moe import MoELayer, build_ffn
-from .registry import create_router, get_router, register_router, unregister_router
-from .router import RouteContext, Router, Routing
+from .layers.moe import MoELayer, build_ffn
+from .routing.registry import create_router, get_router, register_router, unregister_router
+from .routing.router import RouteContext, Router, Routing
 
 D_MODEL, D_FF, NUM_EXPERTS, T = 16, 32, 4, 24
 
@@ -139,7 +139,7 @@ def check_fp32_routing(name: str, T_: int = 64, d: int = 64, E: int = 16) -> Non
     """Routers decide in fp32: under bf16 autocast, fp32 logits equal to the fp32 run's, and the same decisions.
 
     An ``nn.Linear`` gate under autocast runs its matmul in bf16 (logit errors ~1e-2);
-    compute the scores with ``harness.router.fp32_linear`` (autocast off, fp32 operands).
+    compute the scores with ``harness.routing.router.fp32_linear`` (autocast off, fp32 operands).
     Evaluation mode, so that training-time noise does not enter the comparison.
     """
     cls = get_router(name)
@@ -158,7 +158,7 @@ def check_fp32_routing(name: str, T_: int = 64, d: int = 64, E: int = 16) -> Non
     if ref.logits is not None:
         assert amp.logits is not None and amp.logits.dtype == torch.float32, \
             f"{name}: routing logits under bf16 autocast are {amp.logits.dtype if amp.logits is not None else None}, " \
-            f"not float32 (compute them with harness.router.fp32_linear)"
+            f"not float32 (compute them with harness.routing.router.fp32_linear)"
         torch.testing.assert_close(amp.logits, ref.logits, rtol=1e-5, atol=1e-5,
                                    msg=f"{name}: routing logits under bf16 autocast differ from fp32 (route in fp32)")
     assert torch.equal(amp.indices, ref.indices), f"{name}: bf16 autocast changed the routing decisions"

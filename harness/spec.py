@@ -32,6 +32,22 @@ class SpecError(UserError, ValueError):
     """A bad spec: the message names the file (or --set) and the key."""
 
 
+# What a field means for the spec hash (its ``metadata["hash"]``; unmarked fields are always hashed):
+NOT_HASHED = {"hash": "never"}     # where things are read from / how many workers: never the numbers
+HASHED_IF_SET = {"hash": "if_set"}  # added later: left out while off, so every earlier spec hash stays valid
+
+
+def hash_view(section: Any) -> dict[str, Any]:
+    """A spec section's fields as the hash sees them (the rules sit on the fields above)."""
+    out = {}
+    for f in dataclasses.fields(section):
+        rule, value = f.metadata.get("hash"), getattr(section, f.name)
+        if rule == "never" or (rule == "if_set" and not value):
+            continue
+        out[f.name] = dataclasses.asdict(section)[f.name] if dataclasses.is_dataclass(value) else value
+    return out
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     arch: str = "decoder"            # lm: "decoder"; vision: a timm model name
@@ -49,8 +65,8 @@ class ModelSpec:
     img_size: int = 32               # vision
     patch_size: int = 4              # vision
     num_classes: int = 10            # vision
-    expert_parallel: bool = False    # under torchrun: shard experts over ranks (harness.expert_parallel)
-    shared_experts: int = 0          # DeepSeekMoE always-on experts of width d_ff (any router); dense: d_ff*(k+N)
+    expert_parallel: bool = field(default=False, metadata=HASHED_IF_SET)  # under torchrun: shard experts over ranks (harness.layers.expert_parallel)
+    shared_experts: int = field(default=0, metadata=HASHED_IF_SET)  # DeepSeekMoE always-on experts of width d_ff (any router); dense: d_ff*(k+N)
 
 
 @dataclass(frozen=True)
@@ -58,9 +74,9 @@ class DataSpec:
     corpus: str = "shakespeare"      # lm: shakespeare | enwik8 | text8 | wikitext103 | wikitext2; vision: animal-mnist | imagenet
     path: str | None = None          # local directory/file for the real datasets
     strict_size: bool = True         # enwik8/text8: require the standard 100M-byte file
-    cache_dir: str | None = None
+    cache_dir: str | None = field(default=None, metadata=NOT_HASHED)
     augment: bool = False            # vision: RandAugment + mixup through timm
-    workers: int = 0
+    workers: int = field(default=0, metadata=NOT_HASHED)
 
 
 @dataclass(frozen=True)
@@ -79,16 +95,16 @@ class TrainSpec:
     ckpt_every: int = 50
     device: str = "auto"             # auto | cpu | cuda
     dtype: str = "float32"           # float32 | bfloat16 (autocast)
-    threads: int | None = None       # torch.set_num_threads; None = torch default
+    threads: int | None = field(default=None, metadata=NOT_HASHED)  # torch.set_num_threads; None = torch default
 
 
 @dataclass(frozen=True)
 class EvalSpec:
-    enabled: bool = True             # run lm-eval tasks after pretraining (lm suite)
+    enabled: bool = field(default=True, metadata=NOT_HASHED)  # run lm-eval tasks after pretraining (lm suite)
     tasks: tuple[str, ...] = ("shakespeare_ppl", "shakespeare_cloze")
     limit: int | None = None         # documents per task (None = all)
     data_dir: str | None = None      # directory with local data for standard lm-eval tasks
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata=NOT_HASHED)
 
 
 @dataclass(frozen=True)
@@ -122,7 +138,7 @@ class RunSpec:
         StableMoE is top-1 by construction; in a top-2 suite it runs top-1 (its
         paper's setting) and the resolved ``model.top_k`` stored with the run says so.
         """
-        from .registry import get_router
+        from .routing.registry import get_router
 
         m = self.suite_spec.model
         k = get_router(self.router).effective_top_k(m.top_k)
@@ -147,7 +163,7 @@ class RunSpec:
     @property
     def router_kwargs(self) -> dict[str, Any]:
         """``router_args`` of this router; for ``name@variant``, those of ``name`` overridden by its own entry."""
-        from .registry import split_router_name
+        from .routing.registry import split_router_name
 
         args = self.suite_spec.router_args
         base, variant = split_router_name(self.router)
@@ -171,23 +187,16 @@ class RunSpec:
 
     @property
     def spec_hash(self) -> str:
-        d = self.to_dict()
-        d.pop("seed")
-        d.pop("preset")  # the name does not change the numbers; the values do
-        # where things are read from and how many loader workers are used do not change the numbers either
-        d["data"] = {k: v for k, v in d["data"].items() if k not in ("cache_dir", "workers")}
-        d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads",)}
-        d["eval"] = {k: v for k, v in d["eval"].items() if k not in ("enabled", "batch_size")}
-        from .registry import router_defaults
+        s = self.suite_spec
+        # not the seed (a run is spec x seed) nor the preset's name (its values are hashed)
+        d = {"suite": s.suite, "router": self.router, "router_args": self.router_kwargs,
+             **{name: hash_view(section) for name, section in
+                (("model", self.model), ("data", s.data), ("train", s.train), ("eval", s.eval))}}
+        from .routing.registry import router_defaults
 
         defaults = router_defaults(self.router)  # the values a router's (or variant's) defaults stand for:
         if defaults:  # changing them re-keys its runs (the dense baseline has none: its hash is unchanged)
             d["router_defaults"] = defaults
-        if not d["model"].get("expert_parallel"):
-            # added later: absent when off, so every spec hash from before it exists stays the same
-            d["model"].pop("expert_parallel", None)
-        if not d["model"].get("shared_experts"):
-            d["model"].pop("shared_experts", None)  # added later (issue 18): absent when 0, old hashes unchanged
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -250,7 +259,7 @@ def load_suite(
 
 
 def _check_semantics(spec: SuiteSpec, where: str) -> None:
-    from .registry import get_router
+    from .routing.registry import get_router
 
     m = spec.model
     if not 1 <= m.top_k <= m.num_experts:

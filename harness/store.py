@@ -38,6 +38,12 @@ from .errors import UserError
 
 SCHEMA_VERSION = 1
 DEFAULT_STORE = "results/harness.duckdb"
+
+
+def default_store_path() -> str:
+    """The store every command uses unless given ``--store``: ``$HARNESS_STORE``, else ``DEFAULT_STORE``."""
+    return os.environ.get("HARNESS_STORE") or DEFAULT_STORE
+
 # interrupted: stopped by SIGTERM / SIGINT or a checkpoint that could not be written; --resume continues it
 RUN_STATUSES = ("running", "finished", "diverged", "failed", "interrupted")
 

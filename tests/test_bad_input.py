@@ -15,13 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import harness.board
-import harness.evaluate
-import harness.profile
-import harness.runner
+import harness.tools.board
+import harness.lmeval
+import harness.bench
+import harness.training.runner
 from harness.cli import build_parser, main
 from harness.errors import UserError
-from harness.registry import PluginLoadError, UnknownRouterError
+from harness.routing.registry import PluginLoadError, UnknownRouterError
 from harness.spec import SpecError, load_suite
 from harness.store import Store
 
@@ -284,14 +284,14 @@ def guarded(world, monkeypatch):
     t, subs = world
     monkeypatch.chdir(t)
     monkeypatch.delenv("HARNESS_STORE", raising=False)
-    monkeypatch.setattr(harness.runner, "train_run", _trip("training"))
-    monkeypatch.setattr(harness.runner, "_run_suite_parallel", _trip("training"))
-    monkeypatch.setattr(harness.profile, "run_layer_bench", _trip("benchmarking"))
-    monkeypatch.setattr(harness.profile, "run_scaling_bench", _trip("benchmarking"))
-    monkeypatch.setattr(harness.evaluate, "run_tasks", _trip("evaluation"))
-    monkeypatch.setattr(harness.board.subprocess, "call", _trip("the board server"))
+    monkeypatch.setattr(harness.training.runner, "train_run", _trip("training"))
+    monkeypatch.setattr(harness.training.runner, "_run_suite_parallel", _trip("training"))
+    monkeypatch.setattr(harness.bench, "run_layer_bench", _trip("benchmarking"))
+    monkeypatch.setattr(harness.bench, "run_scaling_bench", _trip("benchmarking"))
+    monkeypatch.setattr(harness.lmeval, "run_tasks", _trip("evaluation"))
+    monkeypatch.setattr(harness.tools.board.subprocess, "call", _trip("the board server"))
     try:
-        import harness.regress as regress
+        import harness.tools.regress as regress
         for fn in ("measure_quality", "measure_throughput"):
             if hasattr(regress, fn):
                 monkeypatch.setattr(regress, fn, _trip("regress measuring"))
@@ -457,7 +457,7 @@ def test_subprocess_seeds_and_store_no_traceback(tmp_path):
 def test_board_binds_localhost_unless_address(monkeypatch, tmp_path, capsys):
     """The leaderboard is private by default; --address shares it on purpose."""
     seen = []
-    monkeypatch.setattr(harness.board.subprocess, "call", lambda cmd, **k: seen.append(cmd) or 0)
+    monkeypatch.setattr(harness.tools.board.subprocess, "call", lambda cmd, **k: seen.append(cmd) or 0)
     store = str(tmp_path / "x.duckdb")
     assert main(["board", "--store", store]) == 0
     assert main(["board", "--store", store, "--address", "0.0.0.0"]) == 0

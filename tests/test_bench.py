@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from harness import profile as P
-from harness.registry import router_names
+from harness import bench as P
+from harness.routing.registry import router_names
 from harness.store import Store
 
 

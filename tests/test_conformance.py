@@ -5,8 +5,8 @@ from torch import nn
 
 from harness import conformance
 from harness.conformance import check_empty_batch, check_fp32_routing, check_model_keeps_router_init, check_router
-from harness.registry import register_router, router_names, unregister_router, variant_names
-from harness.router import Router, Routing
+from harness.routing.registry import register_router, router_names, unregister_router, variant_names
+from harness.routing.router import Router, Routing
 
 
 @pytest.mark.parametrize("name", router_names())

@@ -18,10 +18,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import distributed
+from harness.cli.grid import submit_grid
+from harness.training import distributed
 from harness.cli import main
-from harness.moe import MoELayer, build_ffn
-from harness.router import Router, Routing
+from harness.layers.moe import MoELayer, build_ffn
+from harness.routing.router import Router, Routing
 from harness.spec import SpecError, load_suite
 
 from storeq import TINY, q
@@ -74,7 +75,7 @@ def _ep_layer_worker(rank: int, world: int, init_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        from harness.expert_parallel import ExpertParallelMoELayer
+        from harness.layers.expert_parallel import ExpertParallelMoELayer
 
         T = 24  # tokens per rank
         for name, make, per_rank_reference in _layer_cases():
@@ -251,7 +252,7 @@ def _grid(executor_name, tmp_path, small_corpus):
     store = tmp_path / "h.duckdb"
     executor = getattr(submitit, executor_name)(folder=str(tmp_path / "jobs"))
     executor.update_parameters(timeout_min=10)
-    jobs = distributed.submit_grid(executor, ["smoe", "xmoe"], [0, 1], store,
+    jobs = submit_grid(executor, ["smoe", "xmoe"], [0, 1], store,
                                    [*TINY, *small_corpus, "--set", "train.steps=2", "--set", "train.threads=1"])
     assert [j.result() for j in jobs] == [0, 0, 0, 0]
     rows = q(store, "SELECT router, seed, status FROM runs ORDER BY router, seed")
@@ -290,7 +291,7 @@ def test_expert_parallel_training_matches_one_process(tmp_path, small_corpus):
     assert _curves(two, "stat/competed")["competesmoe"][0][1] == 1.0
     assert _metrics(one, "params_total") == _metrics(two, "params_total")
     # model.pt holds every expert (single-process format) and loads into a plain model
-    from harness.lm_suite import build_lm
+    from harness.suites.lm import build_lm
 
     (path,) = (tmp_path / "two" / "runs").glob("lm-smoe-*/model.pt")
     saved = torch.load(path, map_location="cpu", weights_only=False)

@@ -1,6 +1,6 @@
 """The dense baseline is the one-expert MoE (issue 21, part 1).
 
-One initialisation rule (``harness.moe.ffn_init_``) builds the dense FFN and every expert, and the
+One initialisation rule (``harness.layers.moe.ffn_init_``) builds the dense FFN and every expert, and the
 experts' biases fall in the dense biases' optimiser group (no weight decay). So a one-expert,
 top-1 MoE layer of width d_ff is the dense FFN of width d_ff: from copied initial weights the real
 training loop gives the same loss curve, step for step.
@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from harness.lm_suite import LMSuite
-from harness.moe import ExpertBank, ffn_init_
+from harness.suites.lm import LMSuite
+from harness.layers.moe import ExpertBank, ffn_init_
 from harness.spec import load_suite
 from harness.store import Store
-from harness.train import make_optimizer, no_decay_names, train_run
+from harness.training.loop import make_optimizer, no_decay_names, train_run
 
 STEPS = 50
 WIDTH = 64

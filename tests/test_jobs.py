@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 
-from harness import registry
+from harness.routing import registry
 from harness.cli import main
-from harness.parallel import Failed, default_jobs, run_parallel
-from harness.registry import register_router
-from harness.router import Router, Routing
+from harness.training.parallel import Failed, default_jobs, run_parallel
+from harness.routing.registry import register_router
+from harness.routing.router import Router, Routing
 
 from storeq import TINY, q
 
@@ -60,7 +60,7 @@ def test_lm_eval_after_each_run_in_its_worker(tmp_path, capfd):
 def test_unpicklable_after_run_hook_runs_in_the_parent(tmp_path):
     from dataclasses import replace
 
-    from harness.runner import run_suite
+    from harness.training.runner import run_suite
     from harness.spec import load_suite
     from harness.store import Store
 

@@ -15,11 +15,12 @@ pytest.importorskip("lm_eval")
 
 import torch  # noqa: E402
 
-import harness.evaluate as ev  # noqa: E402
-from harness.lm_suite import build_lm  # noqa: E402
+import harness.lmeval as ev  # noqa: E402
+from harness.suites.lm import build_lm  # noqa: E402
 from harness.spec import EvalSpec, ModelSpec, RunSpec, SuiteSpec, TrainSpec  # noqa: E402
 from harness.store import Store  # noqa: E402
-from harness.train import CheckpointError, RunResult, _save_final_model  # noqa: E402
+from harness.training.checkpoint import CheckpointError, final_model_path, save_final_model  # noqa: E402
+from harness.training.loop import RunResult  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTEXT = 64
@@ -78,7 +79,7 @@ def _make_run(root: Path, capacity_factor: float | None = None, eval_spec: EvalS
         model.tok_emb.weight.normal_(0, 0.7)
     run_id = f"{run.run_key}-abc123"
     runs_dir = root / "runs"
-    _save_final_model(runs_dir / run.run_key / "model.pt", model, run, run_id)
+    save_final_model(final_model_path(runs_dir, run.run_key), run_id, run.to_dict(), model.state_dict())
     store = Store(root / "h.duckdb")
     store.start_run({"run_id": run_id, "suite": "lm", "router": "smoe", "spec_hash": run.spec_hash, "seed": 0,
                      "preset": "test", "status": "finished", "step": 30, "total_steps": 30,
@@ -135,7 +136,7 @@ def test_registered_lazily_with_lm_eval():
     from lm_eval.api.registry import get_model
 
     cls = get_model("moe-harness")
-    assert cls is ev.model_class() and cls.__name__ == "MoEHarnessLM" and cls.__module__ == "harness.evaluate"
+    assert cls is ev.model_class() and cls.__name__ == "MoEHarnessLM" and cls.__module__ == "harness.lmeval"
     from lm_eval.api.model import TemplateLM
 
     assert issubclass(cls, TemplateLM)
@@ -477,7 +478,7 @@ def test_shipped_shakespeare_data_is_what_the_script_builds():
 def test_import_is_cheap_and_does_not_load_lm_eval_models():
     import subprocess
 
-    code = ("import sys, harness.evaluate; "
+    code = ("import sys, harness.lmeval; "
             "print(int('lm_eval.api.model' in sys.modules), int('torch' in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["0", "0"], out.stderr

@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from harness import registry
+from harness.routing import registry
 from harness.cli import main
-from harness.registry import register_router
-from harness.router import Router, Routing
+from harness.routing.registry import register_router
+from harness.routing.router import Router, Routing
 from harness.spec import SpecError, load_suite
 
 from storeq import TINY, q

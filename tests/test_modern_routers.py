@@ -14,9 +14,9 @@ import torch
 from baselines.auxfree import AuxFreeRouter, group_limited_mask, sequence_balance_loss, sequence_ids
 from baselines.hash import HashRouter, balanced_hash_table
 from baselines.sigmoid_smoe import SigmoidSMoERouter
-from harness.moe import build_ffn
-from harness.registry import create_router, get_router
-from harness.router import RouteContext
+from harness.layers.moe import build_ffn
+from harness.routing.registry import create_router, get_router
+from harness.routing.router import RouteContext
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar"),
               pytest.mark.usefixtures("one_thread")]
@@ -320,8 +320,8 @@ def test_lm_passes_token_positions_so_the_seq_loss_is_per_sequence():
 
 def test_shared_experts_add_an_always_on_ffn_of_width_d_ff_times_n():
     from baselines.dense import DenseFFN
-    from harness.moe import MoELayer
-    from harness.router import Routing
+    from harness.layers.moe import MoELayer
+    from harness.routing.router import Routing
 
     torch.manual_seed(0)
     layer = build_ffn("smoe", 8, 16, 4, 2, shared_experts=2)
@@ -367,7 +367,7 @@ def test_shared_experts_keep_the_dense_baseline_at_equal_active_flops():
 def test_shared_experts_spec_field_hash_and_models():
     import dataclasses
 
-    from harness.lm_suite import build_lm
+    from harness.suites.lm import build_lm
     from harness.spec import ModelSpec, SpecError, load_suite
 
     spec = load_suite("lm", preset="tiny", routers=["smoe", "dense"])

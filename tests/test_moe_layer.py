@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.moe import ExpertBank, MoELayer, build_ffn
-from harness.router import RouteContext, Router, Routing
+from harness.layers.moe import ExpertBank, MoELayer, build_ffn
+from harness.routing.router import RouteContext, Router, Routing
 
 
 class FixedRouter(Router):

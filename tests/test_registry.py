@@ -6,16 +6,16 @@ import sys
 
 import pytest
 
-from harness import registry
+from harness.routing import registry
 from harness.conformance import check_router
-from harness.registry import (PluginLoadError, UnknownRouterError, create_router, get_router, register_router,
+from harness.routing.registry import (PluginLoadError, UnknownRouterError, create_router, get_router, register_router,
                               router_names)
-from harness.router import Router
+from harness.routing.router import Router
 
 PLUGIN_SRC = '''
 import torch
 from torch import nn
-from harness.router import Router, Routing
+from harness.routing.router import Router, Routing
 
 
 class HashRouter(Router):
@@ -92,7 +92,7 @@ def test_decorator_returns_class_unchanged_and_rejects_duplicates_and_non_router
 
         with pytest.raises(ValueError, match="already registered"):
             register_router("test-r")(R2)
-        with pytest.raises(TypeError, match="subclass of harness.router.Router"):
+        with pytest.raises(TypeError, match="subclass of harness.routing.router.Router"):
             register_router("test-x")(dict)
     finally:
         registry.unregister_router("test-r")
@@ -180,7 +180,7 @@ def test_variants_get_distinct_spec_hashes_names_and_merged_router_args(tmp_path
     assert runs["moge@paper"].router_kwargs == {"sigma_min": 0.5, "sigma_max": 3.0}  # base args, then its own
     assert runs["moge@code"].router_kwargs == {"sigma_min": 0.5}
     # the stored config rebuilds the variant (resume, evaluation)
-    from harness.lm_suite import build_lm
+    from harness.suites.lm import build_lm
 
     m = build_lm(runs["moge@paper"].to_dict())
     router = m.moe_layers()[0].router

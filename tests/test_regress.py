@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import registry
+from harness.routing import registry
 from harness.cli import main
-from harness.regress import ab, gate, select_routers
-from harness.regress.quality import QUALITY_METRIC
-from harness.registry import register_router
+from harness.tools.regress import ab, gate, select_routers
+from harness.tools.regress.quality import QUALITY_METRIC
+from harness.routing.registry import register_router
 
 from baselines.smoe import SMoERouter
 

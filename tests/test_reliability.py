@@ -11,9 +11,9 @@ import time
 import duckdb
 import pytest
 
-from harness import registry
+from harness.routing import registry
 from harness.cli import main
-from harness.registry import register_router
+from harness.routing.registry import register_router
 from harness.store import SCHEMA_VERSION, Store, StoreError
 
 from baselines.smoe import SMoERouter
@@ -243,7 +243,7 @@ def _fail_second_checkpoint(monkeypatch, err):
     import builtins
     import errno as errno_
 
-    import harness.train as train
+    import harness.training.loop as train
 
     calls = {"n": 0}
 
@@ -256,7 +256,7 @@ def _fail_second_checkpoint(monkeypatch, err):
                 raise OSError(err, os.strerror(err), str(file))
         return builtins.open(file, mode, *a, **k)
 
-    monkeypatch.setattr(train, "open", fake_open, raising=False)  # shadows the builtin in harness.train only
+    monkeypatch.setattr(train, "open", fake_open, raising=False)  # shadows the builtin in harness.training.loop only
     return calls
 
 
@@ -264,7 +264,7 @@ def _fail_second_checkpoint(monkeypatch, err):
 def test_checkpoint_write_failure_one_line_previous_checkpoint_intact(tmp_path, capsys, monkeypatch, err):
     import errno as errno_
 
-    from harness.train import load_checkpoint
+    from harness.training.loop import load_checkpoint
 
     code = getattr(errno_, err)
     ref = tmp_path / "ref" / "h.duckdb"

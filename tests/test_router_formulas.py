@@ -17,9 +17,9 @@ from baselines.competesmoe import SHARED_COUNTER, CompeteSMoERouter
 from baselines.moge import MoGERouter, gaussian_kernel, group_sparsity_penalty, map_shape
 from baselines.stablemoe import StableMoERouter, stablemoe_balance_loss
 from baselines.xmoe import XMoERouter
-from harness.moe import build_ffn
-from harness.registry import create_router
-from harness.router import RouteContext
+from harness.layers.moe import build_ffn
+from harness.routing.registry import create_router
+from harness.routing.router import RouteContext
 
 # float(loss) on graph-attached scalars is intended here (hand-value comparisons)
 pytestmark = [pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar"),

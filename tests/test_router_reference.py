@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from baselines.competesmoe import CompeteSMoERouter, diversity_loss
 from baselines.moge import MoGERouter, default_window, gaussian_kernel, group_sparsity_penalty
 from baselines.xmoe import XMoERouter
-from harness.losses import expert_fractions, marginal_entropy_loss, router_z_loss, switch_balance_loss
-from harness.registry import create_router, get_router
-from harness.router import RouteContext
+from harness.routing.losses import expert_fractions, marginal_entropy_loss, router_z_loss, switch_balance_loss
+from harness.routing.registry import create_router, get_router
+from harness.routing.router import RouteContext
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar"),
               pytest.mark.usefixtures("one_thread")]
@@ -286,7 +286,7 @@ def test_lm_model_keeps_stablemoe_distilled_embedding_init():
 
 
 def test_tutel_load_importance_loss_by_hand():
-    from harness.losses import load_importance_loss
+    from harness.routing.losses import load_importance_loss
 
     Phi = lambda v: 0.5 * (1 + math.erf(v / math.sqrt(2)))  # noqa: E731
     probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]])

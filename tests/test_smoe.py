@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from harness.losses import expert_fractions, router_z_loss, switch_balance_loss
-from harness.registry import create_router
-from harness.router import RouteContext
+from harness.routing.losses import expert_fractions, router_z_loss, switch_balance_loss
+from harness.routing.registry import create_router
+from harness.routing.router import RouteContext
 
 X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [3.0, 0.0]])
 

@@ -12,9 +12,9 @@ from harness.cli import main
 from harness.data.vision import VisionDataError, load_vision
 from harness.models import vit  # noqa: F401 - registers the timm models
 from harness.models.vit import HarnessMlp, MoEVisionTransformer
-from harness.registry import router_names
+from harness.routing.registry import router_names
 from harness.spec import SpecError, load_suite
-from harness.vision_suite import VisionSuite, sample_indices
+from harness.suites.vision import VisionSuite, sample_indices
 
 CLASSES = ["n01440764", "n01443537", "n01484850"]
 CPU = torch.device("cpu")

@@ -69,6 +69,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 __all__ = [
     "DataError",
     "TextCorpus",
@@ -83,7 +85,7 @@ __all__ = [
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A corpus is missing or malformed; the message says what is expected and where it comes from."""
 
 

@@ -2,7 +2,7 @@
 
 Every dataset is three splits (train / val / test) of (image, label) with a
 fixed, documented split; the vision suite turns them into batches
-(``harness.vision_suite``). Images always reach the model as 3-channel
+(``harness.suites.vision``). Images always reach the model as 3-channel
 normalised float tensors of ``img_size`` x ``img_size``.
 
 Corpora

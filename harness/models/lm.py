@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..moe import build_ffn
-from ..router import RouteContext, Routing
+from ..layers.moe import build_ffn
+from ..routing.router import RouteContext, Routing
 
 
 class CausalSelfAttention(nn.Module):

@@ -10,15 +10,15 @@ How the harness plugs into timm (1.0.x): ``VisionTransformer`` takes an
 ``mlp_layer`` class and builds one per block as ``mlp_layer(in_features=...,
 hidden_features=int(dim * mlp_ratio), act_layer=..., drop=..., ...)``. We pass a
 factory that returns a :class:`HarnessMlp`: a thin adapter that wraps
-``harness.moe.build_ffn`` (the same ``MoELayer`` / ``DenseFFN`` the LM uses, so
+``harness.layers.moe.build_ffn`` (the same ``MoELayer`` / ``DenseFFN`` the LM uses, so
 every router runs on the same expert kernels in both suites) and hands it a
-:class:`~harness.router.RouteContext`. Everything else -- patch embedding, class
+:class:`~harness.routing.router.RouteContext`. Everything else -- patch embedding, class
 token, attention, LayerScale, drop-path, the head -- is timm's unchanged.
 
 Per-forward routing context. ``forward(x, step, total_steps)`` opens a *routing
 scope* shared by all blocks: one ``shared`` dict per forward pass (CompeteSMoE's
 "at most n competing layers per step"), the step numbers, the token positions,
-and a list that collects each MoE layer's :class:`~harness.router.Routing`;
+and a list that collects each MoE layer's :class:`~harness.routing.router.Routing`;
 the forward returns ``(logits, routings)`` like ``MoEDecoderLM``. Called through
 timm's own entry points outside that scope (``forward_features``,
 ``forward_intermediates``), layers still route -- with step 0, a fresh ``shared``
@@ -59,9 +59,9 @@ from timm.models._builder import build_model_with_cfg
 from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer
 
-from ..moe import build_ffn
-from ..registry import get_router
-from ..router import RouteContext, Router, Routing
+from ..layers.moe import build_ffn
+from ..routing.registry import get_router
+from ..routing.router import RouteContext, Router, Routing
 
 __all__ = ["MoEVisionTransformer", "HarnessMlp", "effective_top_k", "vit_moe_tiny_patch4_32",
            "vit_moe_small_patch16_224", "VIT_MODELS"]
@@ -131,11 +131,11 @@ class MoEVisionTransformer(VisionTransformer):
 
     Harness arguments (the rest go to timm's ``VisionTransformer``):
       router:          registered router name (``dense`` for the dense baseline).
-      num_experts, top_k, capacity_factor, activation: as in ``harness.moe.build_ffn``.
+      num_experts, top_k, capacity_factor, activation: as in ``harness.layers.moe.build_ffn``.
       d_ff:            width of one expert (default: timm's ``embed_dim * mlp_ratio``).
       moe_every:       MoE in every block (1) or every other block (2), counted from the last.
       router_kwargs:   the router's hyper-parameters (unknown keys are errors).
-      shared_experts:  always-on experts of width d_ff per MoE layer (``harness.moe.MoELayer``); dense: d_ff*(k+N).
+      shared_experts:  always-on experts of width d_ff per MoE layer (``harness.layers.moe.MoELayer``); dense: d_ff*(k+N).
     """
 
     def __init__(

@@ -8,14 +8,14 @@ balance loss with the wrong sign or gone, a stage that never starts, a
 competition that never happens, a penalty switched off) can leave bits/byte
 almost unmoved while its routing changes plainly:
 
-* health at the final evaluation, mean over MoE layers (``harness.health``):
+* health at the final evaluation, mean over MoE layers (``harness.training.health``):
   ``load_entropy``, ``max_over_mean_load``, ``dead_experts`` (summed),
   ``weight_sum`` (mean per-token combine-weight mass);
 * each router's own signature: the mean over the second half of training of every
   ``aux/<loss>`` and ``stat/<name>`` curve it logs — StableMoE's ``stat/stage``,
   CompeteSMoE's ``stat/competed``, MoGE's penalty ``aux/...``, the balance loss.
 
-Runs go to a throw-away store, in parallel worker processes (``harness.parallel``)
+Runs go to a throw-away store, in parallel worker processes (``harness.training.parallel``)
 or, with ``jobs=1``, in this process (so a test can monkeypatch a router).
 """
 from __future__ import annotations
@@ -54,10 +54,10 @@ def summarise_store(db: Path, run_id: str) -> dict[str, float]:
 
 def run_one(item: tuple[str, int, str, str, tuple[str, ...], str], log: Callable[[str], None]) -> dict[str, Any]:
     """Train one (router, seed) of the regress spec into its own store under ``tmp``; its summary."""
-    from ..runner import get_adapter
-    from ..spec import load_suite
-    from ..store import Store
-    from ..train import train_run
+    from ...suites import get_adapter
+    from ...spec import load_suite
+    from ...store import Store
+    from ...training.loop import train_run
 
     router, seed, suite, preset, overrides, tmp = item
     spec = load_suite(suite, preset=preset, routers=[router], seeds=[seed],
@@ -84,7 +84,7 @@ def measure_quality(routers: list[str], seeds: list[int], suite: str, preset: st
     ``cost`` (router -> seconds one run took when the golden was recorded) orders the runs longest
     first, so the last worker to finish is not the one that drew the slowest router.
     """
-    from ..parallel import Failed, run_parallel
+    from ...training.parallel import Failed, run_parallel
 
     out: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="harness-regress-") as tmp:

@@ -11,22 +11,12 @@ from typing import Any, Callable
 import polars as pl
 
 from . import distributed
-from .registry import create_router
-from .spec import RunSpec, SpecError, SuiteSpec
-from .store import Store, StoreError
-from .train import CheckpointError, RunResult, train_run
-
-
-def get_adapter(suite: str):
-    if suite == "lm":
-        from .lm_suite import LMSuite
-
-        return LMSuite()
-    if suite == "vision":
-        from .vision_suite import VisionSuite
-
-        return VisionSuite()
-    raise SpecError(f"unknown suite {suite!r}; known: lm, vision")
+from ..routing.registry import create_router
+from ..spec import RunSpec, SpecError, SuiteSpec
+from ..store import Store, StoreError
+from ..suites import get_adapter
+from .checkpoint import CheckpointError
+from .loop import RunResult, train_run
 
 
 def preflight(spec: SuiteSpec, adapter) -> None:
@@ -128,7 +118,7 @@ def run_suite(
     return results
 
 
-# -- --jobs N: runs in parallel worker processes (harness.parallel) ---------------------------------
+# -- --jobs N: runs in parallel worker processes (harness.training.parallel) ---------------------------------
 #
 # Each worker process trains whole runs with the same train_run as the sequential loop, so resume,
 # kill -9, NaN (diverged) and failure semantics are those of train_run. The after_run hook (lm-eval
@@ -152,7 +142,7 @@ def _worker_run(run: RunSpec, log: Callable[[str], None], *, store: Store, runs_
     """One run inside a worker process (module level: it is pickled to the workers)."""
     import torch
 
-    from .registry import UnknownRouterError, get_router, register_router
+    from ..routing.registry import UnknownRouterError, get_router, register_router
 
     for name, cls in routers.items():  # routers the parent registered at run time (scripts, tests)
         try:
@@ -184,7 +174,7 @@ def _worker_run(run: RunSpec, log: Callable[[str], None], *, store: Store, runs_
 
 def _carried_routers(spec: SuiteSpec) -> dict[str, type]:
     """The spec's routers by class: a worker registers those it cannot find itself (pickled by reference)."""
-    from .registry import get_router
+    from ..routing.registry import get_router
 
     out = {}
     for name in dict.fromkeys(spec.routers):

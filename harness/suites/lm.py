@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data.text import TextCorpus, get_batch, iter_eval_batches, load_corpus
-from .models.lm import MoEDecoderLM
-from .spec import RunSpec
+from ..data.text import TextCorpus, get_batch, iter_eval_batches, load_corpus
+from ..models.lm import MoEDecoderLM
+from ..spec import RunSpec
 
 
 def build_lm(spec: dict | RunSpec) -> MoEDecoderLM:

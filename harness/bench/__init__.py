@@ -3,7 +3,7 @@
 Two modes:
 
 * ``--mode layer`` (default; also ``harness bench layer``): forward + backward of
-  one FFN layer per candidate — each router's :class:`~harness.moe.MoELayer`, the
+  one FFN layer per candidate — each router's :class:`~harness.layers.moe.MoELayer`, the
   equal-active-FLOP dense FFN (router ``dense``: width ``d_ff * k``) and the naive
   per-expert boolean-mask loop most published MoE code uses — with time per phase,
   tokens/s, peak memory, and ratios to ``smoe`` and to ``dense``.
@@ -19,7 +19,7 @@ How the numbers are made (DESIGN.md, "Measuring speed honestly")
   report the median over the repeats and the IQR (75th - 25th percentile) as the
   spread. Ratios are formed *per repeat* (the candidates of one round ran seconds
   apart) and then summarised, which cancels most of a shared machine's drift.
-* The layer is exactly the harness layer, built by :func:`harness.moe.build_ffn`.
+* The layer is exactly the harness layer, built by :func:`harness.layers.moe.build_ffn`.
   The headline ``fwd_bwd_ms`` times ``y, routing = layer(x, ctx)`` followed by ONE
   backward of ``y`` (fixed random upstream gradient ``g``) together with the sum of
   ``routing.aux_losses`` — nothing else (parameter grads are reset to None outside
@@ -27,7 +27,7 @@ How the numbers are made (DESIGN.md, "Measuring speed honestly")
   inside a network the layer also returns dL/dx. No optimiser step is taken, so
   every repeat routes the same way (a random-init router on Gaussian inputs);
   ``load_imbalance`` (max/mean slots per expert) says how balanced that was.
-* Routers run in training mode with a :class:`~harness.router.RouteContext`
+* Routers run in training mode with a :class:`~harness.routing.router.RouteContext`
   carrying random ``token_ids`` in [0, 256) (StableMoE routes on them).
 * Routers with schedules are measured per variant and amortised:
   CompeteSMoE (any router with a ``competition_prob`` hyper-parameter) once
@@ -129,7 +129,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .router import RouteContext, Routing
+from ..routing.router import RouteContext, Routing
 
 PHASES = ("router", "dispatch", "experts", "combine", "aux_loss", "backward")
 MIN_REPEATS = 5
@@ -333,7 +333,7 @@ def _ref_label(base: str, k: int, main_k: int) -> str:
 
 def resolve_routers(requested: Sequence[str] | None, log: Log = _stderr) -> tuple[list[str], list[str]]:
     """Registered names to run (smoe and dense always, as references) and messages for the skipped ones."""
-    from .registry import PluginLoadError, UnknownRouterError, get_router, router_names
+    from ..routing.registry import PluginLoadError, UnknownRouterError, get_router, router_names
 
     known = router_names()
     wanted = list(requested) if requested else list(known)
@@ -357,9 +357,9 @@ def resolve_routers(requested: Sequence[str] | None, log: Log = _stderr) -> tupl
 
 def build_candidates(cfg: LayerConfig, routers: Sequence[str], naive: bool = True,
                      log: Log = _stderr) -> list[Candidate]:
-    """Build every candidate's layer with ``harness.moe.build_ffn`` (seeded, training mode)."""
-    from .moe import build_ffn
-    from .registry import get_router
+    """Build every candidate's layer with ``harness.layers.moe.build_ffn`` (seeded, training mode)."""
+    from ..layers.moe import build_ffn
+    from ..routing.registry import get_router
 
     device = torch.device(cfg.device)
     cands: list[Candidate] = []
@@ -1108,7 +1108,7 @@ def run_scaling_bench(experts: Sequence[int] = (8, 16, 32, 64), tokens: Sequence
     its real price, is in the layer mode. Points whose [T, E, d] tensor would exceed
     ``max_cached_mb`` skip that variant.
     """
-    from .registry import create_router, get_router
+    from ..routing.registry import create_router, get_router
 
     _check_repeats(repeats, warmup)
     names, skipped = resolve_routers(routers, log)
@@ -1228,7 +1228,7 @@ def print_scaling_report(bench: ScalingBench, out=None) -> None:
 # -- store rows ------------------------------------------------------------------------------------------
 
 def provenance() -> tuple[dict[str, Any], str]:
-    from .store import git_sha, machine_info
+    from ..store import git_sha, machine_info
 
     return machine_info(), git_sha()
 
@@ -1273,7 +1273,7 @@ def new_bench_id() -> str:
 
 
 def write_rows(store_path: str, rows: list[dict[str, Any]], machine: dict[str, Any]) -> None:
-    from .store import Store
+    from ..store import Store
 
     store = Store(store_path)
     store.register_machine(machine)
@@ -1360,20 +1360,20 @@ def register_cli(sub: argparse._SubParsersAction, store_arg: Callable[[argparse.
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .spec import SpecError
+    from ..spec import SpecError
 
     mode = args.what or args.mode
     routers = [r.strip() for r in args.routers.split(",") if r.strip()] if args.routers else None
     # before any timing: every router asked for by name exists, and the store can be written
-    from .registry import get_router
+    from ..routing.registry import get_router
 
     for name in routers or ():
         get_router(name)  # UnknownRouterError / PluginLoadError: one line, exit 2
     if args.top_k > min(args.experts or [8]):
         raise SpecError(f"--top-k {args.top_k} exceeds --experts {min(args.experts or [8])}")
     if not args.no_store:
-        from .args import probe_dir
-        from .store import Store
+        from ..args import probe_dir
+        from ..store import Store
 
         probe_dir(os.path.dirname(os.path.abspath(args.store)), "results store directory", "--store")
         Store(args.store).check_readable()

@@ -2,7 +2,7 @@
 
 A router needs no change to run expert-parallel. It still sees the token's
 ``[T, E]`` logits over *all* E experts and returns ``[T, k]`` choices; only the
-layer's dispatch differs from :class:`harness.moe.MoELayer`:
+layer's dispatch differs from :class:`harness.layers.moe.MoELayer`:
 
   1. exactly the single-process slot order and capacity rule (k-major slots,
      stable sort by expert, ``ceil(c * T_local * k / E)`` per expert, where
@@ -59,7 +59,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .moe import ExpertBank, MoELayer
-from .router import Router
+from ..routing.router import Router
 
 EXPERT_PARAM_NAMES = ("w1", "b1", "w2", "b2")
 
@@ -207,7 +207,7 @@ class ExpertParallelMoELayer(MoELayer):
         return back.reshape(W, T, El, -1).permute(1, 0, 2, 3).reshape(T, W * El, -1)
 
 
-# -- whole-model helpers (used by harness.train) -------------------------------------------------
+# -- whole-model helpers (used by harness.training.loop) -------------------------------------------------
 
 def shard_experts(model: nn.Module, group: Any = None) -> list[str]:
     """Replace every ``MoELayer`` of ``model`` by its expert-parallel twin, in place.

@@ -1,6 +1,6 @@
 """The vision suite: timm ViT with MoE MLPs, image classification, top-1 / top-5 accuracy.
 
-An adapter for the one training loop (``harness.train.train_run``); it supplies
+An adapter for the one training loop (``harness.training.loop.train_run``); it supplies
 the model, batches, loss and evaluation and nothing else.
 
 Metrics per split: ``{split}_top1``, ``{split}_top5`` (fractions in [0, 1];
@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data.vision import VisionData, image_transform, load_vision, normalize_uint8
-from .spec import RunSpec, SpecError
+from ..data.vision import VisionData, image_transform, load_vision, normalize_uint8
+from ..spec import RunSpec, SpecError
 
 MIXUP = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)
 
@@ -55,7 +55,7 @@ def build_vit(spec: dict | RunSpec) -> nn.Module:
     """The model of a run, from a RunSpec or its stored ``to_dict()``: ``timm.create_model(model.arch, ...)``."""
     import timm
 
-    from .models import vit  # noqa: F401 - registers the vit_moe_* models with timm
+    from ..models import vit  # noqa: F401 - registers the vit_moe_* models with timm
 
     d = spec.to_dict() if isinstance(spec, RunSpec) else spec
     m = d["model"]

@@ -1,10 +1,10 @@
-"""One A/B throughput sample: ``python -m harness.regress.worker --routers smoe,moge``.
+"""One A/B throughput sample: ``python -m harness.tools.regress.worker --routers smoe,moge``.
 
 Run by ``harness regress`` in a fresh process *inside the tree being measured*
 (the base revision's worktree or the current working tree, first on
 ``PYTHONPATH``), so each sample times that tree's own MoE layer. The process
 times one layer per router and the dense equal-FLOP FFN, fwd+bwd, interleaved
-(``harness.profile.run_layer_bench``), and prints one line::
+(``harness.bench.run_layer_bench``), and prints one line::
 
     REGRESS-RATIOS {"ratios": {"smoe": 1.12, ...}, "tree": "...", "threads": 1}
 
@@ -25,7 +25,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.regress.worker")
+    p = argparse.ArgumentParser(prog="python -m harness.tools.regress.worker")
     p.add_argument("--routers", required=True)
     p.add_argument("--bench", required=True, help="JSON LayerConfig fields")
     p.add_argument("--repeats", type=int, default=5)  # the bench's minimum for a median with a spread
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import harness
-    from harness.profile import LayerConfig, run_layer_bench
-    from harness.regress.ab import MARKER
+    from harness.bench import LayerConfig, run_layer_bench
+    from harness.tools.regress.ab import MARKER
 
     torch.set_num_threads(args.threads)  # 1 thread: small ops on 2 threads swing 2-5x with other load
     routers = [r for r in args.routers.split(",") if r]

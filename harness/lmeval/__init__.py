@@ -3,7 +3,7 @@
 The model
 ---------
 ``moe-harness`` is registered in lm-eval's model registry when this module is
-imported (as a lazy entry, so ``import harness.evaluate`` -- which every
+imported (as a lazy entry, so ``import harness.lmeval`` -- which every
 ``harness`` command does -- costs ~30 ms, not lm-eval's model stack). Its
 ``model_args``:
 
@@ -52,10 +52,10 @@ Three ways in
    :func:`eval_after_pretraining`).
 2. Python, lm-eval's API::
 
-       import harness.evaluate  # registers "moe-harness"
+       import harness.lmeval  # registers "moe-harness"
        from lm_eval import simple_evaluate
        from lm_eval.tasks import TaskManager
-       tm = TaskManager(include_path=str(harness.evaluate.tasks_dir()), include_defaults=False,
+       tm = TaskManager(include_path=str(harness.lmeval.tasks_dir()), include_defaults=False,
                         metadata={"data_dir": "/data/lm_eval"})   # metadata only for local_* tasks
        simple_evaluate(model="moe-harness", model_args="pretrained=RUN_ID,store=results/harness.duckdb",
                        tasks=["shakespeare_ppl"], task_manager=tm, limit=40)
@@ -65,7 +65,7 @@ Three ways in
    model and adds ``--include_path tasks/lm_eval`` when none is given::
 
        harness lm-eval --model moe-harness --model_args pretrained=RUN_ID --tasks shakespeare_cloze --limit 40
-       python -m harness.evaluate --model moe-harness --model_args pretrained=path/to/model.pt ...
+       python -m harness.lmeval --model moe-harness --model_args pretrained=path/to/model.pt ...
 
    Everything after ``lm-eval`` is lm-eval's command line (``run`` is implied; ``ls
    tasks`` works too). Local data: ``--metadata '{"data_dir": "/data/lm_eval"}'`` or
@@ -91,7 +91,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .args import split_csv as _csv
+from ..args import split_csv as _csv
 
 MODEL_NAME = "moe-harness"
 PREFIX_TOKEN = 10  # b"\n": the document separator of the training corpora, used as BOS
@@ -101,8 +101,8 @@ DEFAULT_MAX_GEN_TOKS = 256
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 BOOTSTRAP_ITERS = 1000  # lm-eval's bootstrap stderr (perplexity metrics); mean metrics have closed forms
 
-log = logging.getLogger("harness.evaluate")
-_MODULE = "harness.evaluate"  # also when run as `python -m harness.evaluate` (__name__ == "__main__")
+log = logging.getLogger("harness.lmeval")
+_MODULE = "harness.lmeval"  # also when run as `python -m harness.lmeval` (__name__ == "__main__")
 
 
 def tasks_dir() -> Path:
@@ -131,7 +131,7 @@ def _register() -> None:
 # -- checkpoints ------------------------------------------------------------------------------
 
 def _store_path(store: str | os.PathLike[str] | None) -> Path:
-    from .store import DEFAULT_STORE
+    from ..store import DEFAULT_STORE
 
     return Path(store or os.environ.get("HARNESS_STORE") or DEFAULT_STORE)
 
@@ -140,8 +140,8 @@ def lookup_run(run_id: str, store: str | os.PathLike[str] | None = None) -> dict
     """The store's row for a run id or a unique prefix of one (run_id, suite, router, status, config)."""
     import json
 
-    from .spec import SpecError
-    from .store import Store
+    from ..spec import SpecError
+    from ..store import Store
 
     path = _store_path(store)
     with Store(path).reader() as con:
@@ -162,7 +162,7 @@ def lookup_run(run_id: str, store: str | os.PathLike[str] | None = None) -> dict
 def _read_checkpoint(path: Path) -> dict[str, Any]:
     import torch
 
-    from .train import CKPT_VERSION, CheckpointError
+    from ..training.loop import CKPT_VERSION, CheckpointError
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -180,10 +180,10 @@ def resolve_checkpoint(pretrained: str | os.PathLike[str], store: str | os.PathL
     """``(model.pt path, checkpoint)`` for a path, a run directory, or a run id in the store.
 
     A run id ``<run_key>-<6 hex>`` lives in ``<runs_dir>/<run_key>/model.pt``
-    (``harness.train``); the checkpoint's own run id must match, because a later
+    (``harness.training.loop``); the checkpoint's own run id must match, because a later
     run with the same spec and seed writes to the same directory.
     """
-    from .train import CheckpointError
+    from ..training.loop import CheckpointError
 
     p = Path(pretrained).expanduser()
     if p.is_dir() and (p / "model.pt").is_file():
@@ -211,7 +211,7 @@ def resolve_checkpoint(pretrained: str | os.PathLike[str], store: str | os.PathL
 
 def build_model_from_checkpoint(ckpt: dict[str, Any]):
     """The trained MoEDecoderLM in eval mode, routers in their end-of-training schedule state."""
-    from .lm_suite import build_lm
+    from ..suites.lm import build_lm
 
     model = build_lm(ckpt["spec"])
     model.load_state_dict(ckpt["model"])
@@ -517,7 +517,7 @@ def check_tasks(tasks: Sequence[str], where: str = "--tasks") -> None:
     """SpecError naming the first task that is not shipped (``hellaswag`` counts for ``local_hellaswag``)."""
     import difflib
 
-    from .spec import SpecError
+    from ..spec import SpecError
 
     known = shipped_tasks()
     for t in tasks:
@@ -689,7 +689,7 @@ def eval_after_pretraining(run, res, store, runs_dir) -> dict[str, dict[str, tup
 # -- command line -------------------------------------------------------------------------------
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .store import Store
+    from ..store import Store
 
     set_offline()
     if args.tasks:
@@ -737,7 +737,7 @@ def lm_eval_cli(argv: Sequence[str]) -> int:
 
     from lm_eval.__main__ import cli_evaluate
 
-    from .errors import UsageError, UserError
+    from ..errors import UsageError, UserError
 
     def one_line_error(self, message):  # noqa: ANN001 - lm-eval's argparse errors: one line, no usage dump
         raise UsageError(f"lm-eval: {message}; see `harness lm-eval --help`")
@@ -795,6 +795,6 @@ def register_cli(sub, store_arg: Callable[[argparse.ArgumentParser], None]) -> N
 _register()
 
 if __name__ == "__main__":
-    from harness.evaluate import lm_eval_cli as _cli  # the importable module, not this __main__ copy
+    from harness.lmeval import lm_eval_cli as _cli  # the importable module, not this __main__ copy
 
     sys.exit(_cli(sys.argv[1:]))

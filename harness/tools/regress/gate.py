@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ...errors import UserError
 from .quality import QUALITY_METRIC
 
 GOLDEN_VERSION = 2
@@ -63,7 +63,7 @@ def rule_for(metric: str) -> Rule:
 def machine_fingerprint() -> dict[str, str]:
     import torch
 
-    from ..store import machine_info
+    from ...store import machine_info
 
     m = machine_info()
     fp = {"cpu": m["cpu"], "torch": torch.__version__, "arch": platform.machine(), "gpu": m.get("gpu") or ""}
@@ -98,7 +98,7 @@ def metric_entry(metric: str, primary: float, values: list[float]) -> dict[str, 
 
 def make_golden(quality: dict[str, dict[str, Any]], seeds: list[int], suite: str, preset: str,
                 old: dict[str, Any] | None, revision: str | None, dirty: bool) -> dict[str, Any]:
-    from ..store import package_versions
+    from ...store import package_versions
 
     routers = dict((old or {}).get("routers", {}))
     for router, q in quality.items():

@@ -1,6 +1,6 @@
 """One training loop for every suite (nanoGPT-style: read it top to bottom).
 
-A *suite adapter* (``harness.lm_suite.LMSuite``, ``harness.vision_suite.VisionSuite``)
+A *suite adapter* (``harness.suites.lm.LMSuite``, ``harness.suites.vision.VisionSuite``)
 supplies the model, batches, task loss and evaluation; this module owns
 everything that must be identical across routers and suites: optimiser,
 schedule, aux-loss summation, gradient clipping, NaN guard, checkpoints and
@@ -8,82 +8,33 @@ resume, throughput/memory measurement, routing health and the store rows.
 """
 from __future__ import annotations
 
-import errno
 import math
-import os
 import random
 import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..routing.router import Routing
+from ..spec import RunSpec
+from ..store import Store, git_sha, machine_info, now, package_versions
+from ..suites.base import SuiteAdapter
 from . import distributed
+from .checkpoint import (CKPT_VERSION, CheckpointWriteError, final_model_path, load_checkpoint, resume_path,
+                         save_checkpoint, save_final_model)
+from .device import peak_memory_mb, pick_device, reset_peak_memory
 from .health import HealthTracker
-from .router import Routing
-from .spec import RunSpec
-from .errors import UserError
-from .store import Store, git_sha, machine_info, now, package_versions
-
-CKPT_VERSION = 1
-
 
 class Diverged(RuntimeError):
     def __init__(self, step: int, what: str) -> None:
         super().__init__(f"{what} at step {step}")
         self.step = step
-
-
-class CheckpointError(UserError, RuntimeError):
-    pass
-
-
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint (or the final model) could not be written: disk full, read-only directory.
-
-    The previous checkpoint is untouched (writes go to a temporary file that replaces it only when
-    complete); the run is recorded ``interrupted`` and ``--resume`` continues from that checkpoint."""
-
-
-def _atomic_save(path: Path, obj: Any, what: str) -> None:
-    """torch.save to ``path.tmp``, fsync, rename over ``path``; a failed write leaves ``path`` as it was."""
-    tmp = path.with_suffix(".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and "writ" not in str(exc).lower():
-            raise  # not an I/O failure (torch wraps those as "PytorchStreamWriter failed writing ...")
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        why = (f"{exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})"
-               if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:200])
-        raise CheckpointWriteError(f"cannot write {what} {path}: {why}") from exc
-
-
-class SuiteAdapter(Protocol):
-    name: str
-    unit: str            # "tok" or "img": what throughput counts
-    primary_metric: str  # e.g. "val_bpb" (lower is better) or "val_top1"
-
-    def prepare(self, run: RunSpec) -> Any: ...   # load/validate data once, before anything is written
-    def build_model(self, run: RunSpec) -> nn.Module: ...
-    def train_batch(self, run: RunSpec, step: int, device: torch.device) -> tuple[Any, Tensor]: ...
-    def loss(self, out: Tensor, targets: Tensor) -> Tensor: ...
-    def items(self, inputs: Any) -> int: ...
-    def evaluate(self, model: nn.Module, run: RunSpec, split: str, device: torch.device,
-                 hook: Callable[[], None], max_batches: int | None) -> dict[str, float]: ...
 
 
 @dataclass
@@ -98,14 +49,6 @@ class RunResult:
 
 
 # -- small utilities -------------------------------------------------------------------
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available; use --set train.device=auto")
-    return torch.device(name)
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -148,50 +91,6 @@ def make_optimizer(model: nn.Module, run: RunSpec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: writing 5 resets the peak RSS (VmHWM) of this process
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# -- checkpoints --------------------------------------------------------------------------
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic: write a temporary file, fsync, then rename over the old checkpoint (CheckpointWriteError)."""
-    _atomic_save(path, state, "checkpoint")
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); "
-            f"re-run with --restart to start this run from scratch"
-        ) from exc
-    if not isinstance(state, dict) or state.get("version") != CKPT_VERSION:
-        raise CheckpointError(f"checkpoint {path} is not a moe-harness v{CKPT_VERSION} checkpoint; use --restart")
-    return state
-
-
 # -- the loop -----------------------------------------------------------------------------
 
 def train_run(
@@ -206,13 +105,13 @@ def train_run(
 ) -> RunResult:
     """``on_step(steps_done)`` after every optimiser step (``--jobs`` workers report progress with it)."""
     t = run.train
-    # Under torchrun (harness.distributed) every rank runs this loop on its shard of the global batch;
+    # Under torchrun (harness.training.distributed) every rank runs this loop on its shard of the global batch;
     # rank 0 alone writes the store and checkpoints. In a single process ``dctx`` is inert.
     dctx = distributed.current()
     device = dctx.device(pick_device(t.device))
     if t.threads:
         torch.set_num_threads(t.threads)
-    ckpt_path = runs_dir / run.run_key / "ckpt.pt"
+    ckpt_path = resume_path(runs_dir, run.run_key)
 
     # -- identify the run: resume the latest unfinished one with this spec+seed, or start fresh
     run_id, state = None, None
@@ -241,11 +140,11 @@ def train_run(
             "started_at": now(), "config": json.dumps(run.to_dict(), sort_keys=True, default=str),
             "versions": json.dumps({**package_versions(), **distributed.run_info(dctx)}, sort_keys=True),
         })
-    if dctx.distributed:  # every rank continues the same run from the same checkpoint
-        run_id, has_state = dctx.broadcast((run_id, state is not None))
-        if has_state:
-            state = distributed.share_checkpoint(state, ckpt_path, dctx, load_checkpoint)
-        dctx.barrier()
+    # every rank continues the same run from the same checkpoint (single process: no-ops)
+    run_id, has_state = dctx.broadcast((run_id, state is not None))
+    if has_state:
+        state = distributed.share_checkpoint(state, ckpt_path, dctx, load_checkpoint)
+    dctx.barrier()
     start_step = int(state["step"]) if state else 0
     if resume and dctx.is_main:
         store.truncate_after(run_id, start_step)
@@ -253,7 +152,7 @@ def train_run(
     seed_everything(run.seed)
     model = adapter.build_model(run).to(device)
     # the module to call for training: DDP (with experts sharded under model.expert_parallel) or the model
-    train_model = distributed.wrap_model(model, run, dctx, device) if dctx.distributed else model
+    train_model = distributed.wrap_model(model, run, dctx, device)
     opt = make_optimizer(model, run)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
     health = HealthTracker()
@@ -308,8 +207,7 @@ def train_run(
         for step in range(start_step, t.steps):
             model.on_step(step, t.steps)
             inputs, targets = adapter.train_batch(run, step, device)
-            if dctx.distributed:  # this rank's rows of the global (seed, step) batch
-                inputs, targets = dctx.shard(inputs), dctx.shard(targets)
+            inputs, targets = dctx.shard(inputs), dctx.shard(targets)  # this rank's rows of the global batch
             t0 = time.perf_counter()
             with amp:
                 out, routings = train_model(inputs, step=step, total_steps=t.steps)
@@ -319,11 +217,9 @@ def train_run(
             _check_finite(loss, routings, step, dctx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if dctx.distributed:
-                distributed.finish_grads(model, dctx)
+            distributed.finish_grads(model, dctx)
             if t.grad_clip > 0:
-                gnorm = (distributed.clip_grad_norm(model, t.grad_clip, dctx) if dctx.distributed
-                         else torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
+                gnorm = distributed.clip_grad_norm(model, t.grad_clip, dctx)
                 if not torch.isfinite(gnorm):
                     raise Diverged(step, "non-finite gradient norm")
             opt.step()
@@ -361,9 +257,8 @@ def train_run(
                 if dctx.is_main:
                     store.update_progress(run_id, done, pending_curves)
                 pending_curves = []
-                model_sd = distributed.model_state(model, dctx) if dctx.distributed else model.state_dict()
-                opt_sd = (distributed.optimizer_state(opt, model, dctx) if dctx.distributed
-                          else {"optimizer": opt.state_dict()})
+                model_sd = distributed.model_state(model, dctx)
+                opt_sd = distributed.optimizer_state(opt, model, dctx)
                 if dctx.is_main:
                     save_checkpoint(ckpt_path, {
                         "version": CKPT_VERSION, "run_id": run_id, "step": done, "model": model_sd,
@@ -379,24 +274,17 @@ def train_run(
             last_val = evaluate("val", step, t.eval_batches)
         final_metrics.update(last_val)
         final_metrics.update(evaluate("test", step, None))
-        if dctx.distributed:  # tokens of all ranks over the slowest rank's time; the largest rank's memory
-            (items,) = dctx.sum(items)
-            train_time, peak_mb = dctx.max(train_time, peak_memory_mb(device))
-            final_metrics[f"train_{adapter.unit}_per_s"] = items / max(train_time, 1e-9)
-            final_metrics["peak_mem_mb"] = peak_mb
-            final_metrics["params_total"] = float(distributed.count_parameters(model, dctx))
-        else:
-            final_metrics[f"train_{adapter.unit}_per_s"] = items / max(train_time, 1e-9)
-            final_metrics["peak_mem_mb"] = peak_memory_mb(device)
-            final_metrics["params_total"] = float(sum(p.numel() for p in model.parameters()))
+        # tokens of all ranks over the slowest rank's time; the largest rank's memory
+        (items,) = dctx.sum(items)
+        train_time, peak_mb = dctx.max(train_time, peak_memory_mb(device))
+        final_metrics[f"train_{adapter.unit}_per_s"] = items / max(train_time, 1e-9)
+        final_metrics["peak_mem_mb"] = peak_mb
+        final_metrics["params_total"] = float(distributed.count_parameters(model, dctx))
         for li, v in health.final_fluctuation(t.steps):
             health_rows.append((step, li, "fluctuation_last_change", v))
-        if dctx.distributed:
-            model_sd = distributed.model_state(model, dctx)
-            if dctx.is_main:
-                _save_final_model(runs_dir / run.run_key / "model.pt", model, run, run_id, model_sd)
-        else:
-            _save_final_model(runs_dir / run.run_key / "model.pt", model, run, run_id)
+        model_sd = distributed.model_state(model, dctx)
+        if dctx.is_main:
+            save_final_model(final_model_path(runs_dir, run.run_key), run_id, run.to_dict(), model_sd)
     except Diverged as exc:
         status, error = "diverged", str(exc)
         step = exc.step
@@ -432,12 +320,6 @@ def train_run(
             ckpt_path.unlink()  # the final model is kept in model.pt; the resume checkpoint is no longer needed
     dctx.barrier()  # the run is recorded before any rank moves on (or exits)
     return RunResult(run_id, run.router, run.seed, status, step, final_metrics, error)
-
-
-def _save_final_model(path: Path, model: nn.Module, run: RunSpec, run_id: str,
-                      state: dict[str, Tensor] | None = None) -> None:
-    _atomic_save(path, {"version": CKPT_VERSION, "run_id": run_id, "spec": run.to_dict(),
-                        "model": state if state is not None else model.state_dict()}, "final model")
 
 
 def _record_interrupted(store: Store, run_id: str, reason: str, log: Callable[[str], None], tag: str) -> None:

@@ -64,7 +64,7 @@ def run_checks(store: str, suite: str | None = None, overrides: list[str] | None
     check("animal-mnist images (animal_mnist)", data_pkg("animal_mnist", "animal-mnist"))
 
     def routers() -> str:
-        from .registry import describe_routers
+        from ..routing.registry import describe_routers
 
         rows_ = describe_routers()
         broken = [r for r in rows_ if r["description"].startswith("BROKEN")]
@@ -84,7 +84,7 @@ def run_checks(store: str, suite: str | None = None, overrides: list[str] | None
     check("device", device)
 
     def store_health() -> str:
-        from .store import SCHEMA_VERSION, Store
+        from ..store import SCHEMA_VERSION, Store
 
         p = Path(store)
         if not p.exists():
@@ -108,13 +108,13 @@ def run_checks(store: str, suite: str | None = None, overrides: list[str] | None
 
     if suite:
         def data_paths() -> str:
-            from .runner import get_adapter
-            from .spec import load_suite
+            from ..suites import get_adapter
+            from ..spec import load_suite
 
             spec = load_suite(suite, overrides=overrides)
             adapter = get_adapter(spec.suite)
             run = spec.runs()[0]
-            from .data.text import TextCorpus
+            from ..data.text import TextCorpus
 
             data = adapter.prepare(run)
             if isinstance(data, TextCorpus):
@@ -135,7 +135,7 @@ def run_checks(store: str, suite: str | None = None, overrides: list[str] | None
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     if args.suite:  # a bad --suite / --set is a usage error (exit 2); a problem doctor finds is a FAIL row (exit 1)
-        from .spec import load_suite
+        from ..spec import load_suite
 
         load_suite(args.suite, overrides=args.set)
     rows = run_checks(args.store, args.suite, args.set)

@@ -43,7 +43,7 @@ class Claim:
     figure: str = "figure/table not verified"
 
 
-from .spec import SpecError
+from ..spec import SpecError
 
 
 class ClaimsError(SpecError):

@@ -57,7 +57,7 @@ def cmd_board(args: argparse.Namespace) -> int:
 def register_cli(sub, store_arg) -> None:  # noqa: ANN001 - argparse's private subparsers type
     p = sub.add_parser("board", help="serve the Streamlit leaderboard over the results store")
     store_arg(p)
-    from .args import address, port
+    from ..args import address, port
 
     p.add_argument("--port", type=port, default=8501, help="port to serve on, 1-65535 (default 8501)")
     p.add_argument("--address", type=address, default=None,

@@ -3,7 +3,7 @@
 Like asv's ``continuous`` and TorchBench's A/B runs: the base revision is
 materialised in a temporary ``git worktree``; then fresh processes alternate
 between the base tree and the current working tree (A B A B ...), each running
-``python -m harness.regress.worker`` with its own tree first on ``PYTHONPATH``
+``python -m harness.tools.regress.worker`` with its own tree first on ``PYTHONPATH``
 and measuring, in-process, each router's layer time over the dense FFN's. The two
 samples of ratios (one per process) are compared with a one-sided Mann-Whitney U
 test. A router fails when BOTH hold:
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 MARKER = "REGRESS-RATIOS "  # the worker's output line (worker.py); not imported from it, so
-                           # `python -m harness.regress.worker` finds it unimported
+                           # `python -m harness.tools.regress.worker` finds it unimported
 ALPHA = 0.01           # shared machines: p < 0.05 alone fired on unchanged code
 MIN_EFFECT = 0.10      # the smallest slowdown that counts
 ROUNDS = 5             # processes per tree; 5 vs 5 allows p down to 1/252 = 0.004
@@ -112,9 +112,9 @@ class BaseWorktree:
         if res.returncode != 0:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise Skip(f"could not materialise base revision {self.rev[:12]}: {res.stderr.strip().splitlines()[-1:]}")
-        if not (self.path / "harness" / "regress" / "worker.py").exists():
+        if worker_module(self.path) is None:
             self.__exit__()
-            raise Skip(f"base revision {self.rev[:12]} predates the A/B worker (harness/regress/worker.py); "
+            raise Skip(f"base revision {self.rev[:12]} predates the A/B worker (harness/tools/regress/worker.py); "
                        f"pass a newer --base")
         return self.path
 
@@ -124,12 +124,24 @@ class BaseWorktree:
         _git(self.repo, "worktree", "prune", check=False)
 
 
+# Where the worker lives in a tree: the package moved under tools/ (issue 15); a base revision from before
+# that move keeps its own path, so the A/B still runs against it.
+WORKER_MODULES = ("harness.tools.regress.worker", "harness.regress.worker")
+
+
+def worker_module(tree: Path) -> str | None:
+    for mod in WORKER_MODULES:
+        if (tree / (mod.replace(".", "/") + ".py")).exists():
+            return mod
+    return None
+
+
 def run_worker(tree: Path, routers: list[str], repeats: int, bench: dict, threads: int = 1) -> dict[str, float]:
     """One fresh process timing ``tree``'s layers; router -> median ratio to dense."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "harness.regress.worker", "--routers", ",".join(routers),
+    cmd = [sys.executable, "-m", worker_module(tree) or WORKER_MODULES[0], "--routers", ",".join(routers),
            "--bench", json.dumps(bench), "--repeats", str(repeats), "--threads", str(threads)]
     try:
         res = subprocess.run(cmd, cwd=str(tree), env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)

@@ -41,7 +41,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -204,7 +204,7 @@ def shard_rows(obj: Any, rank: int, world: int) -> Any:
 
 def check_spec(spec: Any, world_size: int) -> None:
     """Spec constraints of an N-process run (raises SpecError before anything is written)."""
-    from .spec import SpecError
+    from ..spec import SpecError
 
     if world_size <= 1:
         return
@@ -230,11 +230,13 @@ def wrap_model(model: nn.Module, run: Any, ctx: DistContext, device: torch.devic
     in some steps (StableMoE freezes its distilled router in stage 2; a router's parameters
     used only on some steps), and DDP must not wait for them.
     """
+    if not ctx.distributed:
+        return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ignore: list[str] = []
     if getattr(run.model, "expert_parallel", False):
-        from .expert_parallel import shard_experts
+        from ..layers.expert_parallel import shard_experts
 
         ignore = shard_experts(model, ctx.expert_group)
     if ignore:
@@ -245,7 +247,7 @@ def wrap_model(model: nn.Module, run: Any, ctx: DistContext, device: torch.devic
 
 def model_state(model: nn.Module, ctx: DistContext) -> dict[str, Tensor]:
     """The single-process-format state dict (expert shards gathered; a collective under EP)."""
-    from .expert_parallel import full_state_dict, has_expert_shards
+    from ..layers.expert_parallel import full_state_dict, has_expert_shards
 
     if ctx.distributed and has_expert_shards(model):
         return full_state_dict(model, ctx.expert_group)
@@ -258,7 +260,7 @@ def optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, ctx: DistConte
     Data parallel: replicas are identical, rank 0's state is everyone's. Expert parallel: each
     rank's optimiser holds its own experts' moments, gathered to rank 0 as ``optimizer_shards``.
     """
-    from .expert_parallel import has_expert_shards
+    from ..layers.expert_parallel import has_expert_shards
 
     sd = opt.state_dict()
     if not (ctx.distributed and has_expert_shards(model)):
@@ -270,8 +272,8 @@ def optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, ctx: DistConte
 
 def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any], model: nn.Module,
                          ctx: DistContext) -> None:
-    from .expert_parallel import has_expert_shards
-    from .train import CheckpointError
+    from ..layers.expert_parallel import has_expert_shards
+    from .checkpoint import CheckpointError
 
     sharded = ctx.distributed and has_expert_shards(model)
     shards = state.get("optimizer_shards")
@@ -294,6 +296,8 @@ def share_checkpoint(state: dict[str, Any] | None, path: Any, ctx: DistContext, 
     Ranks read the file themselves when all of them can see it (a shared runs directory);
     otherwise (nodes with local disks) rank 0 broadcasts the checkpoint.
     """
+    if not ctx.distributed:
+        return state
     sees = state is not None or os.path.exists(path)
     if not ctx.any(not sees):
         return state if state is not None else load(path)
@@ -311,7 +315,7 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def count_parameters(model: nn.Module, ctx: DistContext) -> int:
-    from .expert_parallel import count_parameters as ep_count, has_expert_shards
+    from ..layers.expert_parallel import count_parameters as ep_count, has_expert_shards
 
     if ctx.distributed and has_expert_shards(model):
         return ep_count(model, ctx.expert_group)
@@ -320,14 +324,14 @@ def count_parameters(model: nn.Module, ctx: DistContext) -> int:
 
 def finish_grads(model: nn.Module, ctx: DistContext) -> None:
     """After backward: expert shards hold summed grads, DDP averaged the rest -> make them agree."""
-    from .expert_parallel import has_expert_shards, scale_expert_grads
+    from ..layers.expert_parallel import has_expert_shards, scale_expert_grads
 
     if ctx.distributed and has_expert_shards(model):
         scale_expert_grads(model, ctx.world_size)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, ctx: DistContext) -> Tensor:
-    from .expert_parallel import clip_grad_norm_, has_expert_shards
+    from ..layers.expert_parallel import clip_grad_norm_, has_expert_shards
 
     if ctx.distributed and has_expert_shards(model):
         return clip_grad_norm_(model, max_norm, ctx.expert_group)
@@ -368,7 +372,7 @@ def torchrun_command(worker_argv: Sequence[str], nproc: int, nnodes: str | int |
     * ``--node-rank`` given: static rendezvous at ``rdzv_endpoint`` (= master host:port of node 0);
     * otherwise: the c10d rendezvous at ``rdzv_endpoint`` (elastic; ranks assigned on arrival).
     """
-    from .spec import SpecError
+    from ..spec import SpecError
 
     nnodes_s = str(nnodes) if nnodes is not None else "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", nnodes_s]
@@ -420,22 +424,3 @@ def total_world(nproc: int, nnodes: str | None) -> int | None:
 
 
 # -- sweeps through a scheduler --------------------------------------------------------------------
-
-def submit_grid(executor: Any, routers: Iterable[str], seeds: Iterable[int], store: str,
-                args: Sequence[str] = ()) -> list[Any]:
-    """Submit one job per router x seed to a submitit-style executor; every job writes to ``store``.
-
-    Each job runs ``harness run --routers R --seeds S --store STORE *args`` in the job's own
-    process (``harness.cli.main``); the store serialises concurrent writers (short transactions,
-    lock retries), so all runs land in one file. Returns the jobs (``job.result()`` is the exit code).
-
-    Works with ``submitit.AutoExecutor`` (Slurm), ``LocalExecutor`` and ``DebugExecutor``.
-    """
-    from .cli import main
-
-    jobs = []
-    for r in routers:
-        for s in seeds:
-            jobs.append(executor.submit(main, ["run", "--routers", r, "--seeds", str(s), "--store", str(store),
-                                               *args]))
-    return jobs

@@ -1,0 +1,137 @@
+"""``harness run``: pretrain every router x seed of a suite (in parallel workers, or under torchrun) and
+record each run, then its downstream evaluation, in the store."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .. import args as argtypes
+from ..args import split_csv as _csv
+import polars as pl
+
+from ..errors import UsageError
+from ..spec import SpecError, load_suite
+from ..store import Store
+from ..training import distributed
+from ..training.parallel import default_jobs
+from ..suites import get_adapter
+from ..training.runner import preflight, run_suite, summary_table
+
+
+def register(sub: argparse._SubParsersAction, store_arg) -> None:  # noqa: ANN001, SLF001
+    s = sub.add_parser("run", help="pretrain every router of a suite and record the results")
+    s.add_argument("--suite", default="lm", help="lm | vision | path to a suite YAML")
+    s.add_argument("--routers", help="comma-separated subset, e.g. smoe,moge")
+    s.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    s.add_argument("--preset", default=None, help="preset of the suite YAML (default, paper, ...)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec value, e.g. --set train.steps=100 (repeatable)")
+    store_arg(s)
+    s.add_argument("--runs-dir", default=None, help="checkpoints and models (default: beside the store, runs/)")
+    s.add_argument("--resume", action="store_true", help="continue unfinished runs from their last checkpoint")
+    s.add_argument("--restart", action="store_true", help="delete these runs' checkpoints and start clean")
+    s.add_argument("--rerun", action="store_true",
+                   help="train runs whose (spec, seed) already finished in the store again (default: skip them; "
+                        "a copy is not another seed), e.g. to re-measure speed")
+    s.add_argument("--no-eval", action="store_true", help="skip lm-eval tasks after pretraining")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="train N runs (router x seed) at once in worker processes, one store "
+                        "(default: cores // train.threads, at most one per run; 1 = one after another)")
+    g = s.add_argument_group("distributed (torchrun; see docs/distributed.md)")
+    g.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="processes per node: re-launch this command through torchrun with DDP "
+                        "(train.batch_size stays the global batch)")
+    g.add_argument("--nnodes", default=None, help="number of nodes (or MIN:MAX), passed to torchrun")
+    g.add_argument("--node-rank", type=int, default=None, help="this node's rank (static rendezvous)")
+    g.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="rendezvous endpoint, the same on every node (multi-node)")
+    g.add_argument("--rdzv-id", default=None, help="rendezvous job id (c10d rendezvous)")
+    s.set_defaults(fn=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.resume and args.restart:
+        raise UsageError("--resume continues unfinished runs and --restart deletes their checkpoints; "
+                         "give one of them, not both")
+
+    spec = load_suite(args.suite, preset=args.preset, overrides=args.set,
+                      routers=_csv(args.routers) if args.routers else None,
+                      seeds=[int(s) for s in _csv(args.seeds)] if args.seeds else None)
+    if args.no_eval:
+        from dataclasses import replace
+
+        spec = replace(spec, eval=replace(spec.eval, enabled=False))
+    if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
+        from ..lmeval import check_tasks
+
+        check_tasks(spec.eval.tasks, "eval.tasks")  # now, not after hours of pretraining
+    multi = (args.nproc or 1) > 1 or str(args.nnodes or "1") != "1"
+    args.jobs = _resolve_jobs(args, spec, multi or distributed.launched_by_torchrun())
+    if multi and not distributed.launched_by_torchrun() and not os.environ.get(distributed.ENV_MARKER):
+        return _launch_torchrun(args, spec)
+    if distributed.launched_by_torchrun():
+        dctx = distributed.init_from_env(spec.train.device)
+        try:
+            return _cmd_run(args, spec, dctx)
+        finally:
+            distributed.shutdown()
+    return _cmd_run(args, spec, distributed.current())
+
+
+def _resolve_jobs(args: argparse.Namespace, spec, ddp: bool) -> int:  # noqa: ANN001
+    """``--jobs``: validated; unset = as many runs at once as the cores allow at ``train.threads`` each."""
+    if args.jobs is not None and args.jobs < 1:
+        raise SpecError(f"--jobs must be a positive integer, got {args.jobs}")
+    if ddp:
+        if (args.jobs or 1) > 1:
+            raise SpecError("--jobs runs whole runs in parallel processes and --nproc/--nnodes spreads each run "
+                            "over DDP processes; they do not combine: use one or the other")
+        return 1
+    return args.jobs or default_jobs(spec.train.threads, len(spec.runs()))
+
+
+def _launch_torchrun(args: argparse.Namespace, spec) -> int:  # noqa: ANN001
+    """``--nproc N``: validate here (one-line errors, exit 2), then re-run this command under torchrun."""
+    nproc = args.nproc or 1
+    world = distributed.total_world(nproc, args.nnodes)
+    if world is not None:
+        distributed.check_spec(spec, world)
+    preflight(spec, get_adapter(spec.suite))  # also builds the data caches once, before N processes read them
+    return distributed.launch(args.argv, nproc, args.nnodes, args.rdzv_endpoint, args.node_rank, args.rdzv_id)
+
+
+def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
+    store = Store(args.store)
+    runs_dir = Path(args.runs_dir or Path(args.store).parent / "runs")
+    if dctx.is_main:  # before anything is written: a store and a runs directory that can be written
+        argtypes.probe_dir(Path(args.store).parent, "results store directory", "--store")
+        argtypes.probe_dir(runs_dir, "runs directory", "--runs-dir")
+        store.check_readable()
+    if args.restart and dctx.is_main:
+        import shutil
+
+        for run in spec.runs():
+            shutil.rmtree(runs_dir / run.run_key, ignore_errors=True)
+            store.abandon(run.spec_hash, run.seed, "abandoned: restarted from scratch with --restart")
+    dctx.barrier()
+    after = None
+    if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
+        import functools
+
+        from ..lmeval import eval_after_pretraining
+
+        # a partial, not a closure: it can be pickled, so --jobs workers evaluate their own runs
+        after = functools.partial(eval_after_pretraining, store=store, runs_dir=runs_dir)
+
+    results = run_suite(spec, store, runs_dir, resume=args.resume, rerun=args.rerun,
+                        progress=not args.quiet, after_run=after,
+                        jobs=getattr(args, "jobs", None) or 1)
+    if not dctx.is_main:
+        return 0  # rank 0 reports (and carries the exit status)
+    adapter = get_adapter(spec.suite)
+    with pl.Config(tbl_rows=100, tbl_cols=20, float_precision=4, tbl_width_chars=160):
+        print(summary_table(results, adapter.primary_metric, adapter.unit))
+    print(f"results: {args.store}  (harness runs --store {args.store}; harness board --store {args.store})")
+    return 0 if all(r.status in ("finished", "skipped") for r in results) else 1

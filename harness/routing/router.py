@@ -1,0 +1,199 @@
+"""The router contract: a router only *decides*; the harness owns experts and dispatch.
+
+Every routing strategy is a :class:`Router` subclass whose ``forward(x, ctx)``
+returns a :class:`Routing`. The MoE layer (``harness.layers.moe``) then runs the chosen
+experts on the same kernels for every router, which is what makes speed and
+quality comparisons fair.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Routing:
+    """What a router decided for a batch of T tokens.
+
+    indices:    [T, k] long, the chosen experts per token.
+    weights:    [T, k] float, combine weights (need not sum to 1: StableMoE gates
+                with a sigmoid).
+    logits:     [T, E] raw scores for diagnostics, or None.
+    aux_losses: named scalar losses, *already weighted*; the trainer sums them.
+    stats:      router-specific diagnostics (floats), logged per layer.
+    """
+
+    indices: Tensor
+    weights: Tensor
+    logits: Tensor | None = None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class RouteContext:
+    """What the layer knows about the batch, handed to the router.
+
+    ``token_ids`` ([T] long) and ``embeddings`` ([T, d], the model's input
+    embeddings) let routers such as StableMoE route on the token itself;
+    ``positions`` carries patch positions for vision. ``shared`` is one dict per
+    model forward pass, seen by every layer: routers that coordinate across
+    layers (CompeteSMoE's "at most n competing layers per step") keep counters in it.
+
+    ``all_expert_outputs()`` runs *every* expert on every token once and
+    memoises the result ([T, E, d]); when a router called it, the layer combines
+    from it instead of running the experts again.
+    """
+
+    def __init__(
+        self,
+        *,
+        training: bool = False,
+        step: int = 0,
+        total_steps: int = 1,
+        token_ids: Tensor | None = None,
+        embeddings: Tensor | None = None,
+        positions: Tensor | None = None,
+        layer_index: int = 0,
+        shared: dict[str, Any] | None = None,
+        expert_fn: Callable[[], Tensor] | None = None,
+    ) -> None:
+        self.training = training
+        self.step = step
+        self.total_steps = total_steps
+        self.token_ids = token_ids
+        self.embeddings = embeddings
+        self.positions = positions
+        self.layer_index = layer_index
+        self.shared = shared if shared is not None else {}
+        self._expert_fn = expert_fn
+        self._all_outputs: Tensor | None = None
+
+    def all_expert_outputs(self) -> Tensor:
+        """[T, E, d] outputs of every expert for every token (computed once)."""
+        if self._all_outputs is None:
+            if self._expert_fn is None:
+                raise RuntimeError("this RouteContext has no experts attached (not called from an MoE layer)")
+            self._all_outputs = self._expert_fn()
+        return self._all_outputs
+
+    @property
+    def has_all_expert_outputs(self) -> bool:
+        return self._all_outputs is not None
+
+
+class Router(nn.Module):
+    """Base class of every routing strategy.
+
+    Subclasses take ``(d_model, num_experts, top_k, **hparams)``; each
+    hyper-parameter is a keyword argument with the paper's default. The base
+    constructor checks the common arguments; :meth:`check_hparams` lets a
+    subclass reject values outside their domain with its name and the key.
+
+    Class attributes a router may set:
+      description:       one line shown by ``harness routers``.
+      capacity_factor:   the capacity the paper trains with (None = no dropping);
+                         a spec's ``model.capacity_factor`` overrides it.
+      is_dense:          True only for the dense FFN baseline.
+      variants:          named sets of hyper-parameters, e.g. ``{"paper": {...}, "code": {...}}``;
+                         ``name@variant`` (CLI ``--routers``, suite YAML ``routers:``) builds the
+                         router with those keyword arguments as its defaults (``harness.routing.registry``).
+
+    Routers decide in fp32: compute scores from fp32 weights and inputs with autocast
+    disabled (``harness.conformance`` runs every router under bf16 autocast and
+    requires the same decisions and fp32 logits).
+    """
+
+    description: ClassVar[str] = ""
+    capacity_factor: ClassVar[float | None] = None
+    is_dense: ClassVar[bool] = False
+    supports_top_k: ClassVar[tuple[int, ...] | None] = None  # e.g. (1,) for StableMoE
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        name = getattr(type(self), "router_name", type(self).__name__)
+        if d_model <= 0:
+            raise ValueError(f"router {name!r}: d_model must be positive, got {d_model}")
+        if num_experts <= 0:
+            raise ValueError(f"router {name!r}: num_experts must be positive, got {num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"router {name!r}: top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if self.supports_top_k is not None and top_k not in self.supports_top_k:
+            raise ValueError(f"router {name!r}: top_k={top_k} not supported (supports {list(self.supports_top_k)})")
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.top_k = top_k
+
+    def forward(self, x: Tensor, ctx: RouteContext) -> Routing:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        """Called by the trainer before each optimiser step (schedules, stages)."""
+
+    # -- helpers -----------------------------------------------------------
+    @classmethod
+    def effective_top_k(cls, top_k: int) -> int:
+        """``top_k`` if supported, else the largest supported k below it (else the smallest).
+
+        The one rule for routers with a fixed k (StableMoE is top-1): a top-2 suite runs
+        them at k=1 and records that k with the run.
+        """
+        supported = cls.supports_top_k
+        if not supported or top_k in supported:
+            return top_k
+        return max([k for k in supported if k <= top_k] or [min(supported)])
+
+    @classmethod
+    def hparam_names(cls) -> list[str]:
+        """Keyword hyper-parameters accepted by the constructor (beyond d/E/k)."""
+        sig = inspect.signature(cls.__init__)
+        return [
+            p.name
+            for p in sig.parameters.values()
+            if p.name not in ("self", "d_model", "num_experts", "top_k")
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+
+    @classmethod
+    def hparam_defaults(cls) -> dict[str, Any]:
+        sig = inspect.signature(cls.__init__)
+        return {n: sig.parameters[n].default for n in cls.hparam_names()}
+
+
+def fp32_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T (+ bias)`` in fp32 with autocast off: the routing scores of every baseline.
+
+    Under bf16 autocast ``nn.Linear`` would run the gate matmul in bf16 (logit errors
+    of ~1e-2 change the top-k set of a few percent of tokens at E = 64); the
+    reference code computes the gate in fp32 (DeepSpeed ``TopKGate.forward``:
+    ``input.float()`` and ``wg.weight.float()``; ST-MoE Sec. 3.2).
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
+def check_range(router: str, key: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
+    """Reject a hyper-parameter outside [lo, hi] with the router's name and the key."""
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ValueError(f"router {router!r}: hyper-parameter {key}={value!r} outside {bounds}")
+
+
+def check_choice(router: str, key: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Reject a hyper-parameter that is not one of ``choices`` with the router's name and the key."""
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"router {router!r}: hyper-parameter {key}={value!r} must be one of {allowed}")
+
+
+def check_gate_options(router: str, balance_fraction: str, renormalize: bool | str) -> None:
+    """The two options every softmax-top-k router shares (see baselines/smoe.py and harness/losses.py)."""
+    from .losses import BALANCE_FRACTIONS
+
+    check_choice(router, "balance_fraction", balance_fraction, BALANCE_FRACTIONS)
+    check_choice(router, "renormalize", renormalize, ("auto", True, False))

@@ -1,0 +1,105 @@
+"""Where a run's files live and how they are written and read.
+
+``<runs_dir>/<run_key>/ckpt.pt``   the resume checkpoint (model, optimiser, schedule, RNG, health), every
+                                   ``train.ckpt_every`` steps; deleted when the run finishes
+``<runs_dir>/<run_key>/model.pt``  the final model (spec + weights), read by ``harness eval`` / lm-eval
+
+``runs_dir`` defaults to ``runs/`` beside the results store. Writes are atomic (temporary file, fsync,
+rename), so a full disk or a kill leaves the previous file intact.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+CKPT_VERSION = 1
+CKPT_NAME, MODEL_NAME = "ckpt.pt", "model.pt"
+
+
+class CheckpointError(UserError, RuntimeError):
+    pass
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint (or the final model) could not be written: disk full, read-only directory.
+
+    The previous checkpoint is untouched (writes go to a temporary file that replaces it only when
+    complete); the run is recorded ``interrupted`` and ``--resume`` continues from that checkpoint."""
+
+
+def default_runs_dir(store_path: str | os.PathLike[str]) -> Path:
+    return Path(store_path).parent / "runs"
+
+
+def resume_path(runs_dir: str | os.PathLike[str], run_key: str) -> Path:
+    return Path(runs_dir) / run_key / CKPT_NAME
+
+
+def final_model_path(runs_dir: str | os.PathLike[str], run_key: str) -> Path:
+    return Path(runs_dir) / run_key / MODEL_NAME
+
+
+def run_key_of(run_id: str) -> str:
+    """A run id is ``<run_key>-<6 hex>``; its files are under the run key (shared by reruns of a spec+seed)."""
+    return run_id.rsplit("-", 1)[0]
+
+
+def atomic_save(path: Path, obj: Any, what: str) -> None:
+    """torch.save to ``path.tmp``, fsync, rename over ``path``; a failed write leaves ``path`` as it was."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "writ" not in str(exc).lower():
+            raise  # not an I/O failure (torch wraps those as "PytorchStreamWriter failed writing ...")
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        why = (f"{exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})"
+               if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:200])
+        raise CheckpointWriteError(f"cannot write {what} {path}: {why}") from exc
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic: write a temporary file, fsync, then rename over the old checkpoint (CheckpointWriteError)."""
+    atomic_save(path, state, "checkpoint")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); "
+            f"re-run with --restart to start this run from scratch"
+        ) from exc
+    if not isinstance(state, dict) or state.get("version") != CKPT_VERSION:
+        raise CheckpointError(f"checkpoint {path} is not a moe-harness v{CKPT_VERSION} checkpoint; use --restart")
+    return state
+
+
+def save_final_model(path: Path, run_id: str, spec: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    atomic_save(path, {"version": CKPT_VERSION, "run_id": run_id, "spec": spec, "model": state}, "final model")
+
+
+def load_final_model(path: Path) -> dict[str, Any]:
+    """A ``model.pt``: ``{"version", "run_id", "spec", "model"}`` (weights only: no pickled code runs)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CheckpointError(f"cannot read model checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(ckpt, dict) or not {"spec", "model"} <= set(ckpt) or ckpt.get("version") != CKPT_VERSION:
+        raise CheckpointError(f"{path} is not a moe-harness v{CKPT_VERSION} model.pt (written at the end of a run)")
+    return ckpt
