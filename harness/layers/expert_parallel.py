@@ -2,7 +2,10 @@
 
 A router needs no change to run expert-parallel. It still sees the token's
 ``[T, E]`` logits over *all* E experts and returns ``[T, k]`` choices; only the
-layer's dispatch differs from :class:`harness.layers.moe.MoELayer`:
+layer's dispatch differs from :class:`harness.layers.moe_layer.MoELayer`, in the two public steps
+where tokens meet experts, :meth:`~ExpertParallelMoELayer.run_experts` and
+:meth:`~ExpertParallelMoELayer.all_expert_outputs` (``route``, ``permute`` and ``combine`` are the
+single-process layer's own):
 
   1. exactly the single-process slot order and capacity rule (k-major slots,
      stable sort by expert, ``ceil(c * T_local * k / E)`` per expert, where
@@ -58,8 +61,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .moe import ExpertBank, MoELayer
 from ..routing.router import Router
+from .experts import ExpertBank
+from .moe_layer import Dispatch, MoELayer
 
 EXPERT_PARAM_NAMES = ("w1", "b1", "w2", "b2")
 
@@ -173,9 +177,10 @@ class ExpertParallelMoELayer(MoELayer):
                    activation=bank.activation, experts=bank, group=group)
 
     # -- dispatch: slots of this rank's tokens -> owning ranks -> back -----------------------
-    def _run_experts(self, x_sorted: Tensor, counts_t: Tensor) -> Tensor:
+    def run_experts(self, d: Dispatch) -> Tensor:
+        x_sorted = d.x_sorted
         W, El = self.world_size, self.local_experts
-        send_counts = counts_t.to(torch.long).reshape(W, El)
+        send_counts = d.counts.to(torch.long).reshape(W, El)
         recv_counts = exchange_counts(send_counts.reshape(-1), self.group).reshape(W, El)
         send_splits = send_counts.sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
@@ -197,7 +202,7 @@ class ExpertParallelMoELayer(MoELayer):
         return all_to_all(out_recv, send_splits, recv_splits, self.group)
 
     # -- all-expert path: all tokens to every rank, [T_r, E/W, d] slices back -----------------
-    def _all_expert_outputs(self, x: Tensor) -> Tensor:
+    def all_expert_outputs(self, x: Tensor) -> Tensor:
         W, El = self.world_size, self.local_experts
         T, d = x.shape
         sizes = exchange_counts(torch.full((W,), T, dtype=torch.long, device=x.device), self.group).tolist()

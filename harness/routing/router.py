@@ -46,7 +46,8 @@ class RouteContext:
 
     ``all_expert_outputs()`` runs *every* expert on every token once and
     memoises the result ([T, E, d]); when a router called it, the layer combines
-    from it instead of running the experts again.
+    from it instead of running the experts again. The layer provides those experts
+    with :meth:`attach_experts` (or whoever builds the context, with ``expert_fn``).
     """
 
     def __init__(
@@ -72,6 +73,15 @@ class RouteContext:
         self.shared = shared if shared is not None else {}
         self._expert_fn = expert_fn
         self._all_outputs: Tensor | None = None
+
+    def attach_experts(self, fn: Callable[[], Tensor]) -> None:
+        """``fn()`` -> [T, E, d]: every expert on every token of this batch (called at most once, lazily).
+
+        The MoE layer attaches its experts before it calls the router; attaching forgets the
+        outputs of experts attached before.
+        """
+        self._expert_fn = fn
+        self._all_outputs = None
 
     def all_expert_outputs(self) -> Tensor:
         """[T, E, d] outputs of every expert for every token (computed once)."""

@@ -1,0 +1,48 @@
+"""``build_ffn``: the FFN of one block for a router name, the one place models get their FFNs from."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+
+from ..routing.registry import create_router, get_router
+from .dense import DenseFFN
+from .expert_parallel import ExpertParallelMoELayer
+from .moe_layer import MoELayer
+
+
+def build_ffn(
+    router_name: str,
+    d_model: int,
+    d_ff: int,
+    num_experts: int,
+    top_k: int,
+    router_kwargs: dict[str, Any] | None = None,
+    capacity_factor: float | None = None,
+    activation: str = "gelu",
+    expert_parallel: bool = False,
+    shared_experts: int = 0,
+) -> nn.Module:
+    """The FFN of one block: an :class:`MoELayer` for a router, or the equal-FLOP dense FFN for ``dense``.
+
+    ``shared_experts`` N: N always-on experts of width d_ff in the MoE layer; the dense FFN is then
+    ``d_ff * (top_k + N)`` wide, so the active FLOPs per token stay equal.
+
+    ``expert_parallel=True`` with torch.distributed initialised on more than one rank gives the
+    :class:`harness.layers.expert_parallel.ExpertParallelMoELayer` (same initial weights, this rank's experts).
+    The training loop instead converts whole models (``harness.layers.expert_parallel.shard_experts``), so
+    model classes need no flag of their own.
+    """
+    cls = get_router(router_name)
+    router = create_router(router_name, d_model, num_experts, top_k, **(router_kwargs or {}))
+    if cls.is_dense:
+        return DenseFFN(d_model, d_ff * (top_k + shared_experts), router=router, activation=activation)
+    layer = MoELayer(d_model, d_ff, router, capacity_factor=capacity_factor, activation=activation,
+                     shared_experts=shared_experts)
+    if expert_parallel and shared_experts:
+        raise ValueError("shared_experts with expert parallelism is not supported (the expert-parallel layer "
+                         "does not carry the shared experts); set model.shared_experts=0 or model.expert_parallel=false")
+    if expert_parallel and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return ExpertParallelMoELayer.from_layer(layer)
+    return layer

@@ -1,0 +1,215 @@
+"""The MoE layer: owns the experts, dispatches tokens, combines outputs.
+
+Every router runs on exactly these kernels, so throughput differences between
+routers are differences between *routing decisions*, not implementations.
+
+``forward`` is four named steps (megablocks-shaped, without custom kernels):
+
+  1. :meth:`MoELayer.route` — the router decides (in fp32, by the router contract);
+  2. :meth:`MoELayer.permute` — flatten the [T, k] choices into T*k slots, first
+     choices before second choices (so capacity drops the least-preferred slots
+     first, as in GShard); stable-sort slots by expert, so every expert's tokens are
+     one contiguous segment; drop slots over capacity; gather the token rows.
+     The plan is a :class:`Dispatch`;
+  3. :meth:`MoELayer.run_experts` — expert e on its segment (two addmm's);
+  4. :meth:`MoELayer.combine` — scale by the routing weight and scatter-add back
+     (``index_add_``), then add the shared experts.
+
+If the router already asked for every expert's output (``ctx.all_expert_outputs()``,
+CompeteSMoE's competition steps) the layer combines from that tensor instead of
+running the experts a second time: ``permute`` then plans no slots and ``combine``
+gathers the chosen experts' rows.
+
+Expert parallelism (:mod:`.expert_parallel`) overrides :meth:`MoELayer.run_experts`
+and :meth:`MoELayer.all_expert_outputs`, the two places where tokens meet experts.
+``harness bench`` times these same steps through ``forward``'s ``mark`` hook.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..routing.router import RouteContext, Router, Routing
+from .experts import ExpertBank
+
+Mark = Callable[[str], None]
+STEPS = ("route", "permute", "run_experts", "combine")  # the names ``mark`` is called with
+
+
+def _no_mark(step: str) -> None:
+    pass
+
+
+@dataclass
+class Dispatch:
+    """Where every slot goes: what :meth:`MoELayer.permute` plans and :meth:`MoELayer.combine` undoes.
+
+    Slot ``j * T + t`` is token t's j-th choice (k-major). ``order`` lists the kept slots sorted
+    by expert (stable), so expert e's slots are the e-th contiguous segment, ``counts[e]`` long.
+    ``order is None`` means the router already ran every expert (``ctx.all_expert_outputs()``):
+    nothing is permuted and ``combine`` gathers from those outputs.
+    """
+
+    indices: Tensor                       # [T, k] long, the router's choices
+    weights: Tensor                       # [T, k] combine weights, in the layer input's dtype
+    counts: Tensor                        # [E] long, slots per expert (after the capacity drop)
+    dropped: int = 0                      # slots over capacity: their output is 0
+    order: Tensor | None = None           # [S] kept slots, expert-sorted
+    token: Tensor | None = None           # [S] the token of each kept slot
+    slot_weights: Tensor | None = None    # [T*k] combine weights in slot order (``[order]`` picks the kept)
+    x_sorted: Tensor | None = None        # [S, d] the kept slots' token rows: the experts' input
+
+    @property
+    def from_all_outputs(self) -> bool:
+        return self.order is None
+
+
+class MoELayer(nn.Module):
+    """A token-choice MoE FFN: ``y, routing = layer(x, **ctx_fields)``.
+
+    capacity_factor: None keeps every token; c > 0 lets each expert take at most
+    ``ceil(c * T * k / E)`` slots and drops the rest (their output is 0, the
+    residual stream carries them); the dropped count is in ``routing.stats``.
+
+    shared_experts: N >= 1 adds DeepSeekMoE's always-on shared experts (Dai et al. 2024,
+    arXiv 2401.06066 eq. 9: h = sum_{i<=N_s} FFN_i(u) + sum_i g_i FFN_i(u)): N experts of
+    width d_ff that every token uses with weight 1, i.e. one FFN of width ``d_ff * N``
+    (torchtitan ``MoE.shared_experts = FeedForward(hidden_dim * num_shared_experts)``), added to
+    the routed output whatever the router decided. Its init is the experts' (``ffn_init_``).
+    The equal-FLOP dense baseline is then ``d_ff * (top_k + N)`` wide (``build_ffn``).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        router: Router,
+        capacity_factor: float | None = None,
+        activation: str = "gelu",
+        experts: ExpertBank | None = None,
+        shared_experts: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(shared_experts, bool) or not isinstance(shared_experts, int) or shared_experts < 0:
+            raise ValueError(f"shared_experts must be an integer >= 0, got {shared_experts!r}")
+        self.router = router
+        self.num_experts, self.top_k = router.num_experts, router.top_k
+        # ``experts``: an existing bank to adopt (expert parallelism re-wraps a built layer without
+        # drawing new initial weights from the RNG); None builds a fresh one.
+        self.experts = experts if experts is not None else ExpertBank(router.num_experts, d_model, d_ff, activation)
+        cf = capacity_factor if capacity_factor is not None else router.capacity_factor
+        if cf is not None and cf <= 0:
+            raise ValueError(f"capacity_factor must be positive or None, got {cf}")
+        self.capacity_factor = cf
+        self.num_shared_experts = shared_experts
+        # N shared experts of width d_ff = one always-on FFN of width d_ff * N (a one-expert bank: same init rule)
+        self.shared_expert = (ExpertBank(1, d_model, d_ff * shared_experts, activation) if shared_experts else None)
+        self.last_routing: Routing | None = None
+        self.last_counts: Tensor | None = None  # [E] slots per expert in the last forward
+
+    def capacity(self, num_tokens: int) -> int | None:
+        if self.capacity_factor is None:
+            return None
+        return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
+
+    def forward(self, x: Tensor, ctx: RouteContext | None = None, *, mark: Mark | None = None,
+                **ctx_fields: Any) -> tuple[Tensor, Routing]:
+        """``route -> permute -> run_experts -> combine`` on ``x`` flattened to [T, d].
+
+        ``mark(step)``, if given, is called as each step ends (names in ``STEPS``), and around the
+        experts a router runs through ``ctx.all_expert_outputs()``: ``harness bench`` reads its
+        phase clock there, so the profiler times this very code. ``ctx_fields`` build the
+        :class:`RouteContext` when ``ctx`` is None.
+        """
+        mark = mark or _no_mark
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if ctx is None:
+            ctx = RouteContext(**ctx_fields)
+        routing = self.route(x, ctx, mark)
+        mark("route")
+        d = self.permute(x, routing, ctx)
+        mark("permute")
+        out = ctx.all_expert_outputs() if d.from_all_outputs else self.run_experts(d)
+        mark("run_experts")
+        y = self.combine(x, d, out)
+        mark("combine")
+        routing.stats = dict(routing.stats)
+        routing.stats["dropped_tokens"] = float(d.dropped)
+        self.last_routing = routing
+        self.last_counts = d.counts.detach()
+        return y.reshape(shape), routing
+
+    # -- the steps ---------------------------------------------------------------------------------
+    def route(self, x: Tensor, ctx: RouteContext, mark: Mark = _no_mark) -> Routing:
+        """The router's decision for [T, d] tokens, with this layer's experts attached to ``ctx``."""
+
+        def every_expert() -> Tensor:
+            mark("route")  # the router's time so far; running every expert is the experts' time
+            out = self.all_expert_outputs(x)
+            mark("run_experts")
+            return out
+
+        ctx.attach_experts(every_expert)
+        routing = self.router(x, ctx)
+        T = x.shape[0]
+        idx, w = routing.indices, routing.weights
+        if idx.shape != (T, self.top_k) or w.shape != (T, self.top_k):
+            raise RuntimeError(
+                f"router {getattr(self.router, 'router_name', type(self.router).__name__)!r} returned "
+                f"indices {tuple(idx.shape)} / weights {tuple(w.shape)}; expected ({T}, {self.top_k})"
+            )
+        return routing
+
+    def permute(self, x: Tensor, routing: Routing, ctx: RouteContext) -> Dispatch:
+        """k-major slots, stable-sorted by expert, capacity applied, token rows gathered."""
+        idx, w = routing.indices, routing.weights.to(x.dtype)
+        counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
+        if ctx.has_all_expert_outputs:
+            return Dispatch(idx, w, counts)
+        T, k = idx.shape
+        # k-major slot order: all first choices, then all second choices, ...
+        slot_expert = idx.t().reshape(-1)
+        slot_token = torch.arange(T, device=x.device).repeat(k)
+        slot_weights = w.t().reshape(-1)
+        order = torch.argsort(slot_expert, stable=True)
+        dropped = 0
+        cap = self.capacity(T)
+        if cap is not None and int(counts.max()) > cap:
+            starts = torch.cumsum(counts, 0) - counts
+            pos = torch.arange(order.numel(), device=x.device) - starts[slot_expert[order]]
+            keep = pos < cap
+            dropped = int((~keep).sum())
+            order = order[keep]
+            counts = counts.clamp(max=cap)
+        token = slot_token[order]
+        return Dispatch(idx, w, counts, dropped, order, token, slot_weights, x.index_select(0, token))
+
+    def run_experts(self, d: Dispatch) -> Tensor:
+        """Expert e on the e-th contiguous segment of the expert-sorted rows ([S, d] -> [S, d])."""
+        return self.experts.forward_segments(d.x_sorted, d.counts.tolist())
+
+    def all_expert_outputs(self, x: Tensor) -> Tensor:
+        """Every expert on every token, [T, d] -> [T, E, d] (what ``ctx.all_expert_outputs()`` returns)."""
+        return self.experts.forward_all(x)
+
+    def combine(self, x: Tensor, d: Dispatch, out: Tensor) -> Tensor:
+        """Weight each slot's output and add it to its token's row; then the shared experts.
+
+        ``out``: [S, d] from :meth:`run_experts`, or [T, E, d] every expert's output when
+        ``d.from_all_outputs``.
+        """
+        if d.from_all_outputs:
+            T, k = d.indices.shape
+            chosen = out.gather(1, d.indices.unsqueeze(-1).expand(T, k, out.shape[-1]))
+            y = (chosen * d.weights.unsqueeze(-1)).sum(1)
+        else:
+            out = out * d.slot_weights[d.order].unsqueeze(-1)
+            y = torch.zeros_like(x).index_add_(0, d.token, out)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert.expert(0, x)
+        return y
