@@ -5,7 +5,7 @@
 
 Forward + backward of ONE layer, interleaved round-robin in one process, warm-up
 discarded, median and IQR of >= 5 repeats, ratios formed per repeat. All the
-measuring lives in ``harness/profile.py`` (this is ``harness bench --routers smoe``
+measuring lives in ``harness/bench/`` (this is ``harness bench --routers smoe``
 with the foundation sizes and the targets spelled out).
 
 Targets (from the issue): the MoE layer's time within 1.15x of the dense FFN's

@@ -276,3 +276,29 @@ def probe_dir(d: str | os.PathLike[str], what: str, flag: str) -> None:
                 m.rmdir()
             except OSError:
                 pass
+
+
+def int_list(lo: int | None = 1) -> Callable[[str], list[int]]:
+    """``8,16,32``: a non-empty comma-separated list of integers, each ``>= lo`` (default: positive)."""
+    one = int_range(lo)
+
+    def f(s: str) -> list[int]:
+        parts = split_csv(s)
+        if not parts:
+            raise _bad(f"expected comma-separated integers such as 8,16, got {s!r}")
+        try:
+            return [one(p) for p in parts]
+        except argparse.ArgumentTypeError as exc:
+            raise _bad(f"{exc} in {s!r}") from None
+
+    f.__name__ = "integer list"
+    return f
+
+
+def resolve_device(s: str) -> str:
+    """A :func:`device` value as torch takes it: ``auto`` is ``cuda`` where a device is present, else ``cpu``."""
+    if s.strip() == "auto":
+        import torch  # lazy, as in device(): importing harness.args does not load torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return s.strip()

@@ -1,0 +1,170 @@
+"""One timed step of each kind: the real layer's forward + backward (plain, or with the phase clock
+read between the layer's own steps), the naive per-expert loop, and the router alone."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..layers.moe_layer import MoELayer
+from ..routing.router import RouteContext, Routing
+from .candidates import Candidate, Inputs, route_context
+from .timing import Clock, PhaseClock
+
+# the MoE layer's steps (``harness.layers.moe_layer.STEPS``) -> the phases they are reported as
+PHASE_OF_STEP = {"route": "router", "permute": "dispatch", "run_experts": "experts", "combine": "combine"}
+
+
+def aux_total(routing: Routing | None) -> Tensor | None:
+    if routing is None or not routing.aux_losses:
+        return None
+    vals = list(routing.aux_losses.values())
+    total = vals[0]
+    for v in vals[1:]:
+        total = total + v
+    return total
+
+
+def _backward(y: Tensor, aux: Tensor | None, inp: Inputs) -> None:
+    outs, grads = [y], [inp.g]
+    if aux is not None and aux.requires_grad:
+        outs.append(aux)
+        grads.append(inp.one.to(aux.dtype))
+    torch.autograd.backward(outs, grads)
+
+
+def clear_grads(c: Candidate, inp: Inputs) -> None:
+    inp.x.grad = None
+    for p in c.module.parameters():
+        p.grad = None
+
+
+def moe_forward_phased(layer: MoELayer, x: Tensor, ctx: RouteContext, ph: PhaseClock) -> tuple[Tensor, Routing]:
+    """``layer(x, ctx)`` itself, with the phase clock read as each of the layer's steps ends.
+
+    ``MoELayer.forward`` calls ``mark`` after ``route``, ``permute``, ``run_experts`` and ``combine``,
+    and around the experts a router runs through ``ctx.all_expert_outputs()`` (CompeteSMoE's
+    competition), so that time counts as ``experts``, not ``router``. There is one forward: the
+    instrumented run computes exactly what the plain run computes.
+    """
+    return layer(x, ctx, mark=lambda step: ph.mark(PHASE_OF_STEP[step]))
+
+
+def naive_forward(layer: nn.Module, x: Tensor, ctx: RouteContext, ph: PhaseClock | None = None) -> tuple[Tensor, Routing]:
+    """The per-expert boolean-mask loop of most published MoE code, on the layer's own weights.
+
+    ``for e in range(E): mask = (idx == e).any(-1); out[mask] += w[mask, slot] * expert_e(x[mask])``
+    """
+    routing = layer.router(x, ctx)
+    if ph is not None:
+        ph.mark("router")
+    idx, w = routing.indices, routing.weights.to(x.dtype)
+    out = torch.zeros_like(x)
+    for e in range(layer.num_experts):
+        hit = idx == e                                  # [T, k]
+        mask = hit.any(-1)                              # tokens that chose expert e
+        w_e = (w * hit).sum(-1)[mask].unsqueeze(-1)     # = w[mask, slot of e]
+        x_e = x[mask]
+        if ph is not None:
+            ph.mark("dispatch")
+        y_e = layer.experts.expert(e, x_e)
+        if ph is not None:
+            ph.mark("experts")
+        out[mask] += w_e * y_e
+        if ph is not None:
+            ph.mark("combine")
+    return out, routing
+
+
+def run_plain(c: Candidate, inp: Inputs, clock: Clock) -> float:
+    """Seconds for one forward + backward through the real layer (or the naive loop)."""
+    clear_grads(c, inp)
+    ctx = route_context(c, inp)
+    t0 = clock.now()
+    if c.kind == "naive":
+        y, routing = naive_forward(c.module, inp.x, ctx)
+    else:
+        y, routing = c.module(inp.x, ctx)
+    _backward(y, aux_total(routing), inp)
+    return clock.now() - t0
+
+
+def run_phased(c: Candidate, inp: Inputs, clock: Clock) -> dict[str, float]:
+    """Seconds per phase of one instrumented forward + backward (plus ``total``)."""
+    clear_grads(c, inp)
+    ctx = route_context(c, inp)
+    ph = PhaseClock(clock)
+    if c.kind == "dense":
+        y, routing = c.module(inp.x, ctx)
+        ph.mark("experts")
+    elif c.kind == "naive":
+        y, routing = naive_forward(c.module, inp.x, ctx, ph)
+    else:
+        y, routing = moe_forward_phased(c.module, inp.x, ctx, ph)
+    aux = aux_total(routing)
+    ph.mark("aux_loss")
+    _backward(y, aux, inp)
+    ph.mark("backward")
+    return {**ph.times, "total": ph.total}
+
+
+def router_forward_time(router: nn.Module, c: Candidate, inp: Inputs, clock: Clock, inner: int = 3) -> float:
+    """Median seconds of ``router(x, ctx)`` alone (grad mode on, as in training)."""
+    fn = (lambda: c.cached_all) if c.cached_all is not None else None
+    ts = []
+    for _ in range(inner):
+        ctx = route_context(c, inp, expert_fn=fn)
+        t0 = clock.now()
+        router(inp.x, ctx)
+        ts.append(clock.now() - t0)
+    return float(np.median(ts))
+
+
+def router_step_time(router: nn.Module, x: Tensor, token_ids: Tensor, clock: Clock, *, schedule: tuple[int, int],
+                     grad_weights: Tensor, one: Tensor, cached_all: Tensor | None = None, inner: int = 1) -> float:
+    """Median seconds of the router alone, forward + backward: ``router(x, ctx)``, then one backward
+    of its routing weights (upstream gradient ``grad_weights``) and the sum of its aux losses.
+
+    ``cached_all`` stands in for ``ctx.all_expert_outputs()`` (CompeteSMoE's competition),
+    so that case measures the router-side work only, not running every expert.
+    """
+    ts = []
+    for _ in range(inner):
+        x.grad = None
+        for p in router.parameters():
+            p.grad = None
+        fn = (lambda: cached_all) if cached_all is not None else None
+        ctx = RouteContext(training=True, step=schedule[0], total_steps=schedule[1], token_ids=token_ids,
+                           embeddings=x.detach(), shared={}, expert_fn=fn)
+        t0 = clock.now()
+        routing = router(x, ctx)
+        outs, grads = [], []
+        if routing.weights.requires_grad:
+            outs.append(routing.weights)
+            grads.append(grad_weights.to(routing.weights.dtype))
+        aux = aux_total(routing)
+        if aux is not None and aux.requires_grad:
+            outs.append(aux)
+            grads.append(one.to(aux.dtype))
+        if outs:
+            torch.autograd.backward(outs, grads)
+        ts.append(clock.now() - t0)
+    if cached_all is not None:
+        cached_all.grad = None
+    return float(np.median(ts))
+
+
+
+def verify_naive(c: Candidate, inp: Inputs) -> str | None:
+    """None if the naive loop (an independent implementation) reproduces the real layer's output, else why not."""
+    tol = dict(rtol=1e-4, atol=1e-5) if c.module.experts.w1.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    try:
+        with torch.no_grad():
+            ref, _ = c.module(inp.x, route_context(c, inp))
+            got, _ = naive_forward(c.module, inp.x, route_context(c, inp))
+    except Exception as exc:  # noqa: BLE001 - reported as a warning, the timing goes on
+        return f"{type(exc).__name__}: {exc}"
+    if got.shape != ref.shape or not torch.allclose(got.float(), ref.float(), **tol):
+        err = (got.float() - ref.float()).abs().max().item() if got.shape == ref.shape else float("nan")
+        return f"output differs from the layer's (max abs diff {err:.3g})"
+    return None
