@@ -1,4 +1,4 @@
-"""The papers' claims beside the harness' verdict (issue 21, part 6): ``harness.claims``, ``harness claims``
+"""The papers' claims beside the harness' verdict (issue 21, part 6): ``leaderboard.claims``, ``harness claims``
 and the leaderboard's Claims tab, on a hand-written store whose Welch p-values are computed by hand.
 
 With two seeds a side and equal sample variances Welch's t-test has exactly 2 degrees of freedom,
@@ -13,10 +13,12 @@ from datetime import datetime, timedelta
 import polars as pl
 import pytest
 
-from harness.claims import Claim, ClaimsError, claims_table, load_claims, verdict
 from harness.cli import main
 from harness.store import Store
-from leaderboard import queries as q
+from leaderboard.claims import Claim, ClaimsError, claims_table, load_claims, verdict
+from leaderboard.stats import distinct_seeds, mean_ci
+from leaderboard.store import load_metrics, load_runs
+from leaderboard.suites import SUITES
 
 T0 = datetime(2026, 1, 1, 12)
 # router -> val_bpb of seeds 0, 1 (lm: lower is better); smoe is every claim's baseline
@@ -62,7 +64,7 @@ def test_shipped_claims_table():
     for c in claims.values():
         assert c.claim and c.setting and c.paper and c.figure
         assert "not verified" in c.figure  # nothing here was read from a paper's table
-    from harness.registry import get_router
+    from harness.routing.registry import get_router
 
     for c in claims.values():  # every claim names registered routers
         get_router(c.router)
@@ -83,7 +85,7 @@ def test_bad_claims_file_is_one_line_error(tmp_path, capsys):
 def _store(path, suite: str = "lm", values: dict[str, list[float]] = VALUES, duplicate: bool = True):
     """A store with finished runs of the given values (no training); metric = the suite's primary."""
     store = Store(path)
-    metric = q.SUITES[suite].quality
+    metric = SUITES[suite].quality
     i = 0
     rows = [(r, s, v) for r, vals in values.items() for s, v in enumerate(vals)]
     if duplicate:  # an older identical copy of competesmoe seed 0 (a --rerun): must not count
@@ -101,23 +103,23 @@ def _store(path, suite: str = "lm", values: dict[str, list[float]] = VALUES, dup
 
 def test_claims_table_on_stored_runs(tmp_path):
     path = _store(tmp_path / "h.duckdb")
-    runs, metrics = q.load_runs(path), q.load_metrics(path)
-    assert q.distinct_seeds(runs)[1] == 1
-    t = {r["router"]: r for r in claims_table(runs, metrics, q.SUITES["lm"]).iter_rows(named=True)}
+    runs, metrics = load_runs(path), load_metrics(path)
+    assert distinct_seeds(runs)[1] == 1
+    t = {r["router"]: r for r in claims_table(runs, metrics, SUITES["lm"]).iter_rows(named=True)}
     assert t["competesmoe"]["verdict"] == "holds (p=0.005)" and t["competesmoe"]["n_router"] == 2
     assert t["competesmoe"]["p"] == pytest.approx(P_ONE, rel=1e-9)  # the duplicate seed 0 is not a third sample
     assert t["xmoe"]["verdict"] == "reversed (p=0.005)"
     assert t["moge"]["verdict"] == "within noise (p=0.553, n=2)"
     assert t["stablemoe"]["verdict"] == "n<2 (n=1 vs 2)" and t["stablemoe"]["p"] is None
     assert t["competesmoe"]["router_mean"] == pytest.approx(1.05)
-    assert t["competesmoe"]["baseline_ci"] == pytest.approx(q.mean_ci([2.0, 2.1])[1])
+    assert t["competesmoe"]["baseline_ci"] == pytest.approx(mean_ci([2.0, 2.1])[1])
     # the same claims on a vision store: top-1 is higher-is-better, so the directions flip
     vpath = _store(tmp_path / "v.duckdb", suite="vision")
-    vt = {r["router"]: r["label"] for r in claims_table(q.load_runs(vpath), q.load_metrics(vpath),
-                                                        q.SUITES["vision"]).iter_rows(named=True)}
+    vt = {r["router"]: r["label"] for r in claims_table(load_runs(vpath), load_metrics(vpath),
+                                                        SUITES["vision"]).iter_rows(named=True)}
     assert vt == {"competesmoe": "reversed", "xmoe": "holds", "moge": "within noise", "stablemoe": "n<2"}
     # a custom claim about a router that never ran
-    t = claims_table(runs, metrics, q.SUITES["lm"], [Claim("a", "nosuch", "smoe", "nosuch beats SMoE")])
+    t = claims_table(runs, metrics, SUITES["lm"], [Claim("a", "nosuch", "smoe", "nosuch beats SMoE")])
     assert t["verdict"].to_list() == ["n<2 (n=0 vs 2)"]
 
 
@@ -157,8 +159,8 @@ def test_claims_tab(tmp_path, monkeypatch):
     frames = [df.value for df in at.dataframe if "harness verdict" in list(df.value.columns)]
     assert frames, "claims table not rendered"
     tab = frames[0].set_index("claim")
-    expected = {r["claim"]: r["verdict"] for r in claims_table(q.load_runs(path), q.load_metrics(path),
-                                                                 q.SUITES["lm"]).iter_rows(named=True)}
+    expected = {r["claim"]: r["verdict"] for r in claims_table(load_runs(path), load_metrics(path),
+                                                                 SUITES["lm"]).iter_rows(named=True)}
     assert tab["harness verdict"].to_dict() == expected
     assert tab.loc["CompeteSMoE beats SMoE", "harness verdict"] == "holds (p=0.005)"
     assert "arXiv 2402.02526" in tab.loc["CompeteSMoE beats SMoE", "paper"]

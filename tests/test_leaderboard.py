@@ -1,4 +1,5 @@
-"""Streamlit leaderboard: the data layer (leaderboard/queries.py) and the page (leaderboard/app.py).
+"""Streamlit leaderboard: the data layer (leaderboard/store.py, stats, overview, tables) and the page
+(leaderboard/app.py and leaderboard/tabs/).
 
 The page is driven headlessly with ``streamlit.testing.v1.AppTest`` over a store filled by a real
 tiny ``harness run`` (dense + smoe, two seeds each), plus a few hand-written rows for what a
@@ -18,8 +19,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from harness.store import Store, now
-from leaderboard import queries as q
+from harness.store import DEFAULT_STORE, Store, now
+from leaderboard.formatting import fmt_ci, fmt_si, sig_text
+from leaderboard.overview import display_best_cells, display_overview, overview, to_latex
+from leaderboard.runs import filter_runs, router_order, sort_by_router, status_counts
+from leaderboard.stats import mean_ci, pareto_mask, significance, welch
+from leaderboard.store import (HEALTH_COLUMNS, StoreBusy, StoreError, StoreMissing, load_health, load_metrics,
+                               load_perf, load_routing, load_runs, resolve_store_path, store_state)
+from leaderboard.suites import SUITES
+from leaderboard.tables import lmeval_table, lmeval_wide, perf_table
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "leaderboard" / "app.py"
@@ -57,7 +65,7 @@ def add_extra_rows(store_path: str | Path) -> None:
 
 
 def store_runs(path) -> pl.DataFrame:
-    return q.load_runs(path)
+    return load_runs(path)
 
 
 @pytest.fixture(scope="module")
@@ -116,53 +124,53 @@ def texts(at) -> str:
     return "\n".join(parts)
 
 
-# -- queries: statistics -------------------------------------------------------------------------------
+# -- statistics ---------------------------------------------------------------------------------------
 
 def test_mean_ci_matches_hand_computation():
     # x = 1, 2, 3, 4: mean 2.5, sd = sqrt(5/3), t(0.975, 3) = 3.182446305
-    mean, half, n = q.mean_ci([1.0, 2.0, 3.0, 4.0])
+    mean, half, n = mean_ci([1.0, 2.0, 3.0, 4.0])
     assert n == 4 and mean == pytest.approx(2.5)
     assert half == pytest.approx(3.182446305284263 * math.sqrt(5 / 3) / 2, rel=1e-9)
     assert half == pytest.approx(2.0543, abs=1e-4)
     # n = 2: t(0.975, 1) = 12.7062; x = 5.0, 5.2 -> sd = 0.141421, half = 12.7062 * 0.1 = 1.27062
-    mean, half, n = q.mean_ci([5.0, 5.2])
+    mean, half, n = mean_ci([5.0, 5.2])
     assert (mean, n) == (pytest.approx(5.1), 2) and half == pytest.approx(1.270620, abs=1e-5)
 
 
 def test_mean_ci_small_and_dirty_inputs():
-    assert q.mean_ci([]) == (None, None, 0)
-    assert q.mean_ci([3.0]) == (3.0, None, 1)
-    assert q.mean_ci([None, float("nan"), 2.0, 4.0])[:2][0] == pytest.approx(3.0)
-    assert q.mean_ci([2.0, 2.0, 2.0]) == (2.0, 0.0, 3)
+    assert mean_ci([]) == (None, None, 0)
+    assert mean_ci([3.0]) == (3.0, None, 1)
+    assert mean_ci([None, float("nan"), 2.0, 4.0])[:2][0] == pytest.approx(3.0)
+    assert mean_ci([2.0, 2.0, 2.0]) == (2.0, 0.0, 3)
 
 
 def test_welch_marks():
     lower = [1.00, 1.01, 0.99, 1.00]
     higher = [1.50, 1.52, 1.49, 1.51]
     # lower-is-better metric (bpb): the lower sample is better than the baseline
-    label, p = q.significance(lower, higher, higher_better=False)
+    label, p = significance(lower, higher, higher_better=False)
     assert label == "better" and p < 0.001
-    assert q.significance(higher, lower, higher_better=False)[0] == "worse"
+    assert significance(higher, lower, higher_better=False)[0] == "worse"
     # higher-is-better metric (top-1): reversed
-    assert q.significance(higher, lower, higher_better=True)[0] == "better"
+    assert significance(higher, lower, higher_better=True)[0] == "better"
     # overlapping samples
-    label, p = q.significance([1.0, 1.2, 0.9], [1.1, 0.95, 1.05], higher_better=False)
+    label, p = significance([1.0, 1.2, 0.9], [1.1, 0.95, 1.05], higher_better=False)
     assert label == "within noise" and p > 0.05
     # one seed on either side: no test
-    assert q.significance([1.0], higher, False) == ("n<2", None)
-    assert q.significance(lower, [1.0], False) == ("n<2", None)
+    assert significance([1.0], higher, False) == ("n<2", None)
+    assert significance(lower, [1.0], False) == ("n<2", None)
     # the p-value is scipy's Welch test
     from scipy import stats
 
     ref = stats.ttest_ind([1.0, 1.2, 0.9], [1.1, 0.95, 1.05], equal_var=False).pvalue
     assert p == pytest.approx(ref)
-    assert "within noise" in q.sig_text("within noise", 0.5) and "p=0.50" in q.sig_text("within noise", 0.5)
-    assert q.sig_text("better", 1e-5).startswith("▲") and "p<0.001" in q.sig_text("better", 1e-5)
+    assert "within noise" in sig_text("within noise", 0.5) and "p=0.50" in sig_text("within noise", 0.5)
+    assert sig_text("better", 1e-5).startswith("▲") and "p<0.001" in sig_text("better", 1e-5)
 
 
 def test_welch_constant_samples():
-    assert q.welch([1.0, 1.0], [1.0, 1.0]) == (0.0, 1.0)
-    t, p = q.welch([1.0, 1.0], [2.0, 2.0])
+    assert welch([1.0, 1.0], [1.0, 1.0]) == (0.0, 1.0)
+    t, p = welch([1.0, 1.0], [2.0, 2.0])
     assert p == 0.0 and t < 0
 
 
@@ -170,26 +178,28 @@ def test_pareto_mask():
     # throughput (higher better) vs bpb (lower better)
     xs = [100, 200, 150, 50]
     ys = [1.0, 1.2, 1.3, 0.9]
-    assert q.pareto_mask(xs, ys, higher_y_better=False) == [True, True, False, True]
-    assert q.pareto_mask([1, 2], [None, 1.0], False) == [False, True]
+    assert pareto_mask(xs, ys, higher_y_better=False) == [True, True, False, True]
+    assert pareto_mask([1, 2], [None, 1.0], False) == [False, True]
 
 
 def test_formatting():
-    assert q.fmt_ci(5.9225, 0.0872) == "5.923 ± 0.087"
-    assert q.fmt_ci(5.9, None, 1) == "5.900 (n=1)"
-    assert q.fmt_ci(None, None) == "—"
-    assert q.fmt_si(70883.0) == "70.9k" and q.fmt_si(None) == "—"
+    assert fmt_ci(5.9225, 0.0872) == "5.923 ± 0.087"
+    assert fmt_ci(5.9, None, 1) == "5.900 (n=1)"
+    assert fmt_ci(None, None) == "—"
+    assert fmt_si(70883.0) == "70.9k" and fmt_si(None) == "—"
 
 
 def test_resolve_store_path(monkeypatch):
-    assert q.resolve_store_path(["--store", "a.duckdb"], env={"HARNESS_STORE": "b.duckdb"}) == "a.duckdb"
-    assert q.resolve_store_path([], env={"HARNESS_STORE": "b.duckdb"}) == "b.duckdb"
-    assert q.resolve_store_path(["-q", "tests/x.py"], env={}) == q.DEFAULT_STORE
-    assert q.resolve_store_path(["--strict-markers"], env={}) == q.DEFAULT_STORE  # no abbreviation matching
+    monkeypatch.setenv("HARNESS_STORE", "b.duckdb")
+    assert resolve_store_path(["--store", "a.duckdb"]) == "a.duckdb"
+    assert resolve_store_path([]) == "b.duckdb"
+    monkeypatch.delenv("HARNESS_STORE")
+    assert resolve_store_path(["-q", "tests/x.py"]) == DEFAULT_STORE
+    assert resolve_store_path(["--strict-markers"]) == DEFAULT_STORE  # no abbreviation matching
 
 
 def synthetic(router_vals: dict[str, list[float]], suite: str = "lm") -> tuple[pl.DataFrame, pl.DataFrame]:
-    meta = q.SUITES[suite]
+    meta = SUITES[suite]
     runs, metrics = [], []
     for router, vals in router_vals.items():
         for seed, v in enumerate(vals):
@@ -213,12 +223,12 @@ def test_overview_ranks_ci_and_marks():
                            "spec_hash": "h-xmoe", "preset": "tiny", "machine": "m", "git_sha": "abc",
                            "started_at": None}], schema=runs.schema)
     runs = pl.concat([runs, extra])
-    health = pl.DataFrame(schema=q.HEALTH_COLUMNS)
-    ov = q.overview(runs, metrics, health, q.SUITES["lm"])
+    health = pl.DataFrame(schema=HEALTH_COLUMNS)
+    ov = overview(runs, metrics, health, SUITES["lm"])
     assert ov["router"].to_list() == ["solo", "xmoe", "moge", "smoe", "dense"]  # bpb: lower first
     assert ov["rank"].to_list() == [1, 2, 3, 4, 5]
     row = {r["router"]: r for r in ov.iter_rows(named=True)}
-    m, h, n = q.mean_ci([1.30, 1.31, 1.29])
+    m, h, n = mean_ci([1.30, 1.31, 1.29])
     assert row["xmoe"]["quality_mean"] == pytest.approx(m) and row["xmoe"]["quality_ci"] == pytest.approx(h)
     assert row["xmoe"]["n"] == 3 and row["xmoe"]["diverged"] == 1  # the diverged run is counted, not averaged
     assert row["xmoe"]["sig_label"] == "better"
@@ -227,19 +237,19 @@ def test_overview_ranks_ci_and_marks():
     assert row["smoe"]["sig_label"] == "baseline"
     assert row["solo"]["sig_label"] == "n<2" and row["solo"]["quality_ci"] is None
     assert row["xmoe"]["vs_dense"] == pytest.approx(0.4) and row["xmoe"]["vs_smoe"] == pytest.approx(0.8)
-    disp = q.display_overview(ov, q.SUITES["lm"])
+    disp = display_overview(ov, SUITES["lm"])
     assert disp.columns[:5] == ["#", "router", "n", "val bpb ↓", "vs SMoE"]
     assert disp.filter(pl.col("router") == "solo")["val bpb ↓"][0] == "1.200 (n=1)"
     assert disp.filter(pl.col("router") == "xmoe")["excluded"][0] == "1 diverged"
-    best = q.display_best_cells(ov, q.SUITES["lm"])
+    best = display_best_cells(ov, SUITES["lm"])
     assert best["val bpb ↓"] == [0] and best["tok/s"] == [4]  # dense is fastest
-    tex = q.to_latex(ov, q.SUITES["lm"])
+    tex = to_latex(ov, SUITES["lm"])
     assert r"\toprule" in tex and r"\textbf{1.200}" in tex and "xmoe" in tex
 
 
 def test_overview_vision_is_higher_better_and_no_smoe():
     runs, metrics = synthetic({"dense": [0.50, 0.52], "xmoe": [0.60, 0.61]}, suite="vision")
-    ov = q.overview(runs, metrics, pl.DataFrame(schema=q.HEALTH_COLUMNS), q.SUITES["vision"])
+    ov = overview(runs, metrics, pl.DataFrame(schema=HEALTH_COLUMNS), SUITES["vision"])
     assert ov["router"].to_list() == ["xmoe", "dense"]  # top-1: higher first
     assert set(ov["sig_label"]) == {"no SMoE"}
     assert ov["vs_smoe"].null_count() == 2
@@ -248,23 +258,33 @@ def test_overview_vision_is_higher_better_and_no_smoe():
 def test_filter_runs():
     runs, _ = synthetic({"dense": [1.0, 1.1], "smoe": [1.0]})
     runs = runs.with_columns(pl.lit(None, dtype=pl.Datetime("us")).alias("started_at"))
-    assert q.filter_runs(runs, routers=["smoe"]).height == 1
-    assert q.filter_runs(runs, spec_hashes=["h-dense"]).height == 2
-    assert q.filter_runs(runs, suite="vision").height == 0
-    assert q.filter_runs(runs).height == 3
+    assert filter_runs(runs, routers=["smoe"]).height == 1
+    assert filter_runs(runs, spec_hashes=["h-dense"]).height == 2
+    assert filter_runs(runs, suite="vision").height == 0
+    assert filter_runs(runs).height == 3
 
 
-# -- queries over the real store ---------------------------------------------------------------------------
+def test_sort_by_router_puts_the_references_first():
+    df = pl.DataFrame({"router": ["xmoe", "smoe", "dense", "moge", "smoe"], "seed": [0, 1, 0, 0, 0],
+                       "setting": ["b", "a", "a", "a", "a"]})
+    assert router_order(df["router"]) == ["dense", "smoe", "moge", "xmoe"]
+    out = sort_by_router(df, "router", "seed")
+    assert list(zip(out["router"], out["seed"])) == [("dense", 0), ("smoe", 0), ("smoe", 1), ("moge", 0), ("xmoe", 0)]
+    assert sort_by_router(df, "setting", "router")["router"].to_list() == ["dense", "smoe", "smoe", "moge", "xmoe"]
+    assert sort_by_router(df).columns == df.columns  # the rank column is dropped again
+
+
+# -- loaders over the real store --------------------------------------------------------------------------
 
 def test_loaders_read_the_real_store(store_path):
-    assert q.store_state(store_path) == "ready"
-    runs = q.load_runs(store_path)
+    assert store_state(store_path) == "ready"
+    runs = load_runs(store_path)
     assert set(runs["router"]) == set(ROUTERS)
-    assert q.status_counts(runs) == {"finished": 4, "diverged": 1, "failed": 1, "running": 0}
+    assert status_counts(runs) == {"finished": 4, "diverged": 1, "failed": 1, "running": 0}
     assert runs["machine"].null_count() == 0
-    meta = q.SUITES["lm"]
-    metrics, health = q.load_metrics(store_path), q.load_health(store_path)
-    ov = q.overview(runs, metrics, health, meta)
+    meta = SUITES["lm"]
+    metrics, health = load_metrics(store_path), load_health(store_path)
+    ov = overview(runs, metrics, health, meta)
     assert ov["router"].to_list() and set(ov["router"]) == set(ROUTERS)
     row = {r["router"]: r for r in ov.iter_rows(named=True)}
     for r in ROUTERS:
@@ -280,18 +300,18 @@ def test_loaders_read_the_real_store(store_path):
     # health rows are unique per (run, step, layer, name) even though the final eval step is repeated
     assert health.group_by("run_id", "step", "layer", "name").len()["len"].max() == 1
     smoe_run = runs.filter((pl.col("router") == "smoe") & (pl.col("status") == "finished"))["run_id"][0]
-    load = q.load_routing(store_path, smoe_run)
+    load = load_routing(store_path, smoe_run)
     assert load.height and load.group_by("layer").agg(pl.col("load").sum())["load"].to_list() == \
         pytest.approx([1.0] * load["layer"].n_unique())
-    lm = q.lmeval_table(metrics, runs)
+    lm = lmeval_table(metrics, runs)
     assert set(lm["task"]) == {"shakespeare_cloze", "shakespeare_ppl"}
     ppl = lm.filter(pl.col("metric") == "word_perplexity")
     assert not ppl["higher_better"].any()
-    wide, best = q.lmeval_wide(lm)
+    wide, best = lmeval_wide(lm)
     assert wide["router"].to_list() == ["dense", "smoe"]
     assert best["shakespeare_cloze / acc"] == [1] and best["shakespeare_ppl / word_perplexity"] == [1]
-    perf = q.load_perf(store_path)
-    pt = q.perf_table(perf)
+    perf = load_perf(store_path)
+    pt = perf_table(perf)
     assert set(pt.columns) >= {"candidate", "ratio_vs_smoe", "fwd_bwd_ms"} and pt.height == 2
     assert pt["fwd_bwd_ms"].to_list() == ["2.000 (IQR 0.100)", "3.000 (IQR 0.100)"]
 
@@ -311,7 +331,7 @@ def test_connect_waits_for_a_writer_then_reads(store_path, tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         waits = []
         t0 = time.monotonic()
-        assert q.store_state(copy, timeout=30, on_wait=lambda a, s: waits.append(a)) == "ready"
+        assert store_state(copy, timeout=30, on_wait=lambda a, s: waits.append(a)) == "ready"
         assert waits, "the lock was never seen"
         assert time.monotonic() - t0 >= 0.5
     finally:
@@ -329,21 +349,21 @@ def test_connect_gives_up_with_storebusy(store_path, tmp_path):
     """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(q.StoreBusy, match="locked by a writer"):
-            q.load_runs(copy, timeout=0.3)
+        with pytest.raises(StoreBusy, match="locked by a writer"):
+            load_runs(copy, timeout=0.3)
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
 
 
 def test_missing_and_garbage_store(tmp_path):
-    assert q.store_state(tmp_path / "nope.duckdb") == "missing"
-    with pytest.raises(q.StoreMissing):
-        q.load_runs(tmp_path / "nope.duckdb")
+    assert store_state(tmp_path / "nope.duckdb") == "missing"
+    with pytest.raises(StoreMissing):
+        load_runs(tmp_path / "nope.duckdb")
     bad = tmp_path / "bad.duckdb"
     bad.write_text("not a database")
-    with pytest.raises(q.StoreError):
-        q.store_state(bad)
+    with pytest.raises(StoreError):
+        store_state(bad)
 
 
 # -- the page ------------------------------------------------------------------------------------------
@@ -354,13 +374,13 @@ def test_app_renders_overview_and_charts(store_path, monkeypatch, fast_apptest):
     assert not at.error
     ov = overview_frame(at)
     assert sorted(ov["router"]) == sorted(ROUTERS)
-    runs, metrics = q.load_runs(store_path), q.load_metrics(store_path)
+    runs, metrics = load_runs(store_path), load_metrics(store_path)
     for r in ROUTERS:
         vals = metrics.join(runs.filter((pl.col("router") == r) & (pl.col("status") == "finished")),
                             on="run_id").filter(pl.col("name") == "val_bpb")["value"].to_list()
-        mean, half, _ = q.mean_ci(vals)
+        mean, half, _ = mean_ci(vals)
         cell = ov.loc[ov["router"] == r, "val bpb ↓"].iloc[0]
-        assert cell == q.fmt_ci(mean, half), cell
+        assert cell == fmt_ci(mean, half), cell
         assert ov.loc[ov["router"] == r, "n"].iloc[0] == len(SEEDS)
     assert ov.loc[ov["router"] == "smoe", "vs SMoE"].iloc[0] == "— baseline"
     dense_mark = ov.loc[ov["router"] == "dense", "vs SMoE"].iloc[0]
@@ -390,7 +410,7 @@ def test_app_renders_overview_and_charts(store_path, monkeypatch, fast_apptest):
 
 def test_filters_change_rows(store_path, monkeypatch, fast_apptest):
     at = app_for(store_path, monkeypatch).run()
-    smoe_hash = q.load_runs(store_path).filter(pl.col("router") == "smoe")["spec_hash"][0]
+    smoe_hash = load_runs(store_path).filter(pl.col("router") == "smoe")["spec_hash"][0]
     at.sidebar.multiselect(key="specs").set_value([smoe_hash]).run()
     assert not at.exception
     assert list(overview_frame(at)["router"]) == ["smoe"]
@@ -410,7 +430,7 @@ def test_filters_change_rows(store_path, monkeypatch, fast_apptest):
 
 def test_run_detail_shows_failed_traceback(store_path, monkeypatch, fast_apptest):
     at = app_for(store_path, monkeypatch).run()
-    failed = q.load_runs(store_path).filter(pl.col("status") == "failed")["run_id"][0]
+    failed = load_runs(store_path).filter(pl.col("status") == "failed")["run_id"][0]
     at.selectbox(key="detail_run").set_value(failed).run()
     assert not at.exception
     assert any("RuntimeError: boom in router" in c.value for c in at.code)
@@ -461,7 +481,7 @@ def test_empty_and_missing_store_pages(tmp_path, monkeypatch, fast_apptest):
 
 
 def test_board_cli_builds_the_streamlit_command(monkeypatch, tmp_path):
-    import harness.board as board
+    import harness.tools.board as board
     from harness.cli import build_parser
 
     seen = {}

@@ -1,2 +1,63 @@
-"""``harness claims`` (transitional: registered by harness.tools.claims)."""
-from harness.tools.claims import register_cli as register  # noqa: F401
+"""``harness claims``: the papers' claims beside the harness' verdict on the stored runs.
+
+    harness claims [--store results/harness.duckdb] [--suite lm] [--preset default] [--alpha 0.05]
+
+The verdicts come from :func:`leaderboard.claims.claims_table`, the function the board's Claims tab calls.
+"""
+from __future__ import annotations
+
+import argparse
+
+import polars as pl
+
+from leaderboard.claims import claims_table, fmt_side, load_claims
+from leaderboard.stats import ALPHA, distinct_seeds
+from leaderboard.store import load_metrics, load_runs
+from leaderboard.suites import suite_meta
+
+from ..spec import SpecError
+
+
+def register(sub: argparse._SubParsersAction, store_arg) -> None:  # noqa: ANN001, SLF001
+    s = sub.add_parser("claims", help="the papers' claims beside the harness' verdict on the stored runs")
+    store_arg(s)
+    s.add_argument("--suite", default="lm", help="suite whose runs are judged (lm | vision | ...)")
+    s.add_argument("--preset", default=None, help="preset whose runs are judged (default: the one with most runs)")
+    s.add_argument("--alpha", type=float, default=ALPHA, help="significance level of the Welch t-test")
+    s.add_argument("--claims", default=None, help="a claims YAML instead of the shipped tasks/claims/papers.yaml")
+    s.set_defaults(fn=cmd_claims)
+
+
+def cmd_claims(args: argparse.Namespace) -> int:
+    if not 0 < args.alpha < 1:
+        raise SpecError(f"--alpha must lie between 0 and 1, got {args.alpha}")
+    claims = load_claims(args.claims)
+    runs = load_runs(args.store, timeout=60)
+    suite_runs = runs.filter(pl.col("suite") == args.suite)
+    presets = suite_runs.group_by("preset").len().sort("len", descending=True)["preset"].drop_nulls().to_list()
+    preset = args.preset or (presets[0] if presets else None)
+    if preset is not None:
+        suite_runs = suite_runs.filter(pl.col("preset") == preset)
+    metrics = load_metrics(args.store, suite_runs["run_id"].to_list(), timeout=60)
+    meta = suite_meta(args.suite, metrics["name"].unique().to_list())
+    table = claims_table(suite_runs, metrics, meta, claims, args.alpha)
+    _, dupes = distinct_seeds(suite_runs)
+    direction = "higher" if meta.higher_better else "lower"
+    print(f"claims on {args.store}: suite {args.suite}, preset {preset or '(none)'}, "
+          f"{suite_runs.filter(pl.col('status') == 'finished').height - dupes} distinct finished runs"
+          + (f" ({dupes} duplicate{'s' if dupes != 1 else ''} set aside)" if dupes else "")
+          + (f"; other presets: {', '.join(p for p in presets if p != preset)}" if len(presets) > 1 else ""))
+    print(f"verdict: {meta.quality} ({direction} is better), Welch t-test over distinct seeds, alpha {args.alpha}")
+    for r in table.iter_rows(named=True):
+        print()
+        print(f"{r['claim']}: {r['verdict']}")
+        print(f"  harness: {fmt_side(r['router'], r['router_mean'], r['router_ci'], r['n_router'], meta)} vs "
+              f"{fmt_side(r['baseline'], r['baseline_mean'], r['baseline_ci'], r['n_baseline'], meta)} "
+              f"({meta.quality}, mean ± 95% CI)")
+        print(f"  paper:   arXiv {r['arxiv']}: {r['paper']}")
+        print(f"  setting: {r['setting']}")
+        print(f"  figure:  {r['figure']}")
+    if table.height and (table["label"] == "n<2").all():
+        print(f"\nno claim can be tested yet: run at least two seeds of each router, e.g. "
+              f"harness run --suite {args.suite} --preset {preset or 'default'} --seeds 0,1,2 --store {args.store}")
+    return 0

@@ -1,12 +1,10 @@
-"""The papers' claims beside the harness' verdict: ``harness claims`` and the leaderboard's Claims tab.
-
-    harness claims [--store results/harness.duckdb] [--suite lm] [--preset default]
+"""The papers' claims beside the harness' verdict: the data behind ``harness claims`` and the Claims tab.
 
 The shipped table (``tasks/claims/papers.yaml``) lists each paper's directional claim ("CompeteSMoE
 beats SMoE", ...) with its setting and figure. :func:`claims_table` judges each claim on stored runs:
 the suite's primary metric (lm ``val_bpb``, lower is better; vision ``val_top1``, higher is better)
 over *distinct* seeds (one finished run per spec hash and seed, the latest:
-``leaderboard.queries.distinct_seeds``), Welch's unequal-variance t-test (scipy) at alpha = 0.05:
+:func:`leaderboard.stats.distinct_seeds`), Welch's unequal-variance t-test (scipy) at alpha = 0.05:
 
 * ``holds (p=…)``: the router is significantly better than the baseline;
 * ``reversed (p=…)``: significantly worse;
@@ -17,8 +15,6 @@ The page and the command call this one function, so they always agree.
 """
 from __future__ import annotations
 
-import argparse
-import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,7 +23,11 @@ from typing import Any
 import polars as pl
 import yaml
 
-ALPHA = 0.05
+from harness.spec import SpecError
+from leaderboard.formatting import fmt_ci, fmt_p
+from leaderboard.stats import ALPHA, finite, distinct_seeds, mean_ci, welch
+from leaderboard.suites import SuiteMeta
+
 CLAIM_KEYS = ("id", "router", "baseline", "claim", "paper", "arxiv", "setting", "figure")
 
 
@@ -41,9 +41,6 @@ class Claim:
     arxiv: str = ""
     setting: str = ""
     figure: str = "figure/table not verified"
-
-
-from ..spec import SpecError
 
 
 class ClaimsError(SpecError):
@@ -78,19 +75,10 @@ def load_claims(path: str | Path | None = None) -> list[Claim]:
 
 # -- the verdict ------------------------------------------------------------------------------------
 
-def fmt_p(p: float | None) -> str:
-    if p is None:
-        return "p=?"
-    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
-
-
 def verdict(router_vals: list[float], base_vals: list[float], higher_better: bool,
             alpha: float = ALPHA) -> dict[str, Any]:
     """label ('holds' | 'reversed' | 'within noise' | 'n<2'), p, t, the two n and the display text."""
-    from leaderboard.queries import welch
-
-    a = [float(v) for v in router_vals if v is not None and math.isfinite(float(v))]
-    b = [float(v) for v in base_vals if v is not None and math.isfinite(float(v))]
+    a, b = finite(router_vals), finite(base_vals)
     res = welch(a, b)
     if res is None:
         return {"label": "n<2", "p": None, "t": None, "n_router": len(a), "n_baseline": len(b),
@@ -114,13 +102,10 @@ CLAIMS_SCHEMA = {
 }
 
 
-def claims_table(runs: pl.DataFrame, metrics: pl.DataFrame, meta: Any, claims: list[Claim] | None = None,
+def claims_table(runs: pl.DataFrame, metrics: pl.DataFrame, meta: SuiteMeta, claims: list[Claim] | None = None,
                  alpha: float = ALPHA) -> pl.DataFrame:
-    """One row per claim: the harness' verdict on ``runs`` (the filtered runs of ONE suite and preset).
-
-    ``meta`` is the suite's ``leaderboard.queries.SuiteMeta`` (which metric, which direction)."""
-    from leaderboard.queries import distinct_seeds, mean_ci
-
+    """One row per claim: the harness' verdict on ``runs`` (the filtered runs of ONE suite and preset);
+    ``meta`` says which metric and which direction."""
     claims = load_claims() if claims is None else claims
     runs, _ = distinct_seeds(runs)
     fin = runs.filter(pl.col("status") == "finished").select("run_id", "router")
@@ -141,59 +126,9 @@ def claims_table(runs: pl.DataFrame, metrics: pl.DataFrame, meta: Any, claims: l
     return pl.DataFrame(rows, schema=CLAIMS_SCHEMA) if rows else pl.DataFrame(schema=CLAIMS_SCHEMA)
 
 
-# -- harness claims -----------------------------------------------------------------------------------
-
-def _fmt_side(router: str, mean: float | None, ci: float | None, n: int, meta: Any) -> str:
-    from leaderboard.queries import fmt_ci
-
-    k = 100.0 if meta.percent else 1.0
-    m = None if mean is None else mean * k
-    h = None if ci is None else ci * k
-    return f"{router} {fmt_ci(m, h)}{'%' if meta.percent and m is not None else ''} (n={n})"
-
-
-def cmd_claims(args: argparse.Namespace) -> int:
-    from leaderboard import queries as q
-
-    if not 0 < args.alpha < 1:
-        raise SpecError(f"--alpha must lie between 0 and 1, got {args.alpha}")
-    claims = load_claims(args.claims)
-    runs = q.load_runs(args.store, timeout=60)
-    suite_runs = runs.filter(pl.col("suite") == args.suite)
-    presets = suite_runs.group_by("preset").len().sort("len", descending=True)["preset"].drop_nulls().to_list()
-    preset = args.preset or (presets[0] if presets else None)
-    if preset is not None:
-        suite_runs = suite_runs.filter(pl.col("preset") == preset)
-    metrics = q.load_metrics(args.store, suite_runs["run_id"].to_list(), timeout=60)
-    meta = q.suite_meta(args.suite, metrics["name"].unique().to_list())
-    table = claims_table(suite_runs, metrics, meta, claims, args.alpha)
-    _, dupes = q.distinct_seeds(suite_runs)
-    direction = "higher" if meta.higher_better else "lower"
-    print(f"claims on {args.store}: suite {args.suite}, preset {preset or '(none)'}, "
-          f"{suite_runs.filter(pl.col('status') == 'finished').height - dupes} distinct finished runs"
-          + (f" ({dupes} duplicate{'s' if dupes != 1 else ''} set aside)" if dupes else "")
-          + (f"; other presets: {', '.join(p for p in presets if p != preset)}" if len(presets) > 1 else ""))
-    print(f"verdict: {meta.quality} ({direction} is better), Welch t-test over distinct seeds, alpha {args.alpha}")
-    for r in table.iter_rows(named=True):
-        print()
-        print(f"{r['claim']}: {r['verdict']}")
-        print(f"  harness: {_fmt_side(r['router'], r['router_mean'], r['router_ci'], r['n_router'], meta)} vs "
-              f"{_fmt_side(r['baseline'], r['baseline_mean'], r['baseline_ci'], r['n_baseline'], meta)} "
-              f"({meta.quality}, mean ± 95% CI)")
-        print(f"  paper:   arXiv {r['arxiv']}: {r['paper']}")
-        print(f"  setting: {r['setting']}")
-        print(f"  figure:  {r['figure']}")
-    if table.height and (table["label"] == "n<2").all():
-        print(f"\nno claim can be tested yet: run at least two seeds of each router, e.g. "
-              f"harness run --suite {args.suite} --preset {preset or 'default'} --seeds 0,1,2 --store {args.store}")
-    return 0
-
-
-def register_cli(sub: argparse._SubParsersAction, store_arg) -> None:  # noqa: ANN001
-    s = sub.add_parser("claims", help="the papers' claims beside the harness' verdict on the stored runs")
-    store_arg(s)
-    s.add_argument("--suite", default="lm", help="suite whose runs are judged (lm | vision | ...)")
-    s.add_argument("--preset", default=None, help="preset whose runs are judged (default: the one with most runs)")
-    s.add_argument("--alpha", type=float, default=ALPHA, help="significance level of the Welch t-test")
-    s.add_argument("--claims", default=None, help="a claims YAML instead of the shipped tasks/claims/papers.yaml")
-    s.set_defaults(fn=cmd_claims)
+def fmt_side(router: str, mean: float | None, ci: float | None, n: int, meta: SuiteMeta,
+             percent_sign: bool = True) -> str:
+    """One side of a claim: ``competesmoe 1.05 ± 0.64 (n=2)`` (a percentage metric shown x 100, with a
+    ``%`` after it when ``percent_sign``)."""
+    m, h = meta.shown(mean), meta.shown(ci)
+    return f"{router} {fmt_ci(m, h)}{'%' if percent_sign and meta.percent and m is not None else ''} (n={n})"

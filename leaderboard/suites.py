@@ -1,0 +1,60 @@
+"""What each suite measures: its headline metric, its test twin, which direction is better, its throughput."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass(frozen=True)
+class SuiteMeta:
+    name: str
+    quality: str            # primary validation metric
+    test: str               # its test-split twin
+    higher_better: bool
+    throughput: str         # training items per second
+    unit: str               # "tok" | "img"
+    label: str              # human label of the quality metric
+    extra: tuple[str, ...] = ()  # further per-router metrics worth a column
+    percent: bool = False   # a fraction in [0, 1], shown as a percentage
+    test_label: str = ""    # human label of the test metric
+
+    @property
+    def test_name(self) -> str:
+        return self.test_label or self.test.replace("_", " ")
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        return (0.0, 1.0) if self.percent else None
+
+    def quality_header(self) -> str:
+        return f"{self.label}{' %' if self.percent else ''} {self.arrow}"
+
+    def test_header(self) -> str:
+        return f"{self.test_name}{' %' if self.percent else ''} {self.arrow}"
+
+    @property
+    def arrow(self) -> str:
+        return "↑" if self.higher_better else "↓"
+
+    def shown(self, v: float | None) -> float | None:
+        """A stored value (or CI half-width) as the board shows it: x 100 for a percentage."""
+        return None if v is None else v * (100.0 if self.percent else 1.0)
+
+
+SUITES: dict[str, SuiteMeta] = {
+    "lm": SuiteMeta("lm", "val_bpb", "test_bpb", False, "train_tok_per_s", "tok", "val bpb", test_label="test bpb"),
+    "vision": SuiteMeta("vision", "val_top1", "test_top1", True, "train_img_per_s", "img", "val top-1",
+                        extra=("val_top5",), percent=True, test_label="test top-1"),
+}
+
+
+def suite_meta(suite: str, metric_names: Iterable[str] = ()) -> SuiteMeta:
+    """Known suites by name; an unknown one is described from the metric names it wrote."""
+    if suite in SUITES:
+        return SUITES[suite]
+    names = sorted(set(metric_names))
+    tput = next((n for n in names if n.startswith("train_") and n.endswith("_per_s")), "train_tok_per_s")
+    unit = tput[len("train_"):-len("_per_s")] or "item"
+    val = next((n for n in names if n.startswith("val_")), "val_loss")
+    lower = any(k in val for k in ("loss", "bpb", "ppl", "err", "bits"))
+    return SuiteMeta(suite, val, "test_" + val[4:], not lower, tput, unit, val.replace("_", " "))
