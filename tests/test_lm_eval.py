@@ -1,4 +1,4 @@
-"""lm-eval bridge (harness/evaluate.py, tasks/lm_eval/): the model against lm-eval's API, every shipped
+"""lm-eval bridge (harness/lmeval/, tasks/lm_eval/): the model against lm-eval's API, every shipped
 task offline, the three entry points, and the post-pretraining hook."""
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ pytest.importorskip("lm_eval")
 import torch  # noqa: E402
 
 import harness.lmeval as ev  # noqa: E402
+from harness.errors import UserError  # noqa: E402
+from harness.lmeval.model import PREFIX_TOKEN, MoEHarnessLM  # noqa: E402
 from harness.suites.lm import build_lm  # noqa: E402
 from harness.spec import EvalSpec, ModelSpec, RunSpec, SuiteSpec, TrainSpec  # noqa: E402
 from harness.store import Store  # noqa: E402
@@ -95,7 +97,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(tiny):
-    return ev.model_class()(pretrained=str(tiny.model_pt), device="cpu", batch_size=4)
+    return MoEHarnessLM(pretrained=str(tiny.model_pt), device="cpu", batch_size=4)
 
 
 def _req(kind: str, *args):
@@ -136,20 +138,23 @@ def test_registered_lazily_with_lm_eval():
     from lm_eval.api.registry import get_model
 
     cls = get_model("moe-harness")
-    assert cls is ev.model_class() and cls.__name__ == "MoEHarnessLM" and cls.__module__ == "harness.lmeval"
+    assert cls is MoEHarnessLM and cls.__module__ == "harness.lmeval.model"
     from lm_eval.api.model import TemplateLM
 
     assert issubclass(cls, TemplateLM)
 
 
 def test_loads_from_path_run_dir_run_id_and_prefix(tiny):
-    cls = ev.model_class()
+    cls = MoEHarnessLM
     by_id = cls.create_from_arg_string(f"pretrained={tiny.run_id},store={tiny.store_path}", {"device": "cpu"})
     assert by_id.checkpoint == tiny.model_pt and by_id.run_id == tiny.run_id
     by_prefix = cls(pretrained=tiny.run_id[:-3], store=str(tiny.store_path), device="cpu")
     assert by_prefix.run_id == tiny.run_id
-    by_dir = cls(pretrained=str(tiny.model_pt.parent), device="cuda:7" if not torch.cuda.is_available() else "cpu")
-    assert by_dir.run_id == tiny.run_id and by_dir.device.type == "cpu"  # no GPU: warns and uses the CPU
+    by_dir = cls(pretrained=str(tiny.model_pt.parent), device="cpu")
+    assert by_dir.run_id == tiny.run_id and by_dir.device.type == "cpu"
+    if not torch.cuda.is_available():  # asking for a GPU that is not there: an error, never a silent CPU run
+        with pytest.raises(UserError, match="device=cuda:7 but no CUDA device is available"):
+            cls(pretrained=str(tiny.model_pt.parent), device="cuda:7")
     assert by_id.max_length == CONTEXT and not by_id.per_sequence
     for key, value in tiny.model.state_dict().items():
         assert torch.equal(by_id.model.state_dict()[key].cpu(), value)
@@ -167,7 +172,7 @@ def test_checkpoint_of_a_later_run_is_refused(tiny, tmp_path):
     tiny.store.start_run({"run_id": other, "suite": "lm", "router": "smoe", "status": "finished",
                           "config": "{}"})
     with pytest.raises(CheckpointError, match=f"holds run {tiny.run_id}, not {other}"):
-        ev.model_class()(pretrained=other, store=str(tiny.store_path))
+        MoEHarnessLM(pretrained=other, store=str(tiny.store_path))
 
 
 def test_loglikelihood_equals_direct_forward_pass(lm, tiny):
@@ -181,7 +186,7 @@ def test_loglikelihood_equals_direct_forward_pass(lm, tiny):
     ]
     out = lm.loglikelihood([_req("loglikelihood", c, k) for c, k in pairs])
     for (c, k), (ll, greedy) in zip(pairs, out):
-        ctx = list(c.encode()) or [ev.PREFIX_TOKEN]
+        ctx = list(c.encode()) or [PREFIX_TOKEN]
         ref, ref_greedy = _ref_score(tiny.model, ctx, list(k.encode()))
         assert ll == pytest.approx(ref, abs=1e-4), (c[:20], k[:20])
         assert greedy == ref_greedy
@@ -207,7 +212,7 @@ def test_loglikelihood_equals_direct_forward_pass(lm, tiny):
 
 def test_scores_do_not_depend_on_batching(tiny, lm):
     reqs = [_req("loglikelihood", "ab" * i, " cd" * (i + 1)) for i in range(1, 9)]
-    single = ev.model_class()(pretrained=str(tiny.model_pt), device="cpu", batch_size=1).loglikelihood(reqs)
+    single = MoEHarnessLM(pretrained=str(tiny.model_pt), device="cpu", batch_size=1).loglikelihood(reqs)
     batched = lm.loglikelihood(reqs)
     for (a, ga), (b, gb) in zip(single, batched):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
@@ -220,12 +225,12 @@ def test_rolling_windows_cover_every_token_exactly_once(lm, tiny):
     windows = lm.rolling_windows(text)
     assert sum(len(cont) for _, cont in windows) == len(toks) == len(text.encode())
     assert [t for _, cont in windows for t in cont] == toks   # in order, none twice, none skipped
-    assert windows[0][0] == [ev.PREFIX_TOKEN]
+    assert windows[0][0] == [PREFIX_TOKEN]
     assert all(len(c) + len(k) <= CONTEXT + 1 and c for c, k in windows)
 
     [ll] = lm.loglikelihood_rolling([_req("loglikelihood_rolling", text)])
     # reference: disjoint blocks of CONTEXT bytes, each predicted from the (prefixed) stream before it
-    stream = [ev.PREFIX_TOKEN] + toks
+    stream = [PREFIX_TOKEN] + toks
     ref = 0.0
     for s in range(0, len(toks), CONTEXT):
         e = min(s + CONTEXT, len(toks))
@@ -263,7 +268,7 @@ def test_generate_until_stops_at_the_until_string(lm, tiny):
 
 def test_token_dropping_models_run_one_sequence_per_pass(tmp_path):
     t = _make_run(tmp_path, capacity_factor=1.0)
-    lm1 = ev.model_class()(pretrained=str(t.model_pt), device="cpu", batch_size=8)
+    lm1 = MoEHarnessLM(pretrained=str(t.model_pt), device="cpu", batch_size=8)
     assert lm1.per_sequence
     reqs = [_req("loglikelihood", "x" * i, " yz") for i in range(1, 6)]
     each = [lm1.loglikelihood([r])[0] for r in reqs]
@@ -272,7 +277,7 @@ def test_token_dropping_models_run_one_sequence_per_pass(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu(tiny, lm):
-    gpu = ev.model_class()(pretrained=str(tiny.model_pt), device="cuda", batch_size=4)
+    gpu = MoEHarnessLM(pretrained=str(tiny.model_pt), device="cuda", batch_size=4)
     reqs = [_req("loglikelihood", "To be, or not", " to be"), _req("loglikelihood", "", "Hark!")]
     for (a, _), (b, _) in zip(lm.loglikelihood(reqs), gpu.loglikelihood(reqs)):
         assert a == pytest.approx(b, abs=1e-3)
@@ -479,9 +484,25 @@ def test_import_is_cheap_and_does_not_load_lm_eval_models():
     import subprocess
 
     code = ("import sys, harness.lmeval; "
-            "print(int('lm_eval.api.model' in sys.modules), int('torch' in sys.modules))")
+            "print(int('lm_eval.api.model' in sys.modules), int('torch' in sys.modules)); "
+            "from lm_eval.api.registry import get_model; print(get_model('moe-harness').__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.split() == ["0", "0"], out.stderr
+    # the lazy registry entry loads the model module only when lm-eval asks for the model
+    assert out.stdout.split() == ["0", "0", "harness.lmeval.model"], out.stderr
+
+
+def test_lm_eval_cli_adds_the_shipped_tasks_and_an_auto_device(monkeypatch):
+    import lm_eval.__main__
+
+    seen = []
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(list(sys.argv)))
+    assert ev.lm_eval_cli(["--model", "moe-harness", "--tasks", "shakespeare_cloze"]) == 0
+    assert seen[-1] == ["lm-eval", "--model", "moe-harness", "--tasks", "shakespeare_cloze",
+                        "--include_path", str(ev.tasks_dir()), "--device", "auto"]
+    ev.lm_eval_cli(["--", "--model=moe-harness", "--device=cpu", "--include_path", "/x"])
+    assert seen[-1] == ["lm-eval", "--model=moe-harness", "--device=cpu", "--include_path", "/x"]
+    ev.lm_eval_cli(["--model", "hf", "--tasks", "t"])  # another model: lm-eval's own defaults
+    assert "--device" not in seen[-1]
 
 
 def test_eval_spec_defaults_are_shipped_tasks_and_plain_names_resolve():
