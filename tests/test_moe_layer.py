@@ -157,3 +157,62 @@ def test_dense_baseline_has_equal_active_flops():
     per_token_dense = dense.fc1.weight.numel() + dense.fc2.weight.numel()
     per_token_moe = 2 * (moe.experts.w1[0].numel() + moe.experts.w2[0].numel())
     assert per_token_dense == per_token_moe
+
+
+def test_forward_is_its_named_steps():
+    """route -> permute -> run_experts -> combine, called by hand, is forward bit for bit; the Dispatch plan."""
+    from harness.layers.moe import STEPS
+
+    torch.manual_seed(4)
+    d, f, T, E, k = 6, 10, 12, 3, 2
+    idx = torch.tensor([[0, 1]] * 8 + [[2, 0]] * 4)
+    w = torch.rand(T, k)
+    layer = MoELayer(d, f, FixedRouter(d, E, k, table=idx, weights=w), capacity_factor=1.0, shared_experts=1)
+    x = torch.randn(T, d)
+    marks = []
+    y, _ = layer(x, RouteContext(), mark=marks.append)
+    assert marks == list(STEPS)
+
+    ctx = RouteContext()
+    routing = layer.route(x, ctx)
+    plan = layer.permute(x, routing, ctx)
+    assert not plan.from_all_outputs
+    cap = layer.capacity(T)  # ceil(1.0 * 12 * 2 / 3) = 8: expert 0 has 12 slots, 4 (second choices) drop
+    assert cap == 8 and plan.counts.tolist() == [8, 8, 4] and plan.dropped == 4
+    assert plan.x_sorted.shape == (20, d) and plan.order.shape == plan.token.shape == (20,)
+    # expert 0's segment: the 8 first choices (tokens 0..7) in token order; the 4 second choices dropped
+    assert plan.token[:8].tolist() == list(range(8))
+    y2 = layer.combine(x, plan, layer.run_experts(plan))
+    assert torch.equal(y, y2)
+
+
+def test_route_context_attach_experts():
+    ctx = RouteContext()
+    with pytest.raises(RuntimeError, match="no experts attached"):
+        ctx.all_expert_outputs()
+    calls = []
+    ctx.attach_experts(lambda: calls.append(1) or torch.ones(2, 3, 4))
+    assert not ctx.has_all_expert_outputs
+    assert ctx.all_expert_outputs().shape == (2, 3, 4) and ctx.all_expert_outputs() is ctx.all_expert_outputs()
+    assert calls == [1] and ctx.has_all_expert_outputs  # memoised
+    ctx.attach_experts(lambda: torch.zeros(1))  # new experts: the old outputs are forgotten
+    assert not ctx.has_all_expert_outputs and ctx.all_expert_outputs().shape == (1,)
+
+
+def test_all_expert_path_plans_no_slots():
+    d, f, T, E, k = 4, 8, 5, 3, 2
+    idx = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2], [1, 0]])
+
+    class AllRouter(FixedRouter):
+        def forward(self, x, ctx):
+            ctx.all_expert_outputs()
+            return super().forward(x, ctx)
+
+    layer = MoELayer(d, f, AllRouter(d, E, k, table=idx, weights=torch.ones(T, k)))
+    x = torch.randn(T, d)
+    ctx = RouteContext()
+    routing = layer.route(x, ctx)
+    plan = layer.permute(x, routing, ctx)
+    assert plan.from_all_outputs and plan.x_sorted is None and plan.counts.tolist() == [4, 3, 3]
+    y = layer.combine(x, plan, ctx.all_expert_outputs())
+    torch.testing.assert_close(y, naive_reference(layer, x, idx, torch.ones(T, k)), rtol=1e-5, atol=1e-5)
