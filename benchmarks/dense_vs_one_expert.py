@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness.spec import load_suite
     from harness.store import Store
     from harness.training.loop import train_run
-    from leaderboard.queries import welch
+    from leaderboard.stats import welch
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     base = load_suite("lm", preset=args.preset, overrides=args.set)

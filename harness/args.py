@@ -294,11 +294,3 @@ def int_list(lo: int | None = 1) -> Callable[[str], list[int]]:
     f.__name__ = "integer list"
     return f
 
-
-def resolve_device(s: str) -> str:
-    """A :func:`device` value as torch takes it: ``auto`` is ``cuda`` where a device is present, else ``cpu``."""
-    if s.strip() == "auto":
-        import torch  # lazy, as in device(): importing harness.args does not load torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return s.strip()

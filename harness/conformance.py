@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .layers.moe import MoELayer, build_ffn
+from .models.lm import MoEDecoderLM
 from .routing.registry import create_router, get_router, register_router, unregister_router
 from .routing.router import RouteContext, Router, Routing
 
@@ -186,7 +187,6 @@ def check_empty_batch(name: str) -> None:
 
 def check_model_keeps_router_init(name: str) -> None:
     """The harness models build routers and must not re-initialise their parameters afterwards."""
-    from .models.lm import MoEDecoderLM
 
     cls = get_router(name)
     if cls.is_dense:

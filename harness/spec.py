@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-
 from .errors import UserError
+from .routing.registry import get_router, router_defaults, split_router_name
 
 
 class SpecError(UserError, ValueError):
@@ -138,7 +138,6 @@ class RunSpec:
         StableMoE is top-1 by construction; in a top-2 suite it runs top-1 (its
         paper's setting) and the resolved ``model.top_k`` stored with the run says so.
         """
-        from .routing.registry import get_router
 
         m = self.suite_spec.model
         k = get_router(self.router).effective_top_k(m.top_k)
@@ -163,7 +162,6 @@ class RunSpec:
     @property
     def router_kwargs(self) -> dict[str, Any]:
         """``router_args`` of this router; for ``name@variant``, those of ``name`` overridden by its own entry."""
-        from .routing.registry import split_router_name
 
         args = self.suite_spec.router_args
         base, variant = split_router_name(self.router)
@@ -192,7 +190,6 @@ class RunSpec:
         d = {"suite": s.suite, "router": self.router, "router_args": self.router_kwargs,
              **{name: hash_view(section) for name, section in
                 (("model", self.model), ("data", s.data), ("train", s.train), ("eval", s.eval))}}
-        from .routing.registry import router_defaults
 
         defaults = router_defaults(self.router)  # the values a router's (or variant's) defaults stand for:
         if defaults:  # changing them re-keys its runs (the dense baseline has none: its hash is unchanged)
@@ -259,7 +256,6 @@ def load_suite(
 
 
 def _check_semantics(spec: SuiteSpec, where: str) -> None:
-    from .routing.registry import get_router
 
     m = spec.model
     if not 1 <= m.top_k <= m.num_experts:

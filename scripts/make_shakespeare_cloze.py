@@ -24,7 +24,17 @@ model in this project trains on or selects checkpoints by.
     the task uses ``target_delimiter: ""``. Fields: ``context``, ``choices``,
     ``label``, ``work``, ``line`` (0-based line number of the answer in its work).
 
-Both files are written in a fixed random order (``--seed``), so the first N
+``shakespeare_order.jsonl`` -- 4-way word-order choice
+    The same kind of context and target line as the cloze (a dialogue line of at
+    least ``--order-min-words`` words), but the 3 distractors are the target's own
+    words in other orders (distinct random permutations of its space-separated
+    words, none equal to the line). Every choice has the same bytes up to order,
+    so ``acc`` compares like with like. It asks what a byte LM of a few minutes'
+    training can know -- which word orders are English -- where the next-line
+    cloze needs discourse knowledge no CPU-sized model has (every router scored
+    chance on it: issue 21). Fields as the cloze's.
+
+All files are written in a fixed random order (``--seed``), so the first N
 documents -- what ``--limit N`` evaluates -- are a uniform sample of the whole set.
 
     python scripts/make_shakespeare_cloze.py            # (re)write tasks/lm_eval/data/
@@ -48,6 +58,8 @@ CONTEXT_LINES = 4
 N_CLOZE = 400
 N_CHOICES = 4
 MIN_LINE_CHARS = 20
+N_ORDER = 400
+ORDER_MIN_WORDS = 5
 
 
 def test_works() -> list[tuple[str, str]]:
@@ -136,6 +148,39 @@ def cloze_items(works: list[tuple[str, str]], n_items: int, context_lines: int, 
     return items
 
 
+def order_items(works: list[tuple[str, str]], n_items: int, context_lines: int, seed: int,
+                min_words: int = ORDER_MIN_WORDS) -> list[dict]:
+    rng = random.Random(seed + 1)  # not the cloze's draws: the two tasks sample their lines independently
+    per_work = []
+    for work, text in works:
+        lines = text.split("\n")
+        first_act = next(i for i, line in enumerate(lines) if line.startswith("ACT "))
+        targets = [(i, c) for i, line in enumerate(lines)
+                   if i > first_act and _is_dialogue(line) and len(line.split()) >= min_words
+                   and (c := _context_start(lines, i, context_lines)) is not None and c > first_act]
+        per_work.append((work, lines, targets))
+    total = sum(len(t) for *_, t in per_work)
+    items = []
+    for work, lines, targets in per_work:
+        k = round(n_items * len(targets) / total)
+        for i, c in sorted(rng.sample(targets, k)):
+            indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+            words = lines[i].split()
+            answer = indent + " ".join(words)
+            choices = [answer]
+            while len(choices) < N_CHOICES:  # >= 5 words: 120 orders, so 3 distinct others always exist
+                perm = words[:]
+                rng.shuffle(perm)
+                cand = indent + " ".join(perm)
+                if cand not in choices:
+                    choices.append(cand)
+            rng.shuffle(choices)
+            items.append({"context": "\n".join(lines[c:i]) + "\n", "choices": choices,
+                          "label": choices.index(answer), "work": work, "line": i})
+    rng.shuffle(items)
+    return items
+
+
 def render(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode("utf-8")
 
@@ -145,6 +190,7 @@ def build(args: argparse.Namespace) -> dict[str, bytes]:
     return {
         "shakespeare_ppl.jsonl": render(ppl_docs(works, args.chunk_bytes, args.seed)),
         "shakespeare_cloze.jsonl": render(cloze_items(works, args.n_cloze, args.context_lines, args.seed)),
+        "shakespeare_order.jsonl": render(order_items(works, args.n_order, args.context_lines, args.seed)),
     }
 
 
@@ -154,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES)
     p.add_argument("--n-cloze", type=int, default=N_CLOZE)
+    p.add_argument("--n-order", type=int, default=N_ORDER)
     p.add_argument("--context-lines", type=int, default=CONTEXT_LINES)
     p.add_argument("--check", action="store_true", help="compare with the files in --out instead of writing")
     args = p.parse_args(argv)

@@ -319,7 +319,7 @@ def test_lm_passes_token_positions_so_the_seq_loss_is_per_sequence():
 
 
 def test_shared_experts_add_an_always_on_ffn_of_width_d_ff_times_n():
-    from baselines.dense import DenseFFN
+    from harness.layers.dense import DenseFFN
     from harness.layers.moe import MoELayer
     from harness.routing.router import Routing
 

@@ -301,7 +301,7 @@ def test_ab_catches_a_25pct_slowdown_in_the_real_layer(tmp_path, capsys):
               "--rounds", "5", "--quiet"]
     assert main(common) == 0, capsys.readouterr().out       # unchanged: base == current code
     capsys.readouterr()
-    moe = repo / "harness" / "moe.py"
+    moe = repo / "harness" / "layers" / "moe_layer.py"
     moe.write_text(moe.read_text() + SLOWDOWN)              # the working tree is now 25% slower
     assert main(common) == 1
     out = capsys.readouterr().out

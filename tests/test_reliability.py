@@ -243,7 +243,7 @@ def _fail_second_checkpoint(monkeypatch, err):
     import builtins
     import errno as errno_
 
-    import harness.training.loop as train
+    import harness.training.checkpoint as train
 
     calls = {"n": 0}
 
@@ -256,7 +256,7 @@ def _fail_second_checkpoint(monkeypatch, err):
                 raise OSError(err, os.strerror(err), str(file))
         return builtins.open(file, mode, *a, **k)
 
-    monkeypatch.setattr(train, "open", fake_open, raising=False)  # shadows the builtin in harness.training.loop only
+    monkeypatch.setattr(train, "open", fake_open, raising=False)  # shadows the builtin in harness.training.checkpoint only
     return calls
 
 

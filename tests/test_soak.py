@@ -58,7 +58,7 @@ START = [0.0]
 
 
 def _reader(store, stop: threading.Event, calls: list, errors: list) -> None:
-    from leaderboard import queries
+    from leaderboard import store as board  # the board's own read path
 
     while not stop.is_set():
         if not store.exists():
@@ -66,12 +66,12 @@ def _reader(store, stop: threading.Event, calls: list, errors: list) -> None:
             continue
         t0 = time.monotonic()
         try:
-            runs = queries.load_runs(store, timeout=120)
+            runs = board.load_runs(store, timeout=120)
             ids = runs["run_id"].to_list() if len(runs) else None
-            queries.load_metrics(store, ids, timeout=120)
-            queries.load_curves(store, ids, timeout=120)
-            queries.load_health(store, ids, timeout=120)
-            queries.store_state(store, timeout=120)
+            board.load_metrics(store, ids, timeout=120)
+            board.load_curves(store, ids, timeout=120)
+            board.load_health(store, ids, timeout=120)
+            board.store_state(store, timeout=120)
             calls.append(time.monotonic() - t0)
         except Exception as exc:  # noqa: BLE001 - every reader failure is a finding
             errors.append(f"{type(exc).__name__}: {exc}")

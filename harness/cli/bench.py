@@ -12,6 +12,7 @@ from .. import bench  # called as bench.run_layer_bench etc., so a test can repl
 from ..routing.registry import get_router
 from ..spec import SpecError
 from ..store import Store
+from ..training.device import pick_device
 
 
 def register(sub: argparse._SubParsersAction, store_arg: Callable[[argparse.ArgumentParser], None]) -> None:  # noqa: SLF001
@@ -63,7 +64,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Store(args.store).check_readable()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = argtypes.resolve_device(args.device)
+    device = str(pick_device(args.device, setting="--device"))  # "auto": cuda where present, else cpu
     try:
         if mode == "layer":
             benches = []

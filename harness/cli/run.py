@@ -3,19 +3,22 @@ record each run, then its downstream evaluation, in the store."""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import shutil
+from dataclasses import replace
 from pathlib import Path
+
+import polars as pl
 
 from .. import args as argtypes
 from ..args import split_csv as _csv
-import polars as pl
-
 from ..errors import UsageError
 from ..spec import SpecError, load_suite
 from ..store import Store
+from ..suites import get_adapter
 from ..training import distributed
 from ..training.parallel import default_jobs
-from ..suites import get_adapter
 from ..training.runner import preflight, run_suite, summary_table
 
 
@@ -60,7 +63,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                       routers=_csv(args.routers) if args.routers else None,
                       seeds=[int(s) for s in _csv(args.seeds)] if args.seeds else None)
     if args.no_eval:
-        from dataclasses import replace
 
         spec = replace(spec, eval=replace(spec.eval, enabled=False))
     if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
@@ -110,7 +112,6 @@ def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
         argtypes.probe_dir(runs_dir, "runs directory", "--runs-dir")
         store.check_readable()
     if args.restart and dctx.is_main:
-        import shutil
 
         for run in spec.runs():
             shutil.rmtree(runs_dir / run.run_key, ignore_errors=True)
@@ -118,7 +119,6 @@ def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
     dctx.barrier()
     after = None
     if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
-        import functools
 
         from ..lmeval import eval_after_pretraining
 

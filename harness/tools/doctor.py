@@ -8,6 +8,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+import torch
+
+from ..data.text import TextCorpus
+from ..routing.registry import describe_routers
+from ..spec import load_suite
+from ..store import SCHEMA_VERSION, Store
+from ..suites import get_adapter
+
 PINS = {"torch": "2.14.1", "torchvision": "0.29.1"}
 REQUIRED = ("timm", "lm_eval", "datasets", "polars", "duckdb", "streamlit")
 
@@ -64,7 +72,6 @@ def run_checks(store: str, suite: str | None = None, overrides: list[str] | None
     check("animal-mnist images (animal_mnist)", data_pkg("animal_mnist", "animal-mnist"))
 
     def routers() -> str:
-        from ..routing.registry import describe_routers
 
         rows_ = describe_routers()
         broken = [r for r in rows_ if r["description"].startswith("BROKEN")]
@@ -75,7 +82,6 @@ def run_checks(store: str, suite: str | None = None, overrides: list[str] | None
     check("routers", routers)
 
     def device() -> str:
-        import torch
 
         if torch.cuda.is_available():
             return f"CUDA: {torch.cuda.get_device_name(0)}"
@@ -84,7 +90,6 @@ def run_checks(store: str, suite: str | None = None, overrides: list[str] | None
     check("device", device)
 
     def store_health() -> str:
-        from ..store import SCHEMA_VERSION, Store
 
         p = Path(store)
         if not p.exists():
@@ -108,13 +113,10 @@ def run_checks(store: str, suite: str | None = None, overrides: list[str] | None
 
     if suite:
         def data_paths() -> str:
-            from ..suites import get_adapter
-            from ..spec import load_suite
 
             spec = load_suite(suite, overrides=overrides)
             adapter = get_adapter(spec.suite)
             run = spec.runs()[0]
-            from ..data.text import TextCorpus
 
             data = adapter.prepare(run)
             if isinstance(data, TextCorpus):
@@ -135,7 +137,6 @@ def run_checks(store: str, suite: str | None = None, overrides: list[str] | None
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     if args.suite:  # a bad --suite / --set is a usage error (exit 2); a problem doctor finds is a FAIL row (exit 1)
-        from ..spec import load_suite
 
         load_suite(args.suite, overrides=args.set)
     rows = run_checks(args.store, args.suite, args.set)

@@ -8,6 +8,7 @@ resume, throughput/memory measurement, routing health and the store rows.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -20,16 +21,25 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..routing.router import Routing
 from ..spec import RunSpec
 from ..store import Store, git_sha, machine_info, now, package_versions
 from ..suites.base import SuiteAdapter
 from . import distributed
-from .checkpoint import (CKPT_VERSION, CheckpointWriteError, final_model_path, load_checkpoint, resume_path,
-                         save_checkpoint, save_final_model)
+from .checkpoint import (
+    CKPT_VERSION,
+    CheckpointWriteError,
+    final_model_path,
+    load_checkpoint,
+    resume_path,
+    save_checkpoint,
+    save_final_model,
+)
 from .device import peak_memory_mb, pick_device, reset_peak_memory
 from .health import HealthTracker
+
 
 class Diverged(RuntimeError):
     def __init__(self, step: int, what: str) -> None:
@@ -131,7 +141,6 @@ def train_run(
         run_id = f"{run.run_key}-{uuid.uuid4().hex[:6]}"
         minfo = machine_info()
         store.register_machine(minfo)
-        import json
 
         store.start_run({
             "run_id": run_id, "suite": run.suite, "router": run.router, "spec_hash": run.spec_hash,
@@ -199,7 +208,6 @@ def train_run(
 
     bar = None
     try:
-        from tqdm.auto import tqdm
 
         bar = tqdm(total=t.steps, initial=start_step, disable=not progress, leave=False, dynamic_ncols=True,
                    desc=f"{run.router} s{run.seed}")

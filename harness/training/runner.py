@@ -9,14 +9,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import polars as pl
+import torch
+from tqdm.auto import tqdm
 
-from . import distributed
-from ..routing.registry import create_router
+from ..routing.registry import UnknownRouterError, create_router, get_router, register_router
 from ..spec import RunSpec, SpecError, SuiteSpec
 from ..store import Store, StoreError
 from ..suites import get_adapter
+from . import distributed
 from .checkpoint import CheckpointError
 from .loop import RunResult, train_run
+from .parallel import Failed, available_cpus, run_parallel
 
 
 def preflight(spec: SuiteSpec, adapter) -> None:
@@ -140,9 +143,7 @@ class _Abort:
 def _worker_run(run: RunSpec, log: Callable[[str], None], *, store: Store, runs_dir: Path, resume: bool,
                 threads: int, routers: dict[str, type], after_run: Callable | None) -> RunResult:
     """One run inside a worker process (module level: it is pickled to the workers)."""
-    import torch
 
-    from ..routing.registry import UnknownRouterError, get_router, register_router
 
     for name, cls in routers.items():  # routers the parent registered at run time (scripts, tests)
         try:
@@ -174,7 +175,6 @@ def _worker_run(run: RunSpec, log: Callable[[str], None], *, store: Store, runs_
 
 def _carried_routers(spec: SuiteSpec) -> dict[str, type]:
     """The spec's routers by class: a worker registers those it cannot find itself (pickled by reference)."""
-    from ..routing.registry import get_router
 
     out = {}
     for name in dict.fromkeys(spec.routers):
@@ -209,7 +209,6 @@ def _finish_line(i: int, n: int, res: RunResult, primary: str, seconds: float) -
 def _run_suite_parallel(spec: SuiteSpec, adapter, runs: list[RunSpec], store: Store, runs_dir: Path,  # noqa: ANN001
                         resume: bool, after_run, log: Callable[[str], None], jobs: int,  # noqa: ANN001
                         progress: bool = True) -> list[RunResult]:
-    from .parallel import Failed, available_cpus, run_parallel
 
     n, t0 = len(runs), {}
     jobs = min(jobs, n)
@@ -222,7 +221,6 @@ def _run_suite_parallel(spec: SuiteSpec, adapter, runs: list[RunSpec], store: St
     # one combined bar (steps of all runs) instead of a bar per worker; the lines are written around it
     bar, steps = None, [0] * n
     if progress:
-        from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(r.train.steps for r in runs), unit="step", desc=f"{n} runs", leave=False,
                    dynamic_ncols=True, file=sys.stderr)

@@ -4,7 +4,7 @@ lm-eval loads this file by path (``!function moe_harness_tasks.<name>`` in a YAM
 next to it), so nothing here depends on the working directory or on how
 moe-harness was installed.
 
-Shakespeare tasks (``shakespeare_ppl``, ``shakespeare_cloze``)
+Shakespeare tasks (``shakespeare_ppl``, ``shakespeare_cloze``, ``shakespeare_order``)
     read the JSONL files shipped in ``data/`` (built by
     ``scripts/make_shakespeare_cloze.py`` from the held-out test split).
 
@@ -68,6 +68,11 @@ def shakespeare_ppl(**_: Any):
 def shakespeare_cloze(**_: Any):
     """4-way next-line choice (fields context, choices, label, work, line)."""
     return _jsonl_dataset(DATA / "shakespeare_cloze.jsonl")
+
+
+def shakespeare_order(**_: Any):
+    """4-way word-order choice: the true line among 3 reorderings of its words (fields as the cloze's)."""
+    return _jsonl_dataset(DATA / "shakespeare_order.jsonl")
 
 
 # -- lm-eval's standard tasks on local files -----------------------------------------------
