@@ -143,13 +143,11 @@ class AuxFreeRouter(Router):
         check_choice(_NAME, "normalize", normalize, (True, False))
         check_range(_NAME, "route_scale", route_scale, 0)
         check_range(_NAME, "seq_balance_weight", seq_balance_weight, 0)
-        for key, val in (("n_groups", n_groups), ("topk_groups", topk_groups)):
-            if isinstance(val, bool) or not isinstance(val, int):
-                raise ValueError(f"router {_NAME!r}: hyper-parameter {key}={val!r} must be an integer >= 1")
-            check_range(_NAME, key, val, 1)
+        check_range(_NAME, "n_groups", n_groups, 1, integer=True)
+        check_range(_NAME, "topk_groups", topk_groups, 1, integer=True)
         if num_experts % n_groups:
             raise ValueError(f"router {_NAME!r}: hyper-parameter n_groups={n_groups} must divide num_experts={num_experts}")
-        check_range(_NAME, "topk_groups", topk_groups, 1, n_groups)
+        check_range(_NAME, "topk_groups", topk_groups, 1, n_groups, note="(n_groups)")
         if n_groups > 1 and topk_groups * (num_experts // n_groups) < top_k:
             raise ValueError(f"router {_NAME!r}: topk_groups={topk_groups} groups of {num_experts // n_groups} experts "
                              f"cannot hold top_k={top_k} experts")

@@ -152,13 +152,8 @@ class CompeteSMoERouter(Router):
             raise ValueError(f"router {_NAME!r}: hyper-parameter version={version!r} must be 1 or 2")
         check_range(_NAME, "warmup_fraction", warmup_fraction, 0, 1)
         check_range(_NAME, "competition_prob", competition_prob, 0, 1)
-        if max_competing_layers is not None:
-            if isinstance(max_competing_layers, bool) or not isinstance(max_competing_layers, int):
-                raise ValueError(
-                    f"router {_NAME!r}: hyper-parameter max_competing_layers={max_competing_layers!r} "
-                    f"must be an integer >= 1 or null (no cap)"
-                )
-            check_range(_NAME, "max_competing_layers", max_competing_layers, 1)
+        check_range(_NAME, "max_competing_layers", max_competing_layers, 1, integer=True, optional=True,
+                    note="(null: no cap)")
         if diversity_weight is None:
             diversity_weight = 0.01 if version == 2 else 0.0
         for key, val in (

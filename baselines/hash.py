@@ -72,11 +72,8 @@ class HashRouter(Router):
         weight: str = "one",
     ) -> None:
         super().__init__(d_model, num_experts, top_k)
-        for key, val in (("vocab_size", vocab_size), ("hash_seed", hash_seed)):
-            if isinstance(val, bool) or not isinstance(val, int):
-                raise ValueError(f"router {_NAME!r}: hyper-parameter {key}={val!r} must be an integer")
-        check_range(_NAME, "vocab_size", vocab_size, 1)
-        check_range(_NAME, "hash_seed", hash_seed, 0)
+        check_range(_NAME, "vocab_size", vocab_size, 1, integer=True)
+        check_range(_NAME, "hash_seed", hash_seed, 0, integer=True)
         check_choice(_NAME, "weight", weight, ("one", "mean"))
         self.vocab_size = vocab_size
         self.hash_seed = hash_seed

@@ -175,36 +175,30 @@ class MoGERouter(Router):
         check_choice(_NAME, "padding", padding, ("valid", "same"))
         check_choice(_NAME, "reduction", reduction, REDUCTIONS)
         self.map_rows, self.map_cols = map_shape(num_experts)
+        check_range(_NAME, "kernel_size", kernel_size, 1, integer=True, optional=True)
         if kernel_size is None:
             kernel_size = default_window(self.map_rows, self.map_cols)
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
-            raise ValueError(f"router {_NAME!r}: hyper-parameter kernel_size={kernel_size!r} must be an integer >= 1 or null")
         if padding == "valid" and kernel_size > min(self.map_rows, self.map_cols):
             raise ValueError(
                 f"router {_NAME!r}: hyper-parameter kernel_size={kernel_size} does not fit the "
                 f"{self.map_rows}x{self.map_cols} map of {num_experts} experts with padding='valid' "
                 f"(use kernel_size <= {min(self.map_rows, self.map_cols)}, null, or padding='same')"
             )
-        if not sigma_min > 0:
-            raise ValueError(f"router {_NAME!r}: hyper-parameter sigma_min={sigma_min!r} must be > 0")
-        if not sigma_max >= sigma_min:
-            raise ValueError(f"router {_NAME!r}: hyper-parameter sigma_max={sigma_max!r} must be >= sigma_min={sigma_min!r}")
+        check_range(_NAME, "sigma_min", sigma_min, 0, lo_open=True)
+        check_range(_NAME, "sigma_max", sigma_max, sigma_min, note="(sigma_min)")
         check_choice(_NAME, "sigma_schedule", sigma_schedule, SIGMA_SCHEDULES)
-        if not sigma_power > 0:
-            raise ValueError(f"router {_NAME!r}: hyper-parameter sigma_power={sigma_power!r} must be > 0")
-        for key, val in (("keep_balance_loss", keep_balance_loss), ("gate_bias", gate_bias)):
-            if not isinstance(val, bool):
-                raise ValueError(f"router {_NAME!r}: hyper-parameter {key}={val!r} must be true or false")
+        check_range(_NAME, "sigma_power", sigma_power, 0, lo_open=True)
+        check_choice(_NAME, "keep_balance_loss", keep_balance_loss, (True, False))
+        check_choice(_NAME, "gate_bias", gate_bias, (True, False))
         check_range(_NAME, "balance_weight", balance_weight, 0)
         check_range(_NAME, "z_loss_weight", z_loss_weight, 0)
-        if not eps > 0:
-            raise ValueError(f"router {_NAME!r}: hyper-parameter eps={eps!r} must be > 0")
+        check_range(_NAME, "eps", eps, 0, lo_open=True)
         check_gate_options(_NAME, balance_fraction, renormalize)
         check_choice(_NAME, "balance_loss", balance_loss, ("switch", "load_importance"))
         check_range(_NAME, "gate_noise", gate_noise, 0)
-        if balance_loss == "load_importance" and keep_balance_loss and not gate_noise > 0:
-            raise ValueError(f"router {_NAME!r}: hyper-parameter gate_noise={gate_noise!r} must be > 0 with "
-                             f"balance_loss='load_importance' (Tutel's load term divides by it)")
+        if balance_loss == "load_importance" and keep_balance_loss:
+            check_range(_NAME, "gate_noise", gate_noise, 0, lo_open=True,
+                        note="with balance_loss='load_importance' (Tutel's load term divides by it)")
         self.balance_loss = balance_loss
         self.gate_noise = float(gate_noise)
         self.group_weight = group_weight

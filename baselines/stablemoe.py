@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.routing.registry import register_router
-from harness.routing.router import RouteContext, Router, Routing, check_range
+from harness.routing.router import RouteContext, Router, Routing, check_choice, check_range
 
 _NAME = "stablemoe"
 
@@ -91,17 +91,13 @@ class StableMoERouter(Router):
         eval_with_distilled: bool = False,
     ) -> None:
         super().__init__(d_model, num_experts, top_k)
-        for key, val in (("vocab_size", vocab_size), ("distill_dim", distill_dim)):
-            if isinstance(val, bool) or not isinstance(val, int):
-                raise ValueError(f"router {_NAME!r}: hyper-parameter {key}={val!r} must be an integer >= 1")
-            check_range(_NAME, key, val, 1)
+        check_range(_NAME, "vocab_size", vocab_size, 1, integer=True)
+        check_range(_NAME, "distill_dim", distill_dim, 1, integer=True)
         check_range(_NAME, "balance_weight", balance_weight, 0)
         check_range(_NAME, "distill_weight", distill_weight, 0)
         check_range(_NAME, "stage1_fraction", stage1_fraction, 0, 1)
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"router {_NAME!r}: hyper-parameter loss_reduction={loss_reduction!r} must be 'mean' or 'sum'")
-        if not isinstance(eval_with_distilled, bool):
-            raise ValueError(f"router {_NAME!r}: hyper-parameter eval_with_distilled={eval_with_distilled!r} must be true or false")
+        check_choice(_NAME, "loss_reduction", loss_reduction, ("mean", "sum"))
+        check_choice(_NAME, "eval_with_distilled", eval_with_distilled, (True, False))
         self.vocab_size = vocab_size
         self.balance_weight = balance_weight
         self.distill_weight = distill_weight

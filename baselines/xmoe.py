@@ -105,20 +105,14 @@ class XMoERouter(Router):
         renormalize: bool | str = "auto",
     ) -> None:
         super().__init__(d_model, num_experts, top_k)
-        if isinstance(routing_dim, bool) or not isinstance(routing_dim, int):
-            raise ValueError(f"router {_NAME!r}: hyper-parameter routing_dim={routing_dim!r} must be an integer >= 1")
-        check_range(_NAME, "routing_dim", routing_dim, 1)
-        if not temperature > 0:  # also rejects NaN
-            raise ValueError(f"router {_NAME!r}: hyper-parameter temperature={temperature!r} must be > 0")
-        if balance_temperature is not None and not balance_temperature > 0:
-            raise ValueError(f"router {_NAME!r}: hyper-parameter balance_temperature={balance_temperature!r} must be > 0 or null")
-        for key, val in (("learnable_temperature", learnable_temperature), ("normalize_tokens", normalize_tokens)):
-            if not isinstance(val, bool):
-                raise ValueError(f"router {_NAME!r}: hyper-parameter {key}={val!r} must be true or false")
+        check_range(_NAME, "routing_dim", routing_dim, 1, integer=True)
+        check_range(_NAME, "temperature", temperature, 0, lo_open=True)
+        check_range(_NAME, "balance_temperature", balance_temperature, 0, lo_open=True, optional=True)
+        check_choice(_NAME, "learnable_temperature", learnable_temperature, (True, False))
+        check_choice(_NAME, "normalize_tokens", normalize_tokens, (True, False))
         check_choice(_NAME, "temperature_param", temperature_param, ("raw", "log"))
         check_range(_NAME, "embedding_init_gain", embedding_init_gain, 0)
-        if rescale_embeddings is not None and not rescale_embeddings > 0:
-            raise ValueError(f"router {_NAME!r}: hyper-parameter rescale_embeddings={rescale_embeddings!r} must be > 0 or null")
+        check_range(_NAME, "rescale_embeddings", rescale_embeddings, 0, lo_open=True, optional=True)
         check_range(_NAME, "balance_weight", balance_weight, 0)
         check_range(_NAME, "z_loss_weight", z_loss_weight, 0)
         check_gate_options(_NAME, balance_fraction, renormalize)

@@ -187,11 +187,35 @@ def fp32_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
 
 
-def check_range(router: str, key: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
-    """Reject a hyper-parameter outside [lo, hi] with the router's name and the key."""
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-        raise ValueError(f"router {router!r}: hyper-parameter {key}={value!r} outside {bounds}")
+def check_range(router: str, key: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False, hi_open: bool = False, integer: bool = False, optional: bool = False,
+                note: str = "") -> None:
+    """Reject a hyper-parameter outside ``[lo, hi]`` with the router's name and the key.
+
+    ``lo_open`` / ``hi_open`` exclude the bound (``> lo`` / ``< hi``); NaN is outside every bounded range.
+    ``integer``: only an ``int`` is accepted (never a bool or a float such as 2.0); ``optional``: ``None``
+    (``null`` in a YAML: the documented "off" or default) is accepted too. ``note`` is appended to the message
+    (why the bound is what it is, e.g. the hyper-parameter it comes from).
+    """
+    if optional and value is None:
+        return
+    ok = not integer or (isinstance(value, int) and not isinstance(value, bool))
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if ok:
+        return
+    if lo is not None and hi is not None:
+        domain = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        domain = f"{'>' if lo_open else '>='} {lo}"
+    elif hi is not None:
+        domain = f"{'<' if hi_open else '<='} {hi}"
+    else:
+        domain = ""
+    domain = " ".join(x for x in ("an integer" if integer else "", domain, "or null" if optional else "") if x)
+    raise ValueError(f"router {router!r}: hyper-parameter {key}={value!r} must be {domain}{' ' + note if note else ''}")
 
 
 def check_choice(router: str, key: str, value: Any, choices: tuple[Any, ...]) -> None:
