@@ -46,6 +46,13 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..layers.expert_parallel import clip_grad_norm_
+from ..layers.expert_parallel import count_parameters as ep_count
+from ..layers.expert_parallel import full_state_dict, has_expert_shards, scale_expert_grads, shard_experts
+from ..spec import SpecError
+from .checkpoint import CheckpointError
 
 ENV_MARKER = "HARNESS_TORCHRUN"
 TIMEOUT_ENV = "HARNESS_DIST_TIMEOUT_S"
@@ -204,7 +211,6 @@ def shard_rows(obj: Any, rank: int, world: int) -> Any:
 
 def check_spec(spec: Any, world_size: int) -> None:
     """Spec constraints of an N-process run (raises SpecError before anything is written)."""
-    from ..spec import SpecError
 
     if world_size <= 1:
         return
@@ -232,11 +238,9 @@ def wrap_model(model: nn.Module, run: Any, ctx: DistContext, device: torch.devic
     """
     if not ctx.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     ignore: list[str] = []
     if getattr(run.model, "expert_parallel", False):
-        from ..layers.expert_parallel import shard_experts
 
         ignore = shard_experts(model, ctx.expert_group)
     if ignore:
@@ -247,7 +251,6 @@ def wrap_model(model: nn.Module, run: Any, ctx: DistContext, device: torch.devic
 
 def model_state(model: nn.Module, ctx: DistContext) -> dict[str, Tensor]:
     """The single-process-format state dict (expert shards gathered; a collective under EP)."""
-    from ..layers.expert_parallel import full_state_dict, has_expert_shards
 
     if ctx.distributed and has_expert_shards(model):
         return full_state_dict(model, ctx.expert_group)
@@ -260,7 +263,6 @@ def optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, ctx: DistConte
     Data parallel: replicas are identical, rank 0's state is everyone's. Expert parallel: each
     rank's optimiser holds its own experts' moments, gathered to rank 0 as ``optimizer_shards``.
     """
-    from ..layers.expert_parallel import has_expert_shards
 
     sd = opt.state_dict()
     if not (ctx.distributed and has_expert_shards(model)):
@@ -272,8 +274,6 @@ def optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, ctx: DistConte
 
 def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any], model: nn.Module,
                          ctx: DistContext) -> None:
-    from ..layers.expert_parallel import has_expert_shards
-    from .checkpoint import CheckpointError
 
     sharded = ctx.distributed and has_expert_shards(model)
     shards = state.get("optimizer_shards")
@@ -315,7 +315,6 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def count_parameters(model: nn.Module, ctx: DistContext) -> int:
-    from ..layers.expert_parallel import count_parameters as ep_count, has_expert_shards
 
     if ctx.distributed and has_expert_shards(model):
         return ep_count(model, ctx.expert_group)
@@ -324,14 +323,12 @@ def count_parameters(model: nn.Module, ctx: DistContext) -> int:
 
 def finish_grads(model: nn.Module, ctx: DistContext) -> None:
     """After backward: expert shards hold summed grads, DDP averaged the rest -> make them agree."""
-    from ..layers.expert_parallel import has_expert_shards, scale_expert_grads
 
     if ctx.distributed and has_expert_shards(model):
         scale_expert_grads(model, ctx.world_size)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, ctx: DistContext) -> Tensor:
-    from ..layers.expert_parallel import clip_grad_norm_, has_expert_shards
 
     if ctx.distributed and has_expert_shards(model):
         return clip_grad_norm_(model, max_norm, ctx.expert_group)
@@ -372,7 +369,6 @@ def torchrun_command(worker_argv: Sequence[str], nproc: int, nnodes: str | int |
     * ``--node-rank`` given: static rendezvous at ``rdzv_endpoint`` (= master host:port of node 0);
     * otherwise: the c10d rendezvous at ``rdzv_endpoint`` (elastic; ranks assigned on arrival).
     """
-    from ..spec import SpecError
 
     nnodes_s = str(nnodes) if nnodes is not None else "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", nnodes_s]

@@ -24,9 +24,21 @@ from importlib import resources
 from pathlib import Path
 
 from ... import args as args_
+from ...routing.registry import get_router, router_names
+from ...spec import load_suite
+from ...training.parallel import available_cpus
 from . import ab
-from .gate import (GOLDEN_VERSION, Check, GoldenError, judge_quality, load_golden, machine_fingerprint, make_golden,
-                   print_checks, write_golden)
+from .gate import (
+    GOLDEN_VERSION,
+    Check,
+    GoldenError,
+    judge_quality,
+    load_golden,
+    machine_fingerprint,
+    make_golden,
+    print_checks,
+    write_golden,
+)
 from .quality import QUALITY_METRIC, measure_quality
 
 __all__ = ["GOLDEN_VERSION", "Check", "GoldenError", "cmd_regress", "register_cli", "judge_quality"]
@@ -52,7 +64,6 @@ def _rounds(s: str) -> int:
 
 def select_routers(args: argparse.Namespace, golden: dict | None) -> tuple[list[str], list[Check]]:
     """(routers to measure, NO-GOLDEN/missing checks for the others)."""
-    from ...routing.registry import get_router, router_names
 
     known = router_names()
     named = args_.split_csv(args.routers)
@@ -80,8 +91,6 @@ def select_routers(args: argparse.Namespace, golden: dict | None) -> tuple[list[
 
 
 def cmd_regress(args: argparse.Namespace) -> int:
-    from ...routing.registry import get_router
-    from ...spec import load_suite
 
     t_start = time.perf_counter()
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -164,7 +173,6 @@ def cmd_regress(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub, store_arg) -> None:
-    from ...training.parallel import available_cpus
 
     p = sub.add_parser("regress", help="quality + routing health against committed goldens; throughput A/B "
                                        "against the base revision on this machine")

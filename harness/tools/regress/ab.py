@@ -28,6 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from scipy.stats import mannwhitneyu
+
+import harness
+
 MARKER = "REGRESS-RATIOS "  # the worker's output line (worker.py); not imported from it, so
                            # `python -m harness.tools.regress.worker` finds it unimported
 ALPHA = 0.01           # shared machines: p < 0.05 alone fired on unchanged code
@@ -57,7 +61,6 @@ def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 def package_tree() -> Path:
     """The source tree the running ``harness`` package was imported from."""
-    import harness
 
     return Path(harness.__path__[0]).resolve().parent
 
@@ -196,7 +199,6 @@ def measure_ab(current_tree: Path, base_rev: str | None, routers: list[str], rou
 
 def mann_whitney_greater(new: list[float], old: list[float]) -> float:
     """One-sided p-value that ``new`` tends to be larger than ``old``."""
-    from scipy.stats import mannwhitneyu
 
     return float(mannwhitneyu(new, old, alternative="greater").pvalue)
 

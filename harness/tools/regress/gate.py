@@ -26,7 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+import torch
+
 from ...errors import UserError
+from ...store import machine_info, package_versions
 from .quality import QUALITY_METRIC
 
 GOLDEN_VERSION = 2
@@ -61,9 +65,7 @@ def rule_for(metric: str) -> Rule:
 
 
 def machine_fingerprint() -> dict[str, str]:
-    import torch
 
-    from ...store import machine_info
 
     m = machine_info()
     fp = {"cpu": m["cpu"], "torch": torch.__version__, "arch": platform.machine(), "gpu": m.get("gpu") or ""}
@@ -98,7 +100,6 @@ def metric_entry(metric: str, primary: float, values: list[float]) -> dict[str, 
 
 def make_golden(quality: dict[str, dict[str, Any]], seeds: list[int], suite: str, preset: str,
                 old: dict[str, Any] | None, revision: str | None, dirty: bool) -> dict[str, Any]:
-    from ...store import package_versions
 
     routers = dict((old or {}).get("routers", {}))
     for router, q in quality.items():
@@ -178,7 +179,6 @@ def judge_quality(golden: dict[str, Any], quality: dict[str, dict[str, Any]], cr
 
 
 def print_checks(checks: list[Check], out=None) -> None:
-    import polars as pl
 
     out = out if out is not None else sys.stdout  # at call time: a captured or redirected stdout
 

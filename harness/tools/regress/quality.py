@@ -25,6 +25,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import duckdb
+
+from ...spec import load_suite
+from ...store import Store
+from ...suites import get_adapter
+from ...training.loop import train_run
+from ...training.parallel import Failed, run_parallel
+
 QUALITY_METRIC = "val_bpb"          # lower is better
 HEALTH = ("load_entropy", "max_over_mean_load", "dead_experts", "weight_sum")
 SIGNATURE_PREFIXES = ("aux/", "stat/")
@@ -32,7 +40,6 @@ SIGNATURE_PREFIXES = ("aux/", "stat/")
 
 def summarise_store(db: Path, run_id: str) -> dict[str, float]:
     """Health at the last evaluation (layer means; dead experts summed) and signature means of one run."""
-    import duckdb
 
     con = duckdb.connect(str(db), read_only=True)
     try:
@@ -54,10 +61,6 @@ def summarise_store(db: Path, run_id: str) -> dict[str, float]:
 
 def run_one(item: tuple[str, int, str, str, tuple[str, ...], str], log: Callable[[str], None]) -> dict[str, Any]:
     """Train one (router, seed) of the regress spec into its own store under ``tmp``; its summary."""
-    from ...suites import get_adapter
-    from ...spec import load_suite
-    from ...store import Store
-    from ...training.loop import train_run
 
     router, seed, suite, preset, overrides, tmp = item
     spec = load_suite(suite, preset=preset, routers=[router], seeds=[seed],
@@ -84,7 +87,6 @@ def measure_quality(routers: list[str], seeds: list[int], suite: str, preset: st
     ``cost`` (router -> seconds one run took when the golden was recorded) orders the runs longest
     first, so the last worker to finish is not the one that drew the slowest router.
     """
-    from ...training.parallel import Failed, run_parallel
 
     out: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="harness-regress-") as tmp:

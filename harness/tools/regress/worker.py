@@ -22,6 +22,11 @@ import argparse
 import json
 import sys
 
+import torch
+
+import harness
+from harness.bench import LayerConfig, run_layer_bench
+from harness.tools.regress.ab import MARKER
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,13 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-
-    import torch
-
-    import harness
-    from harness.bench import LayerConfig, run_layer_bench
-    from harness.tools.regress.ab import MARKER
-
     torch.set_num_threads(args.threads)  # 1 thread: small ops on 2 threads swing 2-5x with other load
     routers = [r for r in args.routers.split(",") if r]
     bench = run_layer_bench(LayerConfig(**json.loads(args.bench)), sorted(set(routers) | {"dense"}), naive=False,
