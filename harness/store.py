@@ -91,6 +91,10 @@ class StoreLocked(StoreError):
     pass
 
 
+class UnknownRun(StoreError):
+    """No run (or more than one) answers to a run id or prefix."""
+
+
 def is_lock_error(exc: Exception) -> bool:
     msg = str(exc).lower()
     return "lock" in msg or "conflicting" in msg or "being used" in msg
@@ -312,6 +316,24 @@ class Store:
         """Run a read query; returns a polars DataFrame."""
         with self.reader() as con:
             return con.sql(sql, params=params or None).pl()
+
+    def find_run(self, run_id: str) -> dict[str, Any]:
+        """The ``runs`` row of a run id, or of the one run whose id starts with ``run_id`` (``harness show``,
+        ``harness eval``): an exact id wins over prefixes; no match or an ambiguous prefix is :class:`UnknownRun`."""
+        prefix = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with self.reader() as con:
+            cur = con.execute("SELECT * FROM runs WHERE run_id = ? OR run_id LIKE ? ESCAPE '\\' "
+                              "ORDER BY started_at DESC", [run_id, prefix])
+            cols = [d[0] for d in cur.description]
+            rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+        rows = [r for r in rows if r["run_id"] == run_id] or rows
+        if not rows:
+            raise UnknownRun(f"no run {run_id!r} in {self.path}; `harness runs --store {self.path}` lists them")
+        if len(rows) > 1:
+            ids = ", ".join(r["run_id"] for r in rows[:4]) + (", ..." if len(rows) > 4 else "")
+            raise UnknownRun(f"run id prefix {run_id!r} matches {len(rows)} runs in {self.path} ({ids}); "
+                             f"give more of it")
+        return rows[0]
 
     def find_finished(self, spec_hash: str, seed: int) -> dict[str, Any] | None:
         """The latest finished run of this spec+seed with its final metrics, or None.

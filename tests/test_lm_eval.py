@@ -159,9 +159,9 @@ def test_loads_from_path_run_dir_run_id_and_prefix(tiny):
     for key, value in tiny.model.state_dict().items():
         assert torch.equal(by_id.model.state_dict()[key].cpu(), value)
 
-    from harness.spec import SpecError
+    from harness.store import UnknownRun
 
-    with pytest.raises(SpecError, match="no run 'nope'"):
+    with pytest.raises(UnknownRun, match="no run 'nope'"):
         cls(pretrained="nope", store=str(tiny.store_path))
     with pytest.raises(CheckpointError, match="no model checkpoint at"):
         cls(pretrained=str(tiny.model_pt.parent / "missing.pt"))

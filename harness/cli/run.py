@@ -14,6 +14,7 @@ import polars as pl
 from .. import args as argtypes
 from ..args import split_csv as _csv
 from ..errors import UsageError
+from ..lmeval import check_tasks, eval_after_pretraining
 from ..spec import SpecError, load_suite
 from ..store import Store
 from ..suites import get_adapter
@@ -66,7 +67,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         spec = replace(spec, eval=replace(spec.eval, enabled=False))
     if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
-        from ..lmeval import check_tasks
 
         check_tasks(spec.eval.tasks, "eval.tasks")  # now, not after hours of pretraining
     multi = (args.nproc or 1) > 1 or str(args.nnodes or "1") != "1"
@@ -120,7 +120,6 @@ def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
     after = None
     if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
 
-        from ..lmeval import eval_after_pretraining
 
         # a partial, not a closure: it can be pickled, so --jobs workers evaluate their own runs
         after = functools.partial(eval_after_pretraining, store=store, runs_dir=runs_dir)

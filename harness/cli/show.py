@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..spec import SpecError
 from ..store import Store
 
 
@@ -17,14 +16,8 @@ def register(sub: argparse._SubParsersAction, store_arg) -> None:  # noqa: ANN00
 
 def cmd_show(args: argparse.Namespace) -> int:
     store = Store(args.store)
+    run = store.find_run(args.run_id)
     with store.reader() as con:
-        prefix = args.run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        row = con.execute("SELECT * FROM runs WHERE run_id = ? OR run_id LIKE ? ESCAPE '\\' "
-                          "ORDER BY started_at DESC LIMIT 1", [args.run_id, prefix]).fetchone()
-        if row is None:
-            raise SpecError(f"no run {args.run_id!r} in {args.store}; `harness runs` lists them")
-        cols = [d[0] for d in con.description]
-        run = dict(zip(cols, row))
         metrics = con.execute("SELECT name, value, stderr FROM metrics WHERE run_id = ? ORDER BY name",
                               [run["run_id"]]).fetchall()
     for k in ("run_id", "suite", "router", "seed", "status", "step", "total_steps", "spec_hash", "git_sha",

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..spec import SpecError
 from ..store import Store, default_store_path
 from ..suites.lm import build_lm
 from ..training.checkpoint import (CheckpointError, default_runs_dir, final_model_path, load_final_model,
@@ -25,20 +24,8 @@ def store_path(store: str | os.PathLike[str] | None) -> Path:
 
 def lookup_run(run_id: str, store: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The store's row for a run id or a unique prefix of one (run_id, suite, router, status, config)."""
-    path = store_path(store)
-    with Store(path).reader() as con:
-        rows = con.execute(
-            "SELECT run_id, suite, router, status, config FROM runs WHERE run_id = ? OR run_id LIKE ? "
-            "ORDER BY started_at DESC", [run_id, run_id + "%"]).fetchall()
-    exact = [r for r in rows if r[0] == run_id]
-    rows = exact or rows
-    if not rows:
-        raise SpecError(f"no run {run_id!r} in {path}; `harness runs --store {path}` lists them")
-    if len(rows) > 1:
-        raise SpecError(f"run id prefix {run_id!r} matches {len(rows)} runs in {path} "
-                        f"({', '.join(r[0] for r in rows[:4])}{', ...' if len(rows) > 4 else ''}); give more of it")
-    rid, suite, router, status, config = rows[0]
-    return {"run_id": rid, "suite": suite, "router": router, "status": status, "config": json.loads(config)}
+    row = Store(store_path(store)).find_run(run_id)
+    return {**{k: row[k] for k in ("run_id", "suite", "router", "status")}, "config": json.loads(row["config"])}
 
 
 def read_lm_model(path: Path) -> dict[str, Any]:
