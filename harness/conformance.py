@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .layers.moe import MoELayer, build_ffn
-from .models.lm import MoEDecoderLM
+from .models import lm as lm_model  # looked up at call time: a test swaps in a model that re-initialises
 from .routing.registry import create_router, get_router, register_router, unregister_router
 from .routing.router import RouteContext, Router, Routing
 
@@ -205,7 +205,7 @@ def check_model_keeps_router_init(name: str) -> None:
     try:
         torch.manual_seed(14)
         k = pick_top_k(name)
-        models = [("LM", lambda: MoEDecoderLM(probe_name, vocab_size=256, d_model=D_MODEL, n_layers=1, n_heads=2,
+        models = [("LM", lambda: lm_model.MoEDecoderLM(probe_name, vocab_size=256, d_model=D_MODEL, n_layers=1, n_heads=2,
                                                d_ff=D_FF, num_experts=NUM_EXPERTS, top_k=k, context=8))]
         try:
             from .models.vit import MoEVisionTransformer
