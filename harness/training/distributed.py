@@ -315,10 +315,9 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def count_parameters(model: nn.Module, ctx: DistContext) -> int:
-
-    if ctx.distributed and has_expert_shards(model):
-        return ep_count(model, ctx.expert_group)
-    return sum(p.numel() for p in model.parameters())
+    """The whole model's parameters: the one count (layers.expert_parallel), which sums expert shards over
+    this context's expert group and, with no shards (one process, plain DDP), is a plain sum."""
+    return ep_count(model, ctx.expert_group)
 
 
 def finish_grads(model: nn.Module, ctx: DistContext) -> None:
