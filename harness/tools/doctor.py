@@ -1,7 +1,6 @@
 """``harness doctor``: check the install, versions, data, and store; print what to fix."""
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 from importlib import metadata
@@ -133,25 +132,3 @@ def run_checks(store: str, suite: str | None = None, overrides: list[str] | None
 
     check("chromium (browser test)", chromium)
     return rows
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    if args.suite:  # a bad --suite / --set is a usage error (exit 2); a problem doctor finds is a FAIL row (exit 1)
-
-        load_suite(args.suite, overrides=args.set)
-    rows = run_checks(args.store, args.suite, args.set)
-    w = max(len(r[0]) for r in rows)
-    for name, ok, detail in rows:
-        print(f"{'ok  ' if ok else 'FAIL'}  {name:<{w}}  {detail}")
-    # chromium is optional: it only gates one test
-    failed = [r for r in rows if not r[1] and not r[0].startswith("chromium")]
-    print(f"\n{len(failed)} problem(s)" if failed else "\nall checks passed")
-    return 1 if failed else 0
-
-
-def register_cli(sub, store_arg) -> None:
-    p = sub.add_parser("doctor", help="check install, versions, data paths and store health")
-    store_arg(p)
-    p.add_argument("--suite", default="lm", help="also check the data paths of this suite (default lm)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(fn=cmd_doctor)
