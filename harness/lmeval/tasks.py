@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import logging
 import math
 import os
@@ -147,15 +148,21 @@ def _quiet_lm_eval(quiet: bool = True):
 
     lg = logging.getLogger("lm_eval")
     old, bars = lg.level, ds_logging.is_progress_bar_enabled()
+    import lm_eval.api.task as lm_task  # lm-eval only when tasks run
+
+    bar = lm_task.tqdm
     if quiet:
         lg.setLevel(logging.ERROR)
         ds_logging.disable_progress_bar()
+        # the request-building bar lm-eval draws per task and run (lm_eval/api/task.py build_all_requests)
+        lm_task.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
         lg.setLevel(old)
         if bars:
             ds_logging.enable_progress_bar()
+        lm_task.tqdm = bar
 
 
 def run_tasks(lm, tasks: Sequence[str], limit: int | float | None = None,
