@@ -45,16 +45,33 @@ def run_layer(layer, x: torch.Tensor, **ctx_kw: Any) -> tuple[torch.Tensor, Rout
     return layer(x, ctx)
 
 
+def num_slots(name: str, k: int, E: int) -> int:
+    """Slots per token the router must return: k, or for a variable-k router its declared ``num_slots``."""
+    cls = get_router(name)
+    if not cls.variable_k:
+        return k
+    with torch.random.fork_rng(devices=[]):  # building a router draws its init: leave the caller's RNG alone
+        return create_router(name, D_MODEL, E, k).num_slots
+
+
 def check_routing(name: str, routing: Routing, T: int, k: int, E: int) -> None:
-    assert routing.indices.shape == (T, k), f"{name}: indices {tuple(routing.indices.shape)} != {(T, k)}"
-    assert routing.weights.shape == (T, k), f"{name}: weights {tuple(routing.weights.shape)} != {(T, k)}"
+    """Shapes [T, S] (S = k; a variable-k router's ``num_slots``), long indices in range, finite weights >= 0,
+    distinct experts among a token's used slots (for a variable-k router, weight exactly 0 = unused)."""
+    variable = get_router(name).variable_k
+    S = num_slots(name, k, E)
+    assert routing.indices.shape == (T, S), f"{name}: indices {tuple(routing.indices.shape)} != {(T, S)}"
+    assert routing.weights.shape == (T, S), f"{name}: weights {tuple(routing.weights.shape)} != {(T, S)}"
     assert routing.indices.dtype == torch.long, f"{name}: indices must be long"
-    assert int(routing.indices.min()) >= 0 and int(routing.indices.max()) < E, f"{name}: expert index out of range"
+    if T:
+        assert int(routing.indices.min()) >= 0 and int(routing.indices.max()) < E, f"{name}: expert index out of range"
     w = routing.weights.detach()
     assert torch.isfinite(w).all(), f"{name}: non-finite weights"
     assert (w >= 0).all(), f"{name}: negative weights"
-    if k > 1:  # a token must not pick the same expert twice
-        s = routing.indices.sort(-1).values
+    if S > 1:  # a token must not pick the same expert twice (unused slots of a variable-k router aside)
+        idx = routing.indices
+        if variable:  # unused slots get distinct negative stand-ins
+            idx = torch.where(w != 0, idx, -1 - torch.arange(S, device=idx.device).expand_as(idx))
+        s = idx.sort(-1).values
         assert (s[:, 1:] != s[:, :-1]).all(), f"{name}: duplicate experts for one token"
     if routing.logits is not None:
         assert routing.logits.shape == (T, E), f"{name}: logits {tuple(routing.logits.shape)} != {(T, E)}"
@@ -87,6 +104,7 @@ def check_router(name: str) -> None:
         return
     assert routing is not None
     check_routing(name, routing, T, k, E)
+    check_layer_counts(name, layer, routing)
 
     # gradients reach router and expert parameters
     loss = y.square().mean() + sum(routing.aux_losses.values(), torch.zeros(()))
@@ -136,6 +154,20 @@ def check_router(name: str) -> None:
     check_model_keeps_router_init(name)
 
 
+def check_layer_counts(name: str, layer: Any, routing: Routing) -> None:
+    """The layer's expert loads (``last_counts``) count the used slots: all of them, or for a variable-k
+    router those with a non-zero weight (the layer drops the others before dispatch)."""
+    idx = routing.indices
+    if get_router(name).variable_k:
+        idx = idx[routing.weights.detach() != 0]
+    want = torch.bincount(idx.reshape(-1), minlength=layer.num_experts)
+    got = layer.last_counts
+    if layer.capacity_factor is None:
+        assert torch.equal(got.cpu(), want.cpu()), f"{name}: layer counts {got.tolist()} != used slots {want.tolist()}"
+    else:  # capacity may drop slots
+        assert bool((got.cpu() <= want.cpu()).all()), f"{name}: layer counts {got.tolist()} exceed used slots {want.tolist()}"
+
+
 def check_fp32_routing(name: str, T_: int = 64, d: int = 64, E: int = 16) -> None:
     """Routers decide in fp32: under bf16 autocast, fp32 logits equal to the fp32 run's, and the same decisions.
 
@@ -166,7 +198,7 @@ def check_fp32_routing(name: str, T_: int = 64, d: int = 64, E: int = 16) -> Non
 
 
 def check_empty_batch(name: str) -> None:
-    """T = 0 (an expert-parallel rank or a capacity edge case can route no tokens): shapes [0, k], aux losses 0."""
+    """T = 0 (an expert-parallel rank or a capacity edge case can route no tokens): shapes [0, S], aux losses 0."""
     cls = get_router(name)
     if cls.is_dense:
         return
@@ -179,7 +211,8 @@ def check_empty_batch(name: str) -> None:
                        expert_fn=lambda: torch.zeros(0, NUM_EXPERTS, D_MODEL))
     router.on_step(50, 100)
     out = router(x, ctx)
-    assert out.indices.shape == (0, k) and out.weights.shape == (0, k), f"{name}: T=0 gave indices {tuple(out.indices.shape)}"
+    S = router.num_slots
+    assert out.indices.shape == (0, S) and out.weights.shape == (0, S), f"{name}: T=0 gave indices {tuple(out.indices.shape)}"
     for key, v in out.aux_losses.items():
         v = v.detach()
         assert v.dim() == 0 and torch.isfinite(v) and float(v) == 0.0, f"{name}: aux loss {key} is {float(v)} for T=0, not 0"

@@ -156,27 +156,36 @@ class MoELayer(nn.Module):
 
         ctx.attach_experts(every_expert)
         routing = self.router(x, ctx)
-        T = x.shape[0]
+        T, S = x.shape[0], self.router.num_slots  # S = top_k, or a variable-k router's slot count
         idx, w = routing.indices, routing.weights
-        if idx.shape != (T, self.top_k) or w.shape != (T, self.top_k):
+        if idx.shape != (T, S) or w.shape != (T, S):
             raise RuntimeError(
                 f"router {getattr(self.router, 'router_name', type(self.router).__name__)!r} returned "
-                f"indices {tuple(idx.shape)} / weights {tuple(w.shape)}; expected ({T}, {self.top_k})"
+                f"indices {tuple(idx.shape)} / weights {tuple(w.shape)}; expected ({T}, {S})"
             )
         return routing
 
     def permute(self, x: Tensor, routing: Routing, ctx: RouteContext) -> Dispatch:
-        """k-major slots, stable-sorted by expert, capacity applied, token rows gathered."""
+        """k-major slots, stable-sorted by expert, capacity applied, token rows gathered.
+
+        For a variable-k router (``router.variable_k``) the slots whose weight is exactly 0 are
+        unused: they are left out of the plan and of ``counts`` (the expert loads).
+        """
         idx, w = routing.indices, routing.weights.to(x.dtype)
-        counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
-        if ctx.has_all_expert_outputs:
+        used = (routing.weights != 0).t().reshape(-1) if self.router.variable_k else None  # [T*S], k-major
+        flat = idx.t().reshape(-1)  # k-major slot order: all first choices, then all second choices, ...
+        counts = torch.bincount(flat if used is None else flat[used], minlength=self.num_experts)
+        if ctx.has_all_expert_outputs:  # unused slots have weight 0: combine's gather adds nothing for them
             return Dispatch(idx, w, counts)
         T, k = idx.shape
-        # k-major slot order: all first choices, then all second choices, ...
-        slot_expert = idx.t().reshape(-1)
+        slot_expert = flat
         slot_token = torch.arange(T, device=x.device).repeat(k)
         slot_weights = w.t().reshape(-1)
-        order = torch.argsort(slot_expert, stable=True)
+        if used is None:
+            order = torch.argsort(slot_expert, stable=True)
+        else:
+            kept = used.nonzero().squeeze(1)
+            order = kept[torch.argsort(slot_expert[kept], stable=True)]
         dropped = 0
         cap = self.capacity(T)
         if cap is not None and int(counts.max()) > cap:

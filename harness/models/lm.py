@@ -108,8 +108,10 @@ class MoEDecoderLM(nn.Module):
         flat_emb = emb.reshape(-1, emb.shape[-1])
         routings: list[Routing] = []
         for i, block in enumerate(self.blocks):
+            # causal: a decoder LM; routers that pool over the batch (expert choice) must not let a token's
+            # routing depend on later tokens of its sequence
             ctx = RouteContext(training=self.training, step=step, total_steps=total_steps, token_ids=token_ids,
-                               embeddings=flat_emb, positions=positions, layer_index=i, shared=shared)
+                               embeddings=flat_emb, positions=positions, layer_index=i, shared=shared, causal=True)
             x, routing = block(x, ctx)
             if routing is not None:
                 routings.append(routing)

@@ -18,14 +18,22 @@ from torch import Tensor, nn
 
 @dataclass
 class Routing:
-    """What a router decided for a batch of T tokens.
+    """What a router decided for a batch of T tokens, as S slots per token.
 
-    indices:    [T, k] long, the chosen experts per token.
-    weights:    [T, k] float, combine weights (need not sum to 1: StableMoE gates
+    indices:    [T, S] long, the chosen experts per token, S = ``router.num_slots``
+                (= ``top_k`` for every fixed-k router).
+    weights:    [T, S] float, combine weights (need not sum to 1: StableMoE gates
                 with a sigmoid).
     logits:     [T, E] raw scores for diagnostics, or None.
     aux_losses: named scalar losses, *already weighted*; the trainer sums them.
     stats:      router-specific diagnostics (floats), logged per layer.
+
+    Variable-k routers (``Router.variable_k = True``, e.g. expert choice: a token gets
+    0..E experts) fill the S slots with the token's experts, strongest first, and mark an
+    unused slot by a weight of *exactly* 0; the used slots of a token name distinct experts
+    (:func:`slots_from_dense` builds this from a [T, E] weight matrix). The MoE layer drops
+    unused slots before dispatch and from the expert loads; for a fixed-k router every slot
+    is used, whatever its weight.
     """
 
     indices: Tensor
@@ -40,7 +48,11 @@ class RouteContext:
 
     ``token_ids`` ([T] long) and ``embeddings`` ([T, d], the model's input
     embeddings) let routers such as StableMoE route on the token itself;
-    ``positions`` carries patch positions for vision. ``shared`` is one dict per
+    ``positions`` ([T] long) is each token's position in its sequence (0 starts a
+    sequence; patch index for vision). ``causal`` is True in a causal (decoder) LM: a
+    token's routing must then not depend on later tokens of its sequence, so a router that
+    pools over the batch (expert choice) picks a causal rule; set by
+    ``harness.models.lm.MoEDecoderLM``, False elsewhere (vision). ``shared`` is one dict per
     model forward pass, seen by every layer: routers that coordinate across
     layers (CompeteSMoE's "at most n competing layers per step") keep counters in it.
 
@@ -62,6 +74,7 @@ class RouteContext:
         layer_index: int = 0,
         shared: dict[str, Any] | None = None,
         expert_fn: Callable[[], Tensor] | None = None,
+        causal: bool = False,
     ) -> None:
         self.training = training
         self.step = step
@@ -70,6 +83,7 @@ class RouteContext:
         self.embeddings = embeddings
         self.positions = positions
         self.layer_index = layer_index
+        self.causal = causal
         self.shared = shared if shared is not None else {}
         self._expert_fn = expert_fn
         self._all_outputs: Tensor | None = None
@@ -109,6 +123,11 @@ class Router(nn.Module):
       capacity_factor:   the capacity the paper trains with (None = no dropping);
                          a spec's ``model.capacity_factor`` overrides it.
       is_dense:          True only for the dense FFN baseline.
+      variable_k:        True for a router that gives a token a variable number of experts
+                         (expert choice): it returns ``num_slots`` slots per token (default E)
+                         and marks unused ones by weight exactly 0 (see :class:`Routing`).
+                         ``top_k`` is then its compute budget (mean experts per token), not a
+                         per-token count.
       variants:          named sets of hyper-parameters, e.g. ``{"paper": {...}, "code": {...}}``;
                          ``name@variant`` (CLI ``--routers``, suite YAML ``routers:``) builds the
                          router with those keyword arguments as its defaults (``harness.routing.registry``).
@@ -121,6 +140,7 @@ class Router(nn.Module):
     description: ClassVar[str] = ""
     capacity_factor: ClassVar[float | None] = None
     is_dense: ClassVar[bool] = False
+    variable_k: ClassVar[bool] = False
     supports_top_k: ClassVar[tuple[int, ...] | None] = None  # e.g. (1,) for StableMoE
     variants: ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -138,6 +158,12 @@ class Router(nn.Module):
         self.d_model = d_model
         self.num_experts = num_experts
         self.top_k = top_k
+
+    @property
+    def num_slots(self) -> int:
+        """Columns S of ``Routing.indices`` / ``weights``: ``top_k``; E for a variable-k router
+        (which may override this with a smaller bound on the experts of one token)."""
+        return self.num_experts if self.variable_k else self.top_k
 
     def forward(self, x: Tensor, ctx: RouteContext) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -173,6 +199,26 @@ class Router(nn.Module):
     def hparam_defaults(cls) -> dict[str, Any]:
         sig = inspect.signature(cls.__init__)
         return {n: sig.parameters[n].default for n in cls.hparam_names()}
+
+
+def slots_from_dense(weights: Tensor, chosen: Tensor, num_slots: int | None = None) -> tuple[Tensor, Tensor]:
+    """[T, E] combine weights and a [T, E] bool ``chosen`` mask -> ``(indices, weights)`` of [T, S] slots.
+
+    The variable-k encoding of :class:`Routing`: each token's chosen experts by decreasing
+    weight (ties: lower expert first), then its other experts in expert order with weight
+    exactly 0 (so the indices of a row are distinct). ``num_slots`` S (default E) keeps the
+    first S slots: a token chosen by more experts keeps its S strongest. Gradients flow to
+    ``weights`` at the chosen entries only.
+    """
+    T, E = weights.shape
+    S = E if num_slots is None else num_slots
+    if not 1 <= S <= E:
+        raise ValueError(f"num_slots={S} must be in [1, {E}]")
+    w = torch.where(chosen, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
+    # chosen first (key >= 0 for non-negative weights), by decreasing weight; unchosen keep expert order
+    key = torch.where(chosen, w.detach().float(), torch.full((), -1.0, device=weights.device))
+    idx = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :S]
+    return idx, w.gather(1, idx)
 
 
 def fp32_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

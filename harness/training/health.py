@@ -10,7 +10,9 @@ batches of each evaluation:
   token's combine weights (1 for renormalised top-k softmax; less for Switch's raw
   top-1 probability, StableMoE's sigmoid gate or un-renormalised top-k);
 * routing fluctuation between consecutive evaluations: the share of a fixed
-  set of probe tokens (the first validation batch) whose top-1 expert changed;
+  set of probe tokens (the first validation batch) whose top-1 expert changed
+  (for a variable-k router such as expert choice: the token's strongest expert,
+  slot 0, or "none" (-1) when no expert took it);
 * StableMoE's routing fluctuation (Dai et al. 2022, Sec. 2.3): for each probe
   token, the last evaluation step at which its assignment differed from its
   *final* assignment; reported as the mean over tokens, as a fraction of
@@ -23,6 +25,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+
+def first_choice(layer: Any) -> Tensor:
+    """[T] the expert in slot 0 of the layer's last routing; -1 where a variable-k router left it unused."""
+    r = layer.last_routing
+    first = r.indices[:, 0].detach()
+    if getattr(layer.router, "variable_k", False):  # slot 0 holds the strongest expert; weight 0: no expert at all
+        first = torch.where(r.weights[:, 0].detach() != 0, first, torch.full_like(first, -1))
+    return first.cpu().clone()
 
 
 class HealthTracker:
@@ -44,7 +55,7 @@ class HealthTracker:
         self._mass = mass if self._mass is None else [[a[0] + b[0], a[1] + b[1]] for a, b in zip(self._mass, mass)]
         if self._counts is None:
             self._counts = counts
-            self._probe = [layer.last_routing.indices[:, 0].detach().cpu().clone() for layer in layers]
+            self._probe = [first_choice(layer) for layer in layers]
         else:
             self._counts = [a + b for a, b in zip(self._counts, counts)]
 
