@@ -57,10 +57,11 @@ def test_hand_computed_p_values_are_what_the_verdict_uses():
 def test_shipped_claims_table():
     claims = {c.id: c for c in load_claims()}
     pairs = {(c.router, c.baseline) for c in claims.values()}
-    assert pairs == {("competesmoe", "smoe"), ("stablemoe", "smoe"), ("xmoe", "smoe"), ("moge", "smoe")}
+    assert pairs == {("competesmoe", "smoe"), ("stablemoe", "smoe"), ("xmoe", "smoe"), ("moge", "smoe"),
+                     ("auxfree", "smoe"), ("hash", "smoe")}
     arxiv = {c.router: c.arxiv for c in claims.values()}
     assert arxiv == {"competesmoe": "2402.02526", "stablemoe": "2204.08396", "xmoe": "2204.09179",
-                     "moge": "2504.09265"}
+                     "moge": "2504.09265", "auxfree": "2408.15664", "hash": "2106.04426"}
     for c in claims.values():
         assert c.claim and c.setting and c.paper and c.figure
         assert "not verified" in c.figure  # nothing here was read from a paper's table
@@ -117,7 +118,8 @@ def test_claims_table_on_stored_runs(tmp_path):
     vpath = _store(tmp_path / "v.duckdb", suite="vision")
     vt = {r["router"]: r["label"] for r in claims_table(load_runs(vpath), load_metrics(vpath),
                                                         SUITES["vision"]).iter_rows(named=True)}
-    assert vt == {"competesmoe": "reversed", "xmoe": "holds", "moge": "within noise", "stablemoe": "n<2"}
+    assert vt == {"competesmoe": "reversed", "xmoe": "holds", "moge": "within noise", "stablemoe": "n<2",
+                  "auxfree": "n<2", "hash": "n<2"}  # no runs of these two in the fixture store
     # a custom claim about a router that never ran
     t = claims_table(runs, metrics, SUITES["lm"], [Claim("a", "nosuch", "smoe", "nosuch beats SMoE")])
     assert t["verdict"].to_list() == ["n<2 (n=0 vs 2)"]
