@@ -58,10 +58,11 @@ def test_shipped_claims_table():
     claims = {c.id: c for c in load_claims()}
     pairs = {(c.router, c.baseline) for c in claims.values()}
     assert pairs == {("competesmoe", "smoe"), ("stablemoe", "smoe"), ("xmoe", "smoe"), ("moge", "smoe"),
-                     ("auxfree", "smoe"), ("hash", "smoe")}
+                     ("auxfree", "smoe"), ("hash", "smoe"), ("expert_choice", "smoe")}
     arxiv = {c.router: c.arxiv for c in claims.values()}
     assert arxiv == {"competesmoe": "2402.02526", "stablemoe": "2204.08396", "xmoe": "2204.09179",
-                     "moge": "2504.09265", "auxfree": "2408.15664", "hash": "2106.04426"}
+                     "moge": "2504.09265", "auxfree": "2408.15664", "hash": "2106.04426",
+                     "expert_choice": "2202.09368"}
     for c in claims.values():
         assert c.claim and c.setting and c.paper and c.figure
         assert "not verified" in c.figure  # nothing here was read from a paper's table
@@ -119,7 +120,7 @@ def test_claims_table_on_stored_runs(tmp_path):
     vt = {r["router"]: r["label"] for r in claims_table(load_runs(vpath), load_metrics(vpath),
                                                         SUITES["vision"]).iter_rows(named=True)}
     assert vt == {"competesmoe": "reversed", "xmoe": "holds", "moge": "within noise", "stablemoe": "n<2",
-                  "auxfree": "n<2", "hash": "n<2"}  # no runs of these two in the fixture store
+                  "auxfree": "n<2", "hash": "n<2", "expert_choice": "n<2"}  # no runs of these in the fixture
     # a custom claim about a router that never ran
     t = claims_table(runs, metrics, SUITES["lm"], [Claim("a", "nosuch", "smoe", "nosuch beats SMoE")])
     assert t["verdict"].to_list() == ["n<2 (n=0 vs 2)"]
