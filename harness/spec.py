@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .layers.kernels import DEFAULT_IMPL, EXPERTS_IMPLS
 from .routing.registry import get_router, router_defaults, split_router_name
 
 
@@ -35,6 +36,7 @@ class SpecError(UserError, ValueError):
 # What a field means for the spec hash (its ``metadata["hash"]``; unmarked fields are always hashed):
 NOT_HASHED = {"hash": "never"}     # where things are read from / how many workers: never the numbers
 HASHED_IF_SET = {"hash": "if_set"}  # added later: left out while off, so every earlier spec hash stays valid
+HASHED_UNLESS_DEFAULT = {"hash": "unless_default"}  # added later, a non-boolean: left out while at its default
 
 
 def hash_view(section: Any) -> dict[str, Any]:
@@ -42,7 +44,7 @@ def hash_view(section: Any) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(section):
         rule, value = f.metadata.get("hash"), getattr(section, f.name)
-        if rule == "never" or (rule == "if_set" and not value):
+        if rule == "never" or (rule == "if_set" and not value) or (rule == "unless_default" and value == f.default):
             continue
         out[f.name] = dataclasses.asdict(section)[f.name] if dataclasses.is_dataclass(value) else value
     return out
@@ -67,6 +69,7 @@ class ModelSpec:
     num_classes: int = 10            # vision
     expert_parallel: bool = field(default=False, metadata=HASHED_IF_SET)  # under torchrun: shard experts over ranks (harness.layers.expert_parallel)
     shared_experts: int = field(default=0, metadata=HASHED_IF_SET)  # DeepSeekMoE always-on experts of width d_ff (any router); dense: d_ff*(k+N)
+    experts_impl: str = field(default=DEFAULT_IMPL, metadata=HASHED_UNLESS_DEFAULT)  # expert kernel: auto | loop | padded_bmm | grouped_mm (harness.layers.kernels); only loop is bit-identical
 
 
 @dataclass(frozen=True)
@@ -306,6 +309,8 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
         raise SpecError(f"{where}: routers is empty")
     if spec.train.dtype not in ("float32", "bfloat16"):
         raise SpecError(f"{where}: train.dtype={spec.train.dtype!r} must be float32 or bfloat16")
+    if m.experts_impl not in EXPERTS_IMPLS:
+        raise SpecError(f"{where}: model.experts_impl={m.experts_impl!r} must be one of {', '.join(EXPERTS_IMPLS)}")
     if spec.train.device not in ("auto", "cpu", "cuda"):
         raise SpecError(f"{where}: train.device={spec.train.device!r} must be auto, cpu or cuda")
     for name in spec.routers:

@@ -79,8 +79,9 @@ times. The steps and the phases they are reported as:
             counts as ``experts``: CompeteSMoE's competition runs every expert there).
   dispatch  ``permute``: bincount, k-major slot order, stable argsort by expert,
             capacity drop, gathering the token rows.
-  experts   ``run_experts``: ``counts.tolist()`` (a host sync), then
-            ``ExpertBank.forward_segments`` (or ``forward_all`` for competition).
+  experts   ``run_experts``: ``ExpertBank.forward_sorted``, the bank's kernel (``loop``:
+            ``counts.tolist()``, a host sync, then ``forward_segments``), or ``forward_all``
+            for competition.
   combine   ``combine``: scaling by the routing weights and ``index_add_`` back to
             token order (or the gather from the all-expert outputs).
   aux_loss  forward of the router's aux losses (estimated, below) + summing them.
@@ -101,6 +102,15 @@ The naive loop accumulates its per-expert dispatch/expert/combine steps the same
 way; the dense FFN is all ``experts``. On CUDA each clock read synchronises, so the
 instrumented run is slower than ``fwd_bwd_ms``; on CPU they agree within noise.
 
+Expert kernels (``--experts-impl loop,padded_bmm,grouped_mm,auto``)
+-------------------------------------------------------------------
+The unlabelled MoE rows run the default kernel (``loop``). Every other kernel listed adds, per
+MoE candidate, a row ``<label>:<kernel>`` built from the same seed, timed in the same interleaved
+rounds: ``vs_smoe`` of ``smoe:padded_bmm`` is that kernel against the loop, ``vs_dense`` its
+ratio to the equal-FLOP dense FFN (the issue-17 target, <= 1.05). Before timing, each such row's
+output is checked against the loop kernel on its own layer (a warning if they disagree).
+Store rows carry ``experts_impl`` in their config. The kernels: ``harness/layers/kernels.py``.
+
 Memory, untimed passes per candidate after the timed rounds
 -----------------------------------------------------------
 * ``peak_mem_mb``: CUDA — ``torch.cuda.max_memory_allocated()`` during the step minus
@@ -119,23 +129,25 @@ mode/variant/device/threads/repeats, ``value`` the median, ``spread`` the IQR.
 from __future__ import annotations
 
 from .candidates import (DENSE, DTYPES, NAIVE, REFERENCE, VOCAB, Candidate, Inputs, LayerConfig, build_candidates,
-                         ref_label, resolve_routers, route_context, schedule_variants)
+                         impl_label, impl_list, ref_label, resolve_routers, route_context, schedule_variants)
 from .layer import CandidateResult, LayerBench, run_layer_bench, summarise_layer
 from .memory import SavedBytes, measure_memory
 from .report import (TARGETS, check_targets, layer_rows, layer_table, new_bench_id, phase_table, print_layer_report,
                      print_scaling_report, provenance, scaling_rows, scaling_table, write_rows)
 from .scaling import ScalingBench, run_scaling_bench
 from .steps import (PHASE_OF_STEP, aux_total, moe_forward_phased, naive_forward, router_forward_time,
-                    router_step_time, run_phased, run_plain, verify_naive)
+                    router_step_time, run_phased, run_plain, verify_impl, verify_naive)
 from .timing import MIN_REPEATS, PHASES, Clock, Log, PhaseClock, Stat, paired
 
 __all__ = [
     "DENSE", "DTYPES", "MIN_REPEATS", "NAIVE", "PHASES", "PHASE_OF_STEP", "REFERENCE", "TARGETS", "VOCAB",
     "Candidate", "CandidateResult", "Clock", "Inputs", "LayerBench", "LayerConfig", "Log", "PhaseClock",
-    "SavedBytes", "ScalingBench", "Stat", "aux_total", "build_candidates", "check_targets", "layer_rows",
+    "SavedBytes", "ScalingBench", "Stat", "aux_total", "build_candidates", "check_targets", "impl_label",
+    "impl_list", "layer_rows",
     "layer_table", "measure_memory", "moe_forward_phased", "naive_forward", "new_bench_id", "paired",
     "phase_table", "print_layer_report", "print_scaling_report", "provenance", "ref_label", "resolve_routers",
     "route_context", "router_forward_time", "router_step_time", "run_layer_bench", "run_phased", "run_plain",
-    "run_scaling_bench", "scaling_rows", "scaling_table", "schedule_variants", "summarise_layer", "verify_naive",
+    "run_scaling_bench", "scaling_rows", "scaling_table", "schedule_variants", "summarise_layer", "verify_impl",
+    "verify_naive",
     "write_rows",
 ]

@@ -1,5 +1,12 @@
 """What ``harness bench`` times: the layer configuration, the candidates (each router's layer per
-schedule variant, the equal-FLOP dense FFN, the naive loop), their inputs and route contexts."""
+schedule variant and expert kernel, the equal-FLOP dense FFN, the naive loop), their inputs and
+route contexts.
+
+Expert kernels (``--experts-impl``, :mod:`harness.layers.kernels`): the unlabelled MoE rows run the
+shipped default (``loop``); every other kernel listed adds, for every MoE candidate, a row
+``<label>:<kernel>`` built from the same seed (same router and expert weights), so one run compares
+the kernels interleaved. Listing ``loop`` adds nothing (it is the unlabelled row).
+"""
 from __future__ import annotations
 
 import copy
@@ -10,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.build import build_ffn
+from ..layers.kernels import DEFAULT_IMPL, check_impl, pick
 from ..routing.registry import PluginLoadError, UnknownRouterError, get_router, router_names
 from ..routing.router import RouteContext
 from .timing import Log, log_stderr
@@ -66,6 +74,7 @@ class Candidate:
     router_noaux: nn.Module | None = None
     aux_gates: tuple[str, ...] = ()
     cached_all: Tensor | None = None     # all-expert outputs for router-only timing of competition
+    experts_impl: str = DEFAULT_IMPL     # the expert kernel (harness.layers.kernels)
 
     @property
     def router_module(self) -> nn.Module | None:
@@ -127,6 +136,21 @@ def ref_label(base: str, k: int, main_k: int) -> str:
     return base if k == main_k else f"{base}[k={k}]"
 
 
+def impl_label(label: str, impl: str) -> str:
+    """``smoe`` + ``padded_bmm`` -> ``smoe:padded_bmm``; the default kernel's rows keep their plain label."""
+    return label if impl == DEFAULT_IMPL else f"{label}:{impl}"
+
+
+def impl_list(impls: Sequence[str] | None) -> list[str]:
+    """The kernels to compare, validated, each once, the default first (its rows are the references)."""
+    out = [DEFAULT_IMPL]
+    for name in impls or ():
+        check_impl(name)
+        if name not in out:
+            out.append(name)
+    return out
+
+
 def resolve_routers(requested: Sequence[str] | None, log: Log = log_stderr) -> tuple[list[str], list[str]]:
     """Registered names to run (smoe and dense always, as references) and messages for the skipped ones."""
     known = router_names()
@@ -152,15 +176,29 @@ def resolve_routers(requested: Sequence[str] | None, log: Log = log_stderr) -> t
     return out, skipped
 
 
+def _impl_note(note: str, impl: str, cfg: LayerConfig, k: int) -> str:
+    """``auto`` rows say which kernel it picks for this configuration."""
+    if impl != "auto":
+        return note
+    picked = pick(torch.device(cfg.device), cfg.torch_dtype, cfg.d_model, cfg.d_ff, cfg.tokens * k, cfg.num_experts)
+    return "; ".join(x for x in (note, f"experts_impl auto -> {picked}") if x)
+
+
 def build_candidates(cfg: LayerConfig, routers: Sequence[str], naive: bool = True,
-                     log: Log = log_stderr) -> list[Candidate]:
-    """Build every candidate's layer with ``harness.layers.moe.build_ffn`` (seeded, training mode)."""
+                     log: Log = log_stderr, experts_impls: Sequence[str] | None = None) -> list[Candidate]:
+    """Build every candidate's layer with ``harness.layers.moe.build_ffn`` (seeded, training mode).
+
+    ``experts_impls``: expert kernels to compare (module docstring); None: the default kernel only.
+    """
     device = torch.device(cfg.device)
     cands: list[Candidate] = []
+    impls = impl_list(experts_impls)
 
-    def build(name: str, k: int, kwargs: dict[str, Any], schedule: tuple[int, int]) -> nn.Module:
+    def build(name: str, k: int, kwargs: dict[str, Any], schedule: tuple[int, int],
+              impl: str = DEFAULT_IMPL) -> nn.Module:
         torch.manual_seed(cfg.seed)
-        mod = build_ffn(name, cfg.d_model, cfg.d_ff, cfg.num_experts, k, router_kwargs=kwargs or None)
+        mod = build_ffn(name, cfg.d_model, cfg.d_ff, cfg.num_experts, k, router_kwargs=kwargs or None,
+                        experts_impl=impl)
         mod = mod.to(device=device, dtype=cfg.torch_dtype).train()
         router = getattr(mod, "router", None)
         if router is not None:
@@ -187,22 +225,27 @@ def build_candidates(cfg: LayerConfig, routers: Sequence[str], naive: bool = Tru
         except (KeyError, TypeError, ValueError):
             variants = [("default", {}, None, (0, 1000))]
         for variant, kwargs, weight, schedule in variants:
-            label = name if variant == "default" else f"{name}@{variant}"
-            try:
-                mod = build(name, k, kwargs, schedule)
-            except Exception as exc:  # noqa: BLE001 - a broken router must not stop the others
-                log(f"bench: {label}: skipped, could not build it ({type(exc).__name__}: {exc})")
-                continue
-            cands.append(Candidate(label, name, "reference" if name == REFERENCE and variant == "default" else variant,
-                                   "moe", k, mod, schedule=schedule, weight=weight, note=note))
+            for impl in impls:
+                label = impl_label(name if variant == "default" else f"{name}@{variant}", impl)
+                try:
+                    mod = build(name, k, kwargs, schedule, impl)
+                except Exception as exc:  # noqa: BLE001 - a broken router must not stop the others
+                    log(f"bench: {label}: skipped, could not build it ({type(exc).__name__}: {exc})")
+                    continue
+                ref = name == REFERENCE and variant == "default" and impl == DEFAULT_IMPL
+                cands.append(Candidate(label, name, "reference" if ref else variant, "moe", k, mod,
+                                       schedule=schedule, weight=weight, note=_impl_note(note, impl, cfg, k),
+                                       experts_impl=impl))
     have = {c.label for c in cands}
     for k in sorted(extra_k):
         for base, kind in ((REFERENCE, "moe"), (DENSE, "dense")):
-            label = ref_label(base, k, cfg.top_k)
-            if base in routers and label not in have:
-                cands.append(Candidate(label, base, "reference", kind, k, build(base, k, {}, (0, 1000))))
+            for impl in (impls if kind == "moe" else [DEFAULT_IMPL]):
+                label = impl_label(ref_label(base, k, cfg.top_k), impl)
+                if base in routers and label not in have:
+                    cands.append(Candidate(label, base, "reference", kind, k, build(base, k, {}, (0, 1000), impl),
+                                           experts_impl=impl))
     if naive:
-        smoe = next((c for c in cands if c.label == REFERENCE), None)
+        smoe = next((c for c in cands if c.label == REFERENCE), None)  # the default kernel's smoe layer
         if smoe is None:
             log("bench: naive loop skipped (it reuses the smoe layer, which is not available)")
         else:

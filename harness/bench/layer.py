@@ -10,9 +10,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .candidates import DENSE, NAIVE, REFERENCE, LayerConfig, Inputs, build_candidates, ref_label, resolve_routers
+from ..layers.kernels import DEFAULT_IMPL
+from .candidates import (DENSE, NAIVE, REFERENCE, LayerConfig, Inputs, build_candidates, impl_label, ref_label,
+                         resolve_routers)
 from .memory import measure_memory
-from .steps import router_forward_time, router_step_time, run_phased, run_plain, verify_naive
+from .steps import router_forward_time, router_step_time, run_phased, run_plain, verify_impl, verify_naive
 from .timing import PHASES, Clock, Log, Stat, check_repeats, gc_paused, loadavg, log_stderr, paired
 
 
@@ -28,6 +30,7 @@ class CandidateResult:
     samples: dict[str, list[float]] = field(default_factory=dict)   # per repeat, seconds
     memory: dict[str, float | None] = field(default_factory=dict)
     phases_ok: bool = True
+    experts_impl: str = DEFAULT_IMPL
 
 
 @dataclass
@@ -48,15 +51,20 @@ class LayerBench:
 
 def run_layer_bench(cfg: LayerConfig, routers: Sequence[str] | None = None, *, naive: bool = True,
                     repeats: int = 7, warmup: int = 2, phases: bool = True, mem_repeats: int = 3,
-                    router_inner: int = 3, log: Log = log_stderr) -> LayerBench:
-    """Interleaved fwd+bwd timing of one layer per candidate; see the module docstring."""
+                    router_inner: int = 3, log: Log = log_stderr,
+                    experts_impls: Sequence[str] | None = None) -> LayerBench:
+    """Interleaved fwd+bwd timing of one layer per candidate; see the module docstring.
+
+    ``experts_impls``: expert kernels to compare, one row each per MoE candidate
+    (:func:`harness.bench.candidates.build_candidates`); None: the default kernel only.
+    """
     check_repeats(repeats, warmup)
     names, skipped = resolve_routers(routers, log)
     if not names:
         raise ValueError("bench: no router to benchmark")
     device = torch.device(cfg.device)
     clock = Clock(device)
-    cands = build_candidates(cfg, names, naive=naive, log=log)
+    cands = build_candidates(cfg, names, naive=naive, log=log, experts_impls=experts_impls)
     inp = Inputs.make(cfg.tokens, cfg.d_model, cfg.torch_dtype, device, cfg.seed)
     gws = {k: torch.randn(cfg.tokens, k, generator=torch.Generator().manual_seed(cfg.seed + 3)).to(device)
            for k in {c.top_k for c in cands}}
@@ -70,10 +78,14 @@ def run_layer_bench(cfg: LayerConfig, routers: Sequence[str] | None = None, *, n
             why = verify_naive(c, inp)
             if why is not None:
                 log(f"bench: WARNING naive loop disagrees with the smoe layer: {why}")
+        if c.kind == "moe" and c.experts_impl != DEFAULT_IMPL:  # another kernel: the same function
+            why = verify_impl(c, inp)
+            if why is not None:
+                log(f"bench: WARNING {c.label} disagrees with the {DEFAULT_IMPL} kernel: {why}")
 
     load0 = loadavg()
     results = {c.label: CandidateResult(c.label, c.router, c.variant, c.kind, c.top_k, c.note, c.weight,
-                                        phases_ok=phases) for c in cands}
+                                        phases_ok=phases, experts_impl=c.experts_impl) for c in cands}
     n = len(cands)
     log(f"bench: {n} candidates x ({warmup} warm-up + {repeats}) rounds, T={cfg.tokens} d={cfg.d_model} "
         f"d_ff={cfg.d_ff} E={cfg.num_experts} k={cfg.top_k} {cfg.dtype} on {cfg.device}, "
@@ -160,7 +172,7 @@ def _resolved_layer_times(results: list[CandidateResult], series: dict[str, dict
     for res in results:
         if res.kind != "moe" or "router_fwd_bwd" not in res.samples:
             continue
-        ref = series.get(ref_label(REFERENCE, res.top_k, main_k), {})
+        ref = series.get(impl_label(ref_label(REFERENCE, res.top_k, main_k), res.experts_impl), {})
         if "fwd_bwd" not in ref or "router_fwd_bwd" not in ref:
             continue
         if res.variant == "compete":
@@ -171,12 +183,17 @@ def _resolved_layer_times(results: list[CandidateResult], series: dict[str, dict
     groups: dict[str, list[CandidateResult]] = {}
     for res in results:
         if res.weight is not None and res.label in out:
-            groups.setdefault(res.router, []).append(res)
-    for router, parts in groups.items():
+            groups.setdefault(_amortised_label(res), []).append(res)
+    for label, parts in groups.items():
         if len(parts) >= 2:
             n = len(out[parts[0].label])
-            out[f"{router} (amortised)"] = [sum(p.weight * out[p.label][i] for p in parts) for i in range(n)]
+            out[label] = [sum(p.weight * out[p.label][i] for p in parts) for i in range(n)]
     return out
+
+
+def _amortised_label(res: CandidateResult) -> str:
+    """The row a weighted variant is amortised into: one per router and expert kernel."""
+    return impl_label(f"{res.router} (amortised)", res.experts_impl)
 
 
 def summarise_layer(bench: LayerBench) -> None:
@@ -188,16 +205,17 @@ def summarise_layer(bench: LayerBench) -> None:
     for res in bench.results:
         series[res.label] = dict(res.samples)
         info[res.label] = {"router": res.router, "variant": res.variant, "kind": res.kind, "k": res.top_k,
-                           "note": res.note, "memory": dict(res.memory), "weight": res.weight}
+                           "note": res.note, "memory": dict(res.memory), "weight": res.weight,
+                           "experts_impl": res.experts_impl}
     # amortised rows for routers measured in weighted variants
     by_router: dict[str, list[CandidateResult]] = {}
     for res in bench.results:
         if res.weight is not None and res.kind == "moe":
-            by_router.setdefault(res.router, []).append(res)
-    for router, parts in by_router.items():
+            by_router.setdefault(_amortised_label(res), []).append(res)
+    for label, parts in by_router.items():
         if len(parts) < 2:
             continue
-        label = f"{router} (amortised)"
+        router = parts[0].router
         keys = set.intersection(*(set(p.samples) for p in parts))
         series[label] = {key: [sum(p.weight * p.samples[key][i] for p in parts)
                                for i in range(len(parts[0].samples[key]))] for key in keys}
@@ -208,7 +226,8 @@ def summarise_layer(bench: LayerBench) -> None:
         mem["load_imbalance"] = None
         info[label] = {"router": router, "variant": "amortised", "kind": "moe", "k": parts[0].top_k,
                        "note": "; ".join(f"{p.variant} x {p.weight:g}" for p in parts), "memory": mem,
-                       "weight": None, "amortise": {p.variant: p.weight for p in parts}}
+                       "weight": None, "amortise": {p.variant: p.weight for p in parts},
+                       "experts_impl": parts[0].experts_impl}
 
     resolved = _resolved_layer_times(bench.results, series, main_k)
     stats: dict[str, dict[str, Stat]] = {}
@@ -222,6 +241,7 @@ def summarise_layer(bench: LayerBench) -> None:
         k = info[label]["k"]
         kind = info[label]["kind"]
         refs = {"smoe": ref_label(REFERENCE, k, main_k), "dense": ref_label(DENSE, k, main_k)}
+        impl = info[label].get("experts_impl", DEFAULT_IMPL)
         t = s.get("fwd_bwd")
         if t:
             for name, ref in refs.items():
@@ -236,8 +256,8 @@ def summarise_layer(bench: LayerBench) -> None:
                 st["throughput_vs_naive"] = Stat.of(paired(t, nt, lambda a, b: b / a))
         if s.get("router_fwd_bwd"):
             st["router_fwd_bwd_ms"] = Stat.of(s["router_fwd_bwd"]).scaled(1e3)
-        if label in resolved:
-            ref_t = series[refs["smoe"]]["fwd_bwd"]
+        if label in resolved:  # the router's own cost: against smoe on the same kernel
+            ref_t = series[impl_label(refs["smoe"], impl)]["fwd_bwd"]
             st["router_overhead_vs_smoe"] = Stat.of(paired(resolved[label], ref_t, lambda a, b: a / b))
         for m, v in info[label]["memory"].items():
             if v is not None:

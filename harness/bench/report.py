@@ -28,6 +28,9 @@ TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
     ("moge", "router_overhead_vs_smoe", "<=", 1.05, "moge router-resolved overhead <= 1.05x smoe"),
     ("competesmoe", "router_overhead_vs_smoe", "<=", 1.10, "competesmoe amortised router-resolved <= 1.10x smoe"),
 )
+# Issue 17 (pluggable expert kernels): the smoe layer on each kernel benchmarked (``smoe`` = loop,
+# ``smoe:<kernel>`` for every other ``--experts-impl``) within 1.05x the equal-FLOP dense FFN.
+KERNEL_TARGET: tuple[str, str, float] = ("ratio_vs_dense", "<=", 1.05)
 
 
 def layer_table(bench: LayerBench):
@@ -78,16 +81,26 @@ def check_targets(bench: LayerBench) -> list[dict[str, Any]]:
     out = []
     for router, metric, op, thr, text in TARGETS:
         label = f"{router} (amortised)" if f"{router} (amortised)" in bench.stats else router
-        st = bench.stat(label, metric)
-        if st is None:
-            continue
-        ok = st.median <= thr if op == "<=" else st.median >= thr
-        firm = (st.q75 <= thr) if op == "<=" else (st.q25 >= thr)
-        firm_fail = (st.q25 > thr) if op == "<=" else (st.q75 < thr)
-        out.append({"target": text, "candidate": label, "metric": metric, "median": st.median, "q25": st.q25,
-                    "q75": st.q75, "threshold": f"{op} {thr}", "met": ok,
-                    "verdict": ("met" if ok else "MISSED") + ("" if (firm if ok else firm_fail) else " (IQR straddles)")})
+        out.extend(_judge(bench, label, metric, op, thr, text))
+    metric, op, thr = KERNEL_TARGET
+    for label in bench.stats:
+        if label == "smoe" or label.startswith("smoe:"):
+            kernel = bench.info[label].get("experts_impl", "loop")
+            text = f"issue 17: smoe layer on the {kernel} kernel <= {thr}x the equal-FLOP dense FFN"
+            out.extend(_judge(bench, label, metric, op, thr, text))
     return out
+
+
+def _judge(bench: LayerBench, label: str, metric: str, op: str, thr: float, text: str) -> list[dict[str, Any]]:
+    st = bench.stat(label, metric)
+    if st is None:
+        return []
+    ok = st.median <= thr if op == "<=" else st.median >= thr
+    firm = (st.q75 <= thr) if op == "<=" else (st.q25 >= thr)
+    firm_fail = (st.q25 > thr) if op == "<=" else (st.q75 < thr)
+    return [{"target": text, "candidate": label, "metric": metric, "median": st.median, "q25": st.q25,
+             "q75": st.q75, "threshold": f"{op} {thr}", "met": ok,
+             "verdict": ("met" if ok else "MISSED") + ("" if (firm if ok else firm_fail) else " (IQR straddles)")}]
 
 
 def print_layer_report(bench: LayerBench, out=None) -> None:
@@ -162,6 +175,8 @@ def layer_rows(bench: LayerBench, bench_id: str, machine_id: str | None, sha: st
     for label, st in bench.stats.items():
         inf = bench.info[label]
         cfg = {**base, "k": inf["k"], "variant": inf["variant"], "candidate": label}
+        if inf["kind"] != "dense":
+            cfg["experts_impl"] = inf.get("experts_impl", "loop")
         if inf.get("amortise"):
             cfg["amortise"] = inf["amortise"]
         if inf.get("weight") is not None:

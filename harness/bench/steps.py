@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..layers.kernels import DEFAULT_IMPL
 from ..layers.moe_layer import MoELayer
 from ..routing.router import RouteContext, Routing
 from .candidates import Candidate, Inputs, route_context
@@ -167,4 +168,30 @@ def verify_naive(c: Candidate, inp: Inputs) -> str | None:
     if got.shape != ref.shape or not torch.allclose(got.float(), ref.float(), **tol):
         err = (got.float() - ref.float()).abs().max().item() if got.shape == ref.shape else float("nan")
         return f"output differs from the layer's (max abs diff {err:.3g})"
+    return None
+
+
+def verify_impl(c: Candidate, inp: Inputs) -> str | None:
+    """None if the candidate's expert kernel reproduces the default (``loop``) kernel on its own layer.
+
+    The same module runs twice under the same RNG state, once with its kernel and once with
+    ``loop``, so routers that draw random numbers decide the same both times.
+    """
+    bank = c.module.experts
+    tol = dict(rtol=1e-4, atol=1e-5) if bank.w1.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    impl = bank.experts_impl
+    outs = []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[inp.x.device] if inp.x.device.type == "cuda" else []):
+            for name in (impl, DEFAULT_IMPL):
+                bank.experts_impl = name
+                torch.manual_seed(0)
+                outs.append(c.module(inp.x, route_context(c, inp))[0])
+    except Exception as exc:  # noqa: BLE001 - reported as a warning, the timing goes on
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        bank.experts_impl = impl
+    got, ref = outs
+    if not torch.allclose(got.float(), ref.float(), **tol):
+        return f"output differs (max abs diff {(got.float() - ref.float()).abs().max().item():.3g})"
     return None

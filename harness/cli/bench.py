@@ -9,6 +9,7 @@ import torch
 
 from .. import args as argtypes
 from .. import bench  # called as bench.run_layer_bench etc., so a test can replace them on the package
+from ..layers.kernels import EXPERTS_IMPLS
 from ..routing.registry import get_router
 from ..spec import SpecError
 from ..store import Store
@@ -41,6 +42,9 @@ def register(sub: argparse._SubParsersAction, store_arg: Callable[[argparse.Argu
                    help="include the naive per-expert loop (layer mode; default on)")
     p.add_argument("--phases", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the instrumented per-phase pass (layer mode; default on)")
+    p.add_argument("--experts-impl", type=_impls, default=None, metavar="IMPL[,IMPL...]",
+                   help=f"expert kernels to compare ({', '.join(EXPERTS_IMPLS)}; layer mode): the plain MoE rows "
+                        "run loop (the default kernel), each other kernel listed adds a row <router>:<kernel>")
     p.add_argument("--dtype", choices=sorted(bench.DTYPES), default="float32")
     p.add_argument("--device", type=argtypes.device, default="auto", help="auto | cpu | cuda[:i] (default auto)")
     p.add_argument("--seed", type=int, default=0)
@@ -51,8 +55,19 @@ def register(sub: argparse._SubParsersAction, store_arg: Callable[[argparse.Argu
     p.set_defaults(fn=cmd_bench)
 
 
+def _impls(s: str) -> list[str]:
+    """``loop,padded_bmm``: distinct names from ``harness.layers.kernels.EXPERTS_IMPLS``."""
+    parts = argtypes.split_csv(argtypes.names(s))
+    bad = [p for p in parts if p not in EXPERTS_IMPLS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown expert kernel {bad[0]!r}; choose from {', '.join(EXPERTS_IMPLS)}")
+    return parts
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     mode = args.what or args.mode
+    if args.experts_impl and mode != "layer":
+        raise SpecError("--experts-impl compares expert kernels in layer mode; the scaling mode times routers alone")
     routers = argtypes.split_csv(args.routers) if args.routers else None
     # before any timing: every router asked for by name exists, and the store can be written
     for name in routers or ():
@@ -74,7 +89,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         cfg = bench.LayerConfig(tokens=T, d_model=d, d_ff=args.d_ff, num_experts=E, top_k=args.top_k,
                                                 dtype=args.dtype, device=device, seed=args.seed)
                         b = bench.run_layer_bench(cfg, routers, naive=args.naive, repeats=args.repeats,
-                                                  warmup=args.warmup, phases=args.phases)
+                                                  warmup=args.warmup, phases=args.phases,
+                                                  experts_impls=args.experts_impl)
                         bench.print_layer_report(b)
                         benches.append(b)
         else:

@@ -9,6 +9,7 @@ from torch import nn
 from ..routing.registry import create_router, get_router
 from .dense import DenseFFN
 from .expert_parallel import ExpertParallelMoELayer
+from .kernels import DEFAULT_IMPL, check_impl
 from .moe_layer import MoELayer
 
 
@@ -23,23 +24,28 @@ def build_ffn(
     activation: str = "gelu",
     expert_parallel: bool = False,
     shared_experts: int = 0,
+    experts_impl: str = DEFAULT_IMPL,
 ) -> nn.Module:
     """The FFN of one block: an :class:`MoELayer` for a router, or the equal-FLOP dense FFN for ``dense``.
 
     ``shared_experts`` N: N always-on experts of width d_ff in the MoE layer; the dense FFN is then
     ``d_ff * (top_k + N)`` wide, so the active FLOPs per token stay equal.
 
+    ``experts_impl``: the MoE layer's expert kernel (:mod:`harness.layers.kernels`; ``loop`` is the
+    bit-identical default); the dense FFN has none and ignores it.
+
     ``expert_parallel=True`` with torch.distributed initialised on more than one rank gives the
     :class:`harness.layers.expert_parallel.ExpertParallelMoELayer` (same initial weights, this rank's experts).
     The training loop instead converts whole models (``harness.layers.expert_parallel.shard_experts``), so
     model classes need no flag of their own.
     """
+    check_impl(experts_impl)  # a bad name fails for the dense FFN too, not only where a layer routes
     cls = get_router(router_name)
     router = create_router(router_name, d_model, num_experts, top_k, **(router_kwargs or {}))
     if cls.is_dense:
         return DenseFFN(d_model, d_ff * (top_k + shared_experts), router=router, activation=activation)
     layer = MoELayer(d_model, d_ff, router, capacity_factor=capacity_factor, activation=activation,
-                     shared_experts=shared_experts)
+                     shared_experts=shared_experts, experts_impl=experts_impl)
     if expert_parallel and shared_experts:
         raise ValueError("shared_experts with expert parallelism is not supported (the expert-parallel layer "
                          "does not carry the shared experts); set model.shared_experts=0 or model.expert_parallel=false")

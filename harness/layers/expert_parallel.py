@@ -18,8 +18,8 @@ single-process layer's own):
      split sizes; rank r owns experts ``[r * E/W, (r+1) * E/W)``, so the slots
      for one destination rank are already contiguous);
   4. the received rows (grouped by source rank) are regrouped by local expert,
-     run through the local :class:`ExpertShard` (same kernels as
-     ``ExpertBank.forward_segments``), put back in arrival order and
+     run through the local :class:`ExpertShard` (the bank's kernel, ``experts_impl``,
+     as ``ExpertBank.forward_sorted``), put back in arrival order and
      exchanged back with the split sizes swapped;
   5. combine weights and the scatter-add happen on the token's own rank.
 
@@ -111,7 +111,7 @@ class ExpertShard(ExpertBank):
 
     def __init__(self, full: ExpertBank, offset: int, n: int) -> None:
         with torch.device("meta"):  # build without drawing initial weights from the RNG
-            super().__init__(n, full.d_model, full.d_ff, full.activation)
+            super().__init__(n, full.d_model, full.d_ff, full.activation, experts_impl=full.experts_impl)
         self.expert_offset = offset
         self.global_num_experts = full.num_experts
         for name in EXPERT_PARAM_NAMES:
@@ -188,7 +188,7 @@ class ExpertParallelMoELayer(MoELayer):
         # regroup (source, local expert) -> (local expert, source); a stable sort keeps source order
         local_e = torch.arange(El, device=x_sorted.device).repeat(W).repeat_interleave(recv_counts.reshape(-1))
         perm = torch.argsort(local_e, stable=True)
-        out_local = self.experts.forward_segments(x_recv.index_select(0, perm), recv_counts.sum(0).tolist())
+        out_local = self.experts.forward_sorted(x_recv.index_select(0, perm), recv_counts.sum(0).tolist())
         if out_local.shape[0] == 0 and torch.is_grad_enabled():
             # No token came to this rank's experts. Keep both exchanges in the autograd graph anyway:
             # every rank must run the reverse all_to_all in backward, or the ranks' collectives pair up

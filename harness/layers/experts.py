@@ -1,18 +1,25 @@
-"""The expert kernels every router runs on: E two-layer FFNs stored as stacked parameters."""
+"""The expert kernels every router runs on: E two-layer FFNs stored as stacked parameters.
+
+How the E experts run on their segments is the bank's ``experts_impl`` (``model.experts_impl``):
+one of :data:`harness.layers.kernels.EXPERTS_IMPLS`, default ``loop`` (:meth:`ExpertBank.forward_segments`).
+"""
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .ffn import activation_fn, ffn_init_
 
 
 class ExpertBank(nn.Module):
     """E two-layer FFN experts stored as stacked parameters ([E, d, f] and [E, f, d])."""
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu") -> None:
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu",
+                 experts_impl: str = kernels.DEFAULT_IMPL) -> None:
         super().__init__()
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.experts_impl = kernels.check_impl(experts_impl)  # not state: checkpoints load under any kernel
         self.act = activation_fn(activation)
         self.activation = activation
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
@@ -34,6 +41,16 @@ class ExpertBank(nn.Module):
     def expert(self, e: int, x: Tensor) -> Tensor:
         h = self.act(torch.addmm(self.b1[e], x, self.w1[e]))
         return torch.addmm(self.b2[e], h, self.w2[e])
+
+    def forward_sorted(self, x_sorted: Tensor, counts: Tensor | list[int]) -> Tensor:
+        """Expert e on the e-th contiguous segment of ``x_sorted`` ([S, d] -> [S, d]), ``counts[e]`` rows each,
+        with the kernel ``self.experts_impl`` names (:mod:`harness.layers.kernels`)."""
+        # getattr: a whole bank pickled before the switch existed has no such attribute (it ran the loop)
+        return kernels.run(getattr(self, "experts_impl", kernels.DEFAULT_IMPL), self, x_sorted, counts)
+
+    def extra_repr(self) -> str:
+        impl = getattr(self, "experts_impl", kernels.DEFAULT_IMPL)
+        return "" if impl == kernels.DEFAULT_IMPL else f"experts_impl={impl}"
 
     def forward_segments(self, x_sorted: Tensor, counts: list[int]) -> Tensor:
         """Run expert e on the e-th contiguous segment of ``x_sorted``.

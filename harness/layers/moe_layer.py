@@ -11,7 +11,8 @@ routers are differences between *routing decisions*, not implementations.
      first, as in GShard); stable-sort slots by expert, so every expert's tokens are
      one contiguous segment; drop slots over capacity; gather the token rows.
      The plan is a :class:`Dispatch`;
-  3. :meth:`MoELayer.run_experts` — expert e on its segment (two addmm's);
+  3. :meth:`MoELayer.run_experts` — expert e on its segment, with the kernel ``experts_impl``
+     names (:mod:`.kernels`; default ``loop``: two addmm's per expert);
   4. :meth:`MoELayer.combine` — scale by the routing weight and scatter-add back
      (``index_add_``), then add the shared experts.
 
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from ..routing.router import RouteContext, Router, Routing
 from .experts import ExpertBank
+from .kernels import DEFAULT_IMPL
 
 Mark = Callable[[str], None]
 STEPS = ("route", "permute", "run_experts", "combine")  # the names ``mark`` is called with
@@ -81,6 +83,9 @@ class MoELayer(nn.Module):
     (torchtitan ``MoE.shared_experts = FeedForward(hidden_dim * num_shared_experts)``), added to
     the routed output whatever the router decided. Its init is the experts' (``ffn_init_``).
     The equal-FLOP dense baseline is then ``d_ff * (top_k + N)`` wide (``build_ffn``).
+
+    experts_impl: the expert kernel (:data:`harness.layers.kernels.EXPERTS_IMPLS`); only the
+    default ``loop`` is bit-identical to earlier revisions. The shared experts always run as one addmm pair.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class MoELayer(nn.Module):
         activation: str = "gelu",
         experts: ExpertBank | None = None,
         shared_experts: int = 0,
+        experts_impl: str = DEFAULT_IMPL,
     ) -> None:
         super().__init__()
         if isinstance(shared_experts, bool) or not isinstance(shared_experts, int) or shared_experts < 0:
@@ -99,8 +105,9 @@ class MoELayer(nn.Module):
         self.router = router
         self.num_experts, self.top_k = router.num_experts, router.top_k
         # ``experts``: an existing bank to adopt (expert parallelism re-wraps a built layer without
-        # drawing new initial weights from the RNG); None builds a fresh one.
-        self.experts = experts if experts is not None else ExpertBank(router.num_experts, d_model, d_ff, activation)
+        # drawing new initial weights from the RNG, and keeps its kernel); None builds a fresh one.
+        self.experts = (experts if experts is not None
+                        else ExpertBank(router.num_experts, d_model, d_ff, activation, experts_impl=experts_impl))
         cf = capacity_factor if capacity_factor is not None else router.capacity_factor
         if cf is not None and cf <= 0:
             raise ValueError(f"capacity_factor must be positive or None, got {cf}")
@@ -200,7 +207,7 @@ class MoELayer(nn.Module):
 
     def run_experts(self, d: Dispatch) -> Tensor:
         """Expert e on the e-th contiguous segment of the expert-sorted rows ([S, d] -> [S, d])."""
-        return self.experts.forward_segments(d.x_sorted, d.counts.tolist())
+        return self.experts.forward_sorted(d.x_sorted, d.counts)
 
     def all_expert_outputs(self, x: Tensor) -> Tensor:
         """Every expert on every token, [T, d] -> [T, E, d] (what ``ctx.all_expert_outputs()`` returns)."""

@@ -68,6 +68,7 @@ class MoEDecoderLM(nn.Module):
         activation: str = "gelu",
         router_kwargs: dict[str, Any] | None = None,
         shared_experts: int = 0,
+        experts_impl: str = "loop",
     ) -> None:
         super().__init__()
         self.context = context
@@ -80,7 +81,8 @@ class MoEDecoderLM(nn.Module):
             is_moe = (n_layers - 1 - i) % moe_every == 0
             name = router if is_moe else "dense"
             ffn = build_ffn(name, d_model, d_ff, num_experts, top_k, router_kwargs if is_moe else None,
-                            capacity_factor=capacity_factor, activation=activation, shared_experts=shared_experts)
+                            capacity_factor=capacity_factor, activation=activation, shared_experts=shared_experts,
+                            experts_impl=experts_impl)
             blocks.append(Block(d_model, n_heads, ffn, dropout))
         self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(d_model)

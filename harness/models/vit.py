@@ -136,6 +136,7 @@ class MoEVisionTransformer(VisionTransformer):
       moe_every:       MoE in every block (1) or every other block (2), counted from the last.
       router_kwargs:   the router's hyper-parameters (unknown keys are errors).
       shared_experts:  always-on experts of width d_ff per MoE layer (``harness.layers.moe.MoELayer``); dense: d_ff*(k+N).
+      experts_impl:    the expert kernel (``harness.layers.kernels``); ``loop`` is the bit-identical default.
     """
 
     def __init__(
@@ -149,6 +150,7 @@ class MoEVisionTransformer(VisionTransformer):
         activation: str = "gelu",
         router_kwargs: dict[str, Any] | None = None,
         shared_experts: int = 0,
+        experts_impl: str = "loop",
         depth: int = 12,
         **vit_kwargs: Any,
     ) -> None:
@@ -173,7 +175,8 @@ class MoEVisionTransformer(VisionTransformer):
             if kwargs is not None and "vocab_size" in router_cls.hparam_names() and "vocab_size" not in kwargs:
                 kwargs["vocab_size"] = self.patch_embed.num_patches + self.num_prefix_tokens
             ffn = build_ffn(router if is_moe else "dense", in_features, width, num_experts, k, kwargs,
-                            capacity_factor=capacity_factor, activation=activation, shared_experts=shared_experts)
+                            capacity_factor=capacity_factor, activation=activation, shared_experts=shared_experts,
+                            experts_impl=experts_impl)
             built.append(HarnessMlp(ffn, i, scope, drop))
             return built[-1]
 

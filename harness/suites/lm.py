@@ -32,6 +32,7 @@ def build_lm(spec: dict | RunSpec) -> MoEDecoderLM:
         context=m["context"], dropout=m["dropout"], capacity_factor=m["capacity_factor"],
         activation=m["activation"], router_kwargs=d.get("router_args") or {},
         shared_experts=m.get("shared_experts", 0),  # absent in runs stored before issue 18
+        experts_impl=m.get("experts_impl", "loop"),  # absent in runs stored before issue 17
     )
 
 

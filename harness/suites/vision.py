@@ -67,6 +67,7 @@ def build_vit(spec: dict | RunSpec) -> nn.Module:
             patch_size=m["patch_size"], num_classes=m["num_classes"], attn_drop_rate=m["dropout"],
             proj_drop_rate=m["dropout"], pos_drop_rate=m["dropout"], router_kwargs=d.get("router_args") or {},
             shared_experts=m.get("shared_experts", 0),  # absent in runs stored before issue 18
+            experts_impl=m.get("experts_impl", "loop"),  # absent in runs stored before issue 17
         )
     except RuntimeError as exc:
         if "Unknown model" in str(exc):

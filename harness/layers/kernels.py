@@ -1,0 +1,212 @@
+"""The expert kernels behind one switch, ``model.experts_impl``: how expert e runs on its segment.
+
+Every kernel takes the expert-sorted rows ``x_sorted`` ([S, d]: expert e's slots are the e-th
+contiguous segment, ``counts[e]`` long, as :meth:`harness.layers.moe_layer.MoELayer.permute`
+plans them) and returns ``[S, d]`` in the same order. They compute the same function; they
+differ in how the E small GEMMs are issued, so only ``loop`` reproduces the harness's numbers
+bit for bit (it is the shipped default, and what the regression goldens were trained with).
+
+``loop``
+    :meth:`ExpertBank.forward_segments`: a Python loop over the experts, two ``addmm`` each
+    (one host sync: ``counts.tolist()``). Bit-identical to every earlier revision.
+``padded_bmm``
+    Scatter the slots into a zero-padded ``[E, C_max, d]`` buffer (``C_max`` = the largest
+    count: the one host sync), two ``torch.baddbmm`` over all experts, gather the real rows
+    back. No per-expert Python loop; pays ``E * C_max / S - 1`` extra FLOPs for the padding
+    (0 when the load is perfectly balanced). Padded rows receive a zero gradient, so the
+    weight gradients are exact.
+``grouped_mm``
+    ``torch.nn.functional.grouped_mm`` with int32 cumulative offsets: one grouped GEMM per
+    linear map, no padding and no host sync at all. The fast path on CUDA in bfloat16 (SM >= 80,
+    ``d_model`` and ``d_ff`` multiples of 8); on CPU it is correct (fwd + bwd) but slow.
+    Under autocast the inputs and weights are cast to the autocast dtype first
+    (``grouped_mm`` is not on autocast's op lists).
+``auto``
+    :func:`pick` per call, from the device, the compute dtype and the shapes (see there for the
+    measured CPU crossover).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ``bank`` below is a :class:`harness.layers.experts.ExpertBank` (w1 [E, d, f], b1 [E, f], w2 [E, f, d],
+# b2 [E, d], act, num_experts, d_model, d_ff); not imported here: experts.py imports this module.
+Bank = nn.Module
+
+EXPERTS_IMPLS = ("auto", "loop", "padded_bmm", "grouped_mm")
+DEFAULT_IMPL = "loop"  # bit-identical to the per-expert loop the goldens were trained with
+
+Counts = Tensor | list[int]
+
+
+def check_impl(name: str) -> str:
+    if name not in EXPERTS_IMPLS:
+        raise ValueError(f"experts_impl {name!r} is not one of {', '.join(EXPERTS_IMPLS)}")
+    return name
+
+
+def has_grouped_mm() -> bool:
+    return hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
+
+
+def _grouped_mm_fn() -> Callable[..., Tensor]:
+    fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if fn is None:
+        raise RuntimeError(f"experts_impl='grouped_mm' needs torch.nn.functional.grouped_mm "
+                           f"(torch {torch.__version__} has none); use padded_bmm")
+    return fn
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the GEMMs run in: autocast's where autocast is on for ``x``'s device, else ``x``'s."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+# The CPU crossover of ``auto`` (measured with ``harness bench``, docs/speed.md; see :func:`pick`):
+# padded_bmm on CPU when the mean number of slots per expert is at most this many, else loop.
+CPU_PADDED_MAX_ROWS_PER_EXPERT = 64
+
+
+def pick(device: torch.device, dtype: torch.dtype, d_model: int, d_ff: int, rows: int, num_experts: int) -> str:
+    """The kernel ``auto`` runs for one call.
+
+    CUDA: ``grouped_mm`` in bfloat16 where it exists and the shapes meet its 16-byte alignment
+    (``d_model``, ``d_ff`` multiples of 8) on SM >= 80; otherwise ``padded_bmm`` (one batched
+    GEMM instead of E small launches and no per-expert host work; float16 grouped_mm needs a
+    cuBLASLt that torch 2.14's wheels may lack, so it is never picked). Not measured here (no GPU
+    on the development machines): ``scripts/gpu_check.sh`` times all four in bf16.
+
+    CPU: ``padded_bmm`` when the mean slots per expert ``rows / num_experts`` is at most
+    ``CPU_PADDED_MAX_ROWS_PER_EXPERT`` (64), else ``loop``. Measured with ``harness bench`` on a
+    2-core AMD EPYC, 1 thread, float32, E=8, k=2, interleaved, median [IQR] of 7 repeats, time
+    relative to the loop kernel (``vs_smoe``), machine load average 2.3-3.1 (docs/speed.md):
+
+    ========  =====  ==========  =====================  =====================
+    d_model   d_ff   tokens      padded_bmm / loop      grouped_mm / loop
+    ========  =====  ==========  =====================  =====================
+    64        256    256 (64/e)  0.84 [IQR 0.11]        0.90 [0.10]
+    256       256    256 (64/e)  0.97 [0.09]            0.94 [0.08]
+    64        256    2048        1.26 [0.13]            1.19 [0.16]
+    256       256    2048        1.16 [0.13]            1.14 [0.21]
+    64        1024   8192        1.27 [0.36]            1.38 [0.41]
+    128       1024   8192        1.22 [0.15]            1.24 [0.16]
+    256       1024   8192        1.12 [0.08]            1.15 [0.23]
+    ========  =====  ==========  =====================  =====================
+
+    With few rows per expert the loop's per-expert Python and op overhead dominates and one
+    batched GEMM wins; with hundreds of rows per expert the GEMMs dominate, the loop's per-expert
+    ``addmm`` is as fast as a batched one, and padded_bmm pays its padding (``load max/mean`` - 1
+    extra FLOPs), the scatter/gather and a larger backward. ``grouped_mm`` is never picked on CPU:
+    correct but never the fastest by a margin its spread supports. ``auto`` is not the spec default:
+    only ``loop`` is bit-identical to earlier revisions.
+    """
+    if device.type == "cuda":
+        if dtype == torch.bfloat16 and has_grouped_mm() and d_model % 8 == 0 and d_ff % 8 == 0:
+            try:
+                major, _ = torch.cuda.get_device_capability(device)
+            except (RuntimeError, AssertionError):  # pragma: no cover - no driver
+                major = 0
+            if major >= 8:
+                return "grouped_mm"
+        return "padded_bmm"
+    if 0 < rows <= CPU_PADDED_MAX_ROWS_PER_EXPERT * num_experts:
+        return "padded_bmm"
+    return "loop"
+
+
+def resolve(impl: str, bank: Bank, x_sorted: Tensor) -> str:
+    """``impl`` itself, or for ``auto`` the kernel :func:`pick` chooses for this call."""
+    if impl != "auto":
+        return impl
+    return pick(x_sorted.device, compute_dtype(x_sorted), bank.d_model, bank.d_ff, x_sorted.shape[0],
+                bank.num_experts)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _counts_tensor(counts: Counts, device: torch.device) -> Tensor:
+    if isinstance(counts, Tensor):
+        return counts.to(device=device, dtype=torch.long)
+    return torch.tensor(list(counts), dtype=torch.long, device=device)
+
+
+def _expert_of_row(counts: Tensor, rows: int) -> Tensor:
+    """[S] long: the expert of every expert-sorted row (``output_size`` given: no host sync)."""
+    E = counts.shape[0]
+    return torch.repeat_interleave(torch.arange(E, device=counts.device), counts, output_size=rows)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient (``grouped_mm``'s backward needs one)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001, D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001, D102
+        return grad.contiguous()
+
+
+# -- the kernels ---------------------------------------------------------------------------------
+
+def run_loop(bank: Bank, x_sorted: Tensor, counts: Counts) -> Tensor:
+    """Today's per-expert loop (:meth:`ExpertBank.forward_segments`), unchanged."""
+    return bank.forward_segments(x_sorted, counts.tolist() if isinstance(counts, Tensor) else list(counts))
+
+
+def run_padded_bmm(bank: Bank, x_sorted: Tensor, counts: Counts) -> Tensor:
+    """Zero-padded ``[E, C_max, d]`` buffer, two ``baddbmm``, the real rows gathered back.
+
+    One host sync (``C_max``), none when ``counts`` is already a list (expert parallelism).
+    """
+    E, S, d = bank.num_experts, x_sorted.shape[0], bank.d_model
+    cmax = max(counts) if isinstance(counts, list) else int(counts.max()) if S else 0
+    if S == 0 or cmax == 0:
+        return x_sorted.new_zeros(0, d)
+    c = _counts_tensor(counts, x_sorted.device)
+    eid = _expert_of_row(c, S)
+    starts = torch.cumsum(c, 0) - c
+    slot = eid * cmax + (torch.arange(S, device=x_sorted.device) - starts.index_select(0, eid))
+    buf = x_sorted.new_zeros(E * cmax, d).index_copy(0, slot, x_sorted).view(E, cmax, d)
+    h = bank.act(torch.baddbmm(bank.b1.unsqueeze(1), buf, bank.w1))
+    y = torch.baddbmm(bank.b2.unsqueeze(1), h, bank.w2)
+    return y.reshape(E * cmax, d).index_select(0, slot)
+
+
+def run_grouped_mm(bank: Bank, x_sorted: Tensor, counts: Counts) -> Tensor:
+    """Two ``grouped_mm`` over the jagged segments (int32 cumulative offsets); biases by row expert."""
+    S = x_sorted.shape[0]
+    if S == 0:
+        return x_sorted.new_zeros(0, bank.d_model)
+    gmm = _grouped_mm_fn()
+    dt = compute_dtype(x_sorted)
+    if x_sorted.device.type == "cuda" and dt not in (torch.bfloat16, torch.float16):
+        raise RuntimeError(f"experts_impl='grouped_mm' on CUDA needs bfloat16 (train.dtype=bfloat16), got {dt}; "
+                           f"use padded_bmm or auto")
+    c = _counts_tensor(counts, x_sorted.device)
+    offs = torch.cumsum(c, 0, dtype=torch.int32)
+    eid = _expert_of_row(c, S)
+    with torch.autocast(x_sorted.device.type, enabled=False):
+        a = x_sorted.to(dt)
+        h = _ContiguousGrad.apply(gmm(a, bank.w1.to(dt), offs=offs))
+        h = bank.act(h + bank.b1.to(dt).index_select(0, eid))
+        y = _ContiguousGrad.apply(gmm(h.contiguous(), bank.w2.to(dt), offs=offs))
+        return y + bank.b2.to(dt).index_select(0, eid)
+
+
+KERNELS: dict[str, Callable[[Bank, Tensor, Counts], Tensor]] = {
+    "loop": run_loop, "padded_bmm": run_padded_bmm, "grouped_mm": run_grouped_mm,
+}
+
+
+def run(impl: str, bank: Bank, x_sorted: Tensor, counts: Counts) -> Tensor:
+    """Expert e on the e-th segment of ``x_sorted`` with the kernel ``impl`` names (``auto`` resolved)."""
+    return KERNELS[resolve(impl, bank, x_sorted)](bank, x_sorted, counts)
