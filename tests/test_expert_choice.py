@@ -234,14 +234,17 @@ def test_health_probe_marks_tokens_without_experts():
     assert torch.equal(first_choice(smoe), r.indices[:, 0])
 
 
-def test_bench_skips_variable_k_routers_with_a_reason():
-    from harness.bench.candidates import resolve_routers
+def test_bench_times_a_variable_k_router():
+    """The bench times expert choice like any router: its [T, E] weights get their own upstream gradient."""
+    from harness.bench import LayerConfig, run_layer_bench
 
-    msgs = []
-    names, skipped = resolve_routers(["expert_choice", "smoe"], log=msgs.append)
-    assert "expert_choice" not in names and "smoe" in names
-    assert len(skipped) == 1 and skipped[0].startswith("expert_choice: skipped (variable-k router")
     assert get_router("expert_choice").variable_k and not get_router("smoe").variable_k
+    bench = run_layer_bench(LayerConfig(d_model=16, d_ff=32, num_experts=4, top_k=2, tokens=64),
+                            ["expert_choice"], naive=False, repeats=5, warmup=0, phases=False, mem_repeats=1,
+                            log=lambda s: None)
+    assert any(bench.info[lab]["router"] == "expert_choice" for lab in bench.stats)
+    ec = [res for res in bench.results if res.router == "expert_choice"]
+    assert ec and all(len(res.samples["fwd_bwd"]) == 5 and min(res.samples["fwd_bwd"]) > 0 for res in ec)
 
 
 @pytest.mark.parametrize("suite", ["lm", "vision"])

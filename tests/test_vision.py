@@ -73,7 +73,7 @@ def test_create_model_every_router(router):
     n_moe = 0 if router == "dense" else 1  # depth 2, moe_every 2: only the last block routes
     assert len(model.moe_layers()) == n_moe and len(routings) == n_moe
     for r in routings:
-        assert r.indices.shape == (3 * 65, model.top_k)  # 64 patches + class token per image
+        assert r.indices.shape == (3 * 65, model.moe_layers()[0].router.num_slots)  # 64 patches + class token; k slots (E for expert choice)
     model.on_step(5, 10)
     loss = logits.sum() + sum(v for r in routings for v in r.aux_losses.values())
     loss.backward()

@@ -161,12 +161,9 @@ def resolve_routers(requested: Sequence[str] | None, log: Log = log_stderr) -> t
     out, skipped = [], []
     for name in dict.fromkeys(wanted):
         try:
-            cls = get_router(name)
+            get_router(name)
         except (UnknownRouterError, PluginLoadError) as exc:
             skipped.append(f"{name}: skipped ({exc})")
-            continue
-        if cls.variable_k:  # its routing weights are [T, num_slots]; the router timing backpropagates [T, k] ones
-            skipped.append(f"{name}: skipped (variable-k router: the bench times [T, k] routing weights)")
             continue
         out.append(name)
     # references first, then the rest in the given order

@@ -141,8 +141,11 @@ def router_step_time(router: nn.Module, x: Tensor, token_ids: Tensor, clock: Clo
         routing = router(x, ctx)
         outs, grads = [], []
         if routing.weights.requires_grad:
+            g = grad_weights.to(routing.weights.dtype)
+            if g.shape != routing.weights.shape:  # a variable-k router's [T, num_slots]: a view, no new work
+                g = g[:, :1].expand_as(routing.weights)
             outs.append(routing.weights)
-            grads.append(grad_weights.to(routing.weights.dtype))
+            grads.append(g)
         aux = aux_total(routing)
         if aux is not None and aux.requires_grad:
             outs.append(aux)
