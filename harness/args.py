@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import re
 import tempfile
@@ -46,7 +47,6 @@ nonneg_int = int_range(0)
 
 
 def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Callable[[str], float]:
-    import math
 
     def f(s: str) -> float:
         try:
@@ -216,7 +216,7 @@ def device(s: str) -> str:
         raise _bad(f"expected auto, cpu, cuda or cuda:N, got {s!r}")
     s = s.strip()
     if s.startswith("cuda"):
-        import torch
+        import torch  # lazy: argument types are imported by the leaderboard launcher too; only cuda values need it
 
         if not torch.cuda.is_available():
             raise _bad(f"{s}: no CUDA device is available here; use --device cpu (or auto)")

@@ -21,6 +21,7 @@ Tables (long format, so new metrics need no migration):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -29,6 +30,7 @@ import socket
 import subprocess
 import time
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -409,7 +411,7 @@ def git_sha() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    import torch
+    import torch  # lazy: only runs call this; the leaderboard imports the store without loading torch
 
     cpu = platform.processor() or "unknown"
     try:
@@ -423,7 +425,6 @@ def machine_info() -> dict[str, Any]:
     threads = torch.get_num_threads()
     host = socket.gethostname()
     key = f"{cpu}|{threads}|{gpu}|{host}"
-    import hashlib
 
     return {
         "machine_id": hashlib.sha1(key.encode()).hexdigest()[:12],
@@ -437,7 +438,6 @@ def machine_info() -> dict[str, Any]:
 
 
 def package_versions() -> dict[str, str]:
-    from importlib import metadata
 
     out = {}
     for pkg in ("moe-harness", "torch", "timm", "lm_eval", "duckdb", "numpy", "polars"):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .losses import BALANCE_FRACTIONS
+
 
 @dataclass
 class Routing:
@@ -273,7 +275,6 @@ def check_choice(router: str, key: str, value: Any, choices: tuple[Any, ...]) ->
 
 def check_gate_options(router: str, balance_fraction: str, renormalize: bool | str) -> None:
     """The two options every softmax-top-k router shares (see baselines/smoe.py and harness/losses.py)."""
-    from .losses import BALANCE_FRACTIONS
 
     check_choice(router, "balance_fraction", balance_fraction, BALANCE_FRACTIONS)
     check_choice(router, "renormalize", renormalize, ("auto", True, False))
