@@ -19,6 +19,7 @@ from ..spec import SpecError, load_suite
 from ..store import Store
 from ..suites import get_adapter
 from ..training import distributed
+from ..training.checkpoint import default_runs_dir
 from ..training.parallel import default_jobs
 from ..training.runner import preflight, run_suite, summary_table
 
@@ -106,7 +107,7 @@ def _launch_torchrun(args: argparse.Namespace, spec) -> int:  # noqa: ANN001
 
 def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
     store = Store(args.store)
-    runs_dir = Path(args.runs_dir or Path(args.store).parent / "runs")
+    runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir(args.store)
     if dctx.is_main:  # before anything is written: a store and a runs directory that can be written
         argtypes.probe_dir(Path(args.store).parent, "results store directory", "--store")
         argtypes.probe_dir(runs_dir, "runs directory", "--runs-dir")

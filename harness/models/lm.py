@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers.kernels import DEFAULT_IMPL
 from ..layers.moe import build_ffn
 from ..routing.router import RouteContext, Routing
 
@@ -68,7 +69,7 @@ class MoEDecoderLM(nn.Module):
         activation: str = "gelu",
         router_kwargs: dict[str, Any] | None = None,
         shared_experts: int = 0,
-        experts_impl: str = "loop",
+        experts_impl: str = DEFAULT_IMPL,
     ) -> None:
         super().__init__()
         self.context = context

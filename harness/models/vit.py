@@ -53,12 +53,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 from timm.models import register_model
 from timm.models._builder import build_model_with_cfg
 from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
 
+from ..layers.kernels import DEFAULT_IMPL
 from ..layers.moe import build_ffn
 from ..routing.registry import get_router
 from ..routing.router import RouteContext, Router, Routing
@@ -150,7 +151,7 @@ class MoEVisionTransformer(VisionTransformer):
         activation: str = "gelu",
         router_kwargs: dict[str, Any] | None = None,
         shared_experts: int = 0,
-        experts_impl: str = "loop",
+        experts_impl: str = DEFAULT_IMPL,
         depth: int = 12,
         **vit_kwargs: Any,
     ) -> None:

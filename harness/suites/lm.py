@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.text import TextCorpus, get_batch, iter_eval_batches, load_corpus
+from ..layers.kernels import DEFAULT_IMPL
 from ..models.lm import MoEDecoderLM
 from ..spec import RunSpec
 
@@ -32,7 +33,7 @@ def build_lm(spec: dict | RunSpec) -> MoEDecoderLM:
         context=m["context"], dropout=m["dropout"], capacity_factor=m["capacity_factor"],
         activation=m["activation"], router_kwargs=d.get("router_args") or {},
         shared_experts=m.get("shared_experts", 0),  # absent in runs stored before issue 18
-        experts_impl=m.get("experts_impl", "loop"),  # absent in runs stored before issue 17
+        experts_impl=m.get("experts_impl", DEFAULT_IMPL),  # absent in runs stored before issue 17
     )
 
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.vision import VisionData, image_transform, load_vision, normalize_uint8
+from ..layers.kernels import DEFAULT_IMPL
 from ..spec import RunSpec, SpecError
 
 MIXUP = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)
@@ -67,7 +68,7 @@ def build_vit(spec: dict | RunSpec) -> nn.Module:
             patch_size=m["patch_size"], num_classes=m["num_classes"], attn_drop_rate=m["dropout"],
             proj_drop_rate=m["dropout"], pos_drop_rate=m["dropout"], router_kwargs=d.get("router_args") or {},
             shared_experts=m.get("shared_experts", 0),  # absent in runs stored before issue 18
-            experts_impl=m.get("experts_impl", "loop"),  # absent in runs stored before issue 17
+            experts_impl=m.get("experts_impl", DEFAULT_IMPL),  # absent in runs stored before issue 17
         )
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
