@@ -1,4 +1,4 @@
-"""Every expert kernel (``model.experts_impl``: loop, padded_bmm, grouped_mm, auto) against a naive
+"""Every expert kernel (``model.experts_impl``: loop, loop_recompute, padded_bmm, grouped_mm, auto) against a naive
 per-token reference: outputs and the gradients of x, every expert weight, the router and the shared
 experts; fp32 (tight) and bf16 (loose); empty experts, capacity drops, shared experts, autocast, the
 expert-parallel layer in one process; plus the switch's plumbing (spec, hash, build_ffn, bench).
@@ -20,7 +20,7 @@ from harness.layers.moe_layer import MoELayer
 from harness.routing.router import RouteContext, Router, Routing
 from harness.spec import SpecError, load_suite
 
-IMPLS = ("loop", "padded_bmm", "grouped_mm", "auto")
+IMPLS = ("loop", "loop_recompute", "padded_bmm", "grouped_mm", "auto")
 CUDA = torch.cuda.is_available()
 
 

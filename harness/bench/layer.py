@@ -14,7 +14,8 @@ from ..layers.kernels import DEFAULT_IMPL
 from .candidates import (DENSE, NAIVE, REFERENCE, LayerConfig, Inputs, build_candidates, impl_label, ref_label,
                          resolve_routers)
 from .memory import measure_memory
-from .steps import router_forward_time, router_step_time, run_phased, run_plain, verify_impl, verify_naive
+from .steps import (GemmRoofline, router_forward_time, router_step_time, run_phased, run_plain, verify_impl,
+                    verify_naive)
 from .timing import PHASES, Clock, Log, Stat, check_repeats, gc_paused, loadavg, log_stderr, paired
 
 
@@ -41,6 +42,8 @@ class LayerBench:
     warmup: int
     skipped: list[str] = field(default_factory=list)
     load: tuple[float, float] | None = None                            # 1-min load average at start, end
+    roofline: list[float] = field(default_factory=list)                # per repeat: the six GEMMs unsplit, s
+    roofline_gflops: float | None = None                               # their FLOP rate (median)
     stats: dict[str, dict[str, Stat]] = field(default_factory=dict)   # label -> metric -> Stat
     info: dict[str, dict[str, Any]] = field(default_factory=dict)      # label -> row metadata
 
@@ -83,6 +86,8 @@ def run_layer_bench(cfg: LayerConfig, routers: Sequence[str] | None = None, *, n
             if why is not None:
                 log(f"bench: WARNING {c.label} disagrees with the {DEFAULT_IMPL} kernel: {why}")
 
+    roof = GemmRoofline(cfg.tokens * cfg.top_k, cfg.d_model, cfg.d_ff, cfg.torch_dtype, device, cfg.seed)
+    roof_times: list[float] = []
     load0 = loadavg()
     results = {c.label: CandidateResult(c.label, c.router, c.variant, c.kind, c.top_k, c.note, c.weight,
                                         phases_ok=phases, experts_impl=c.experts_impl) for c in cands}
@@ -99,6 +104,9 @@ def run_layer_bench(cfg: LayerConfig, routers: Sequence[str] | None = None, *, n
                 t = run_plain(c, inp, clock)
                 if keep:
                     results[c.label].samples.setdefault("fwd_bwd", []).append(t)
+            t = roof.time(clock)  # in the same round as the candidates: the roofline of this round
+            if keep:
+                roof_times.append(t)
             for c in order:  # the router alone (fwd+bwd), for the router-resolved overhead
                 if c.kind != "moe":
                     continue
@@ -132,7 +140,8 @@ def run_layer_bench(cfg: LayerConfig, routers: Sequence[str] | None = None, *, n
         mems = [measure_memory(c, inp, clock) for _ in range(mem_repeats)]
         peaks = [m["peak_mem_mb"] for m in mems if m["peak_mem_mb"] is not None]
         results[c.label].memory = {**mems[0], "peak_mem_mb": float(np.median(peaks)) if peaks else None}
-    bench = LayerBench(cfg, [results[c.label] for c in cands], repeats, warmup, skipped, load=(load0, loadavg()))
+    bench = LayerBench(cfg, [results[c.label] for c in cands], repeats, warmup, skipped, load=(load0, loadavg()),
+                       roofline=roof_times, roofline_gflops=roof.flops / float(np.median(roof_times)) / 1e9)
     summarise_layer(bench)
     return bench
 
@@ -250,6 +259,8 @@ def summarise_layer(bench: LayerBench) -> None:
                     st[f"ratio_vs_{name}"] = Stat.of(paired(t, rt, lambda a, b: a / b))
                     if name == "dense":
                         st["throughput_vs_dense"] = Stat.of(paired(t, rt, lambda a, b: b / a))
+            if bench.roofline and len(bench.roofline) == len(t):
+                st["roofline_frac"] = Stat.of(paired(bench.roofline, t, lambda r, c: r / c))
             nt = series.get(NAIVE, {}).get("fwd_bwd")
             if nt and kind == "moe" and k == main_k:
                 st["ratio_vs_naive"] = Stat.of(paired(t, nt, lambda a, b: a / b))

@@ -31,6 +31,12 @@ TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
 # Issue 17 (pluggable expert kernels): the smoe layer on each kernel benchmarked (``smoe`` = loop,
 # ``smoe:<kernel>`` for every other ``--experts-impl``) within 1.05x the equal-FLOP dense FFN.
 KERNEL_TARGET: tuple[str, str, float] = ("ratio_vs_dense", "<=", 1.05)
+# Issue 17: at d_model >= 256 the smoe layer <= 1.0x the dense FFN and >= 80% of the same-run GEMM roofline.
+WIDE_D = 256
+WIDE_TARGETS: tuple[tuple[str, str, float, str], ...] = (
+    ("ratio_vs_dense", "<=", 1.0, "issue 17: at d >= 256 the smoe layer ({kernel}) <= 1.0x the dense FFN"),
+    ("roofline_frac", ">=", 0.80, "issue 17: at d >= 256 the smoe layer ({kernel}) >= 80% of the GEMM roofline"),
+)
 
 
 def layer_table(bench: LayerBench):
@@ -53,6 +59,7 @@ def layer_table(bench: LayerBench):
             "vs_dense": med("ratio_vs_dense"), "vs_dense_iqr": iqr("ratio_vs_dense"),
             "tput_vs_dense": med("throughput_vs_dense"),
             "tput_vs_naive": med("throughput_vs_naive"),
+            "roofline": med("roofline_frac"),
             "router_ms": med("router_fwd_bwd_ms"), "router_ovh_vs_smoe": med("router_overhead_vs_smoe"),
             "peak_mem_mb": med("peak_mem_mb"), "saved_act_mb": med("saved_act_mb"),
             "load_max/mean": med("load_imbalance"),
@@ -88,6 +95,9 @@ def check_targets(bench: LayerBench) -> list[dict[str, Any]]:
             kernel = bench.info[label].get("experts_impl", "loop")
             text = f"issue 17: smoe layer on the {kernel} kernel <= {thr}x the equal-FLOP dense FFN"
             out.extend(_judge(bench, label, metric, op, thr, text))
+            if bench.cfg.d_model >= WIDE_D:
+                for m, o, t, txt in WIDE_TARGETS:
+                    out.extend(_judge(bench, label, m, o, t, txt.format(kernel=kernel)))
     return out
 
 
@@ -110,7 +120,8 @@ def print_layer_report(bench: LayerBench, out=None) -> None:
           f"k={cfg.top_k} {cfg.dtype} {cfg.device}, {torch.get_num_threads()} threads{load_note(bench.load)}; "
           f"median [IQR] of "
           f"{bench.repeats} interleaved repeats after {bench.warmup} warm-up; ratios are time ratios per repeat "
-          f"(vs_*: t / t_ref; tput_*: t_ref / t)", file=out)
+          f"(vs_*: t / t_ref; tput_*: t_ref / t; roofline: the layer's six GEMMs unsplit, timed in the same "
+          f"rounds ({bench.roofline_gflops or 0:.1f} GFLOP/s), / t)", file=out)
     with pl.Config(tbl_rows=100, tbl_cols=30, float_precision=3, tbl_width_chars=250, fmt_str_lengths=40,
                    tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
         print(layer_table(bench), file=out)

@@ -198,3 +198,37 @@ def verify_impl(c: Candidate, inp: Inputs) -> str | None:
     if not torch.allclose(got.float(), ref.float(), **tol):
         return f"output differs (max abs diff {(got.float() - ref.float()).abs().max().item():.3g})"
     return None
+
+
+class GemmRoofline:
+    """The layer's six GEMMs unsplit: the same-run roofline of ``roofline_frac``.
+
+    Forward + backward of a two-layer FFN over S = T*k rows is six GEMMs: ``X W1``, ``H W2``
+    (forward), ``G W2^T``, ``H^T G``, ``G' W1^T``, ``X^T G'`` (backward), 12 * S * d * d_ff FLOPs in
+    all, whether they run as one GEMM each (here) or split over E experts (the MoE layer) or with
+    the k slots folded into the width (the equal-FLOP dense FFN). Timing these six plain ``mm`` in
+    the same rounds as the candidates gives the time the layer's FLOPs take at the rate this machine
+    reaches on exactly these operand shapes; ``roofline_frac = t_gemms / t_candidate`` (1.0 would
+    mean a layer that costs nothing beyond its GEMMs at full size).
+    """
+
+    def __init__(self, rows: int, d_model: int, d_ff: int, dtype: torch.dtype, device: torch.device,
+                 seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed + 11)
+
+        def mat(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+        self.x, self.w1, self.w2 = mat(rows, d_model), mat(d_model, d_ff), mat(d_ff, d_model)
+        self.h, self.g, self.gh = mat(rows, d_ff), mat(rows, d_model), mat(rows, d_ff)
+        self.flops = 12 * rows * d_model * d_ff
+
+    def time(self, clock: Clock) -> float:
+        t0 = clock.now()
+        torch.mm(self.x, self.w1)
+        torch.mm(self.h, self.w2)
+        torch.mm(self.g, self.w2.t())
+        torch.mm(self.h.t(), self.g)
+        torch.mm(self.gh, self.w1.t())
+        torch.mm(self.x.t(), self.gh)
+        return clock.now() - t0

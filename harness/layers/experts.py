@@ -42,11 +42,12 @@ class ExpertBank(nn.Module):
         h = self.act(torch.addmm(self.b1[e], x, self.w1[e]))
         return torch.addmm(self.b2[e], h, self.w2[e])
 
-    def forward_sorted(self, x_sorted: Tensor, counts: Tensor | list[int]) -> Tensor:
+    def forward_sorted(self, x_sorted: Tensor, counts: Tensor | list[int], source: kernels.Source = None) -> Tensor:
         """Expert e on the e-th contiguous segment of ``x_sorted`` ([S, d] -> [S, d]), ``counts[e]`` rows each,
-        with the kernel ``self.experts_impl`` names (:mod:`harness.layers.kernels`)."""
+        with the kernel ``self.experts_impl`` names (:mod:`harness.layers.kernels`). ``source = (x, token)``
+        says ``x_sorted == x[token]`` (a kernel that keeps less for backward re-gathers from it)."""
         # getattr: a whole bank pickled before the switch existed has no such attribute (it ran the loop)
-        return kernels.run(getattr(self, "experts_impl", kernels.DEFAULT_IMPL), self, x_sorted, counts)
+        return kernels.run(getattr(self, "experts_impl", kernels.DEFAULT_IMPL), self, x_sorted, counts, source)
 
     def extra_repr(self) -> str:
         impl = getattr(self, "experts_impl", kernels.DEFAULT_IMPL)

@@ -9,6 +9,11 @@ bit for bit (it is the shipped default, and what the regression goldens were tra
 ``loop``
     :meth:`ExpertBank.forward_segments`: a Python loop over the experts, two ``addmm`` each
     (one host sync: ``counts.tolist()``). Bit-identical to every earlier revision.
+``loop_recompute``
+    The loop's arithmetic as one autograd node that keeps less for backward: the activation
+    output is recomputed and the gathered rows are re-gathered from the layer input
+    (:mod:`.segment_mlp`). Bit-identical to ``loop``; pays one activation and one gather per
+    backward for ``S * (d_ff + d)`` fewer saved floats per layer.
 ``padded_bmm``
     Scatter the slots into a zero-padded ``[E, C_max, d]`` buffer (``C_max`` = the largest
     count: the one host sync), two ``torch.baddbmm`` over all experts, gather the real rows
@@ -33,14 +38,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .segment_mlp import SUPPORTED_ACTIVATIONS, segment_mlp
+
 # ``bank`` below is a :class:`harness.layers.experts.ExpertBank` (w1 [E, d, f], b1 [E, f], w2 [E, f, d],
 # b2 [E, d], act, num_experts, d_model, d_ff); not imported here: experts.py imports this module.
 Bank = nn.Module
 
-EXPERTS_IMPLS = ("auto", "loop", "padded_bmm", "grouped_mm")
+EXPERTS_IMPLS = ("auto", "loop", "loop_recompute", "padded_bmm", "grouped_mm")
 DEFAULT_IMPL = "loop"  # bit-identical to the per-expert loop the goldens were trained with
 
 Counts = Tensor | list[int]
+Source = tuple[Tensor, Tensor] | None  # (layer input [T, d], token [S]) with x_sorted == input[token], or None
 
 
 def check_impl(name: str) -> str:
@@ -202,11 +210,26 @@ def run_grouped_mm(bank: Bank, x_sorted: Tensor, counts: Counts) -> Tensor:
         return y + bank.b2.to(dt).index_select(0, eid)
 
 
+def run_loop_recompute(bank: Bank, x_sorted: Tensor, counts: Counts, source: Source = None) -> Tensor:
+    """The loop as one autograd node keeping only the pre-activation (:mod:`.segment_mlp`); the plain
+    loop under autocast or for an activation it has no backward for."""
+    c = counts.tolist() if isinstance(counts, Tensor) else list(counts)
+    if bank.activation not in SUPPORTED_ACTIVATIONS or compute_dtype(x_sorted) != x_sorted.dtype:
+        return bank.forward_segments(x_sorted, c)
+    return segment_mlp(x_sorted, c, bank.activation, bank.w1, bank.b1, bank.w2, bank.b2, source=source)
+
+
 KERNELS: dict[str, Callable[[Bank, Tensor, Counts], Tensor]] = {
-    "loop": run_loop, "padded_bmm": run_padded_bmm, "grouped_mm": run_grouped_mm,
+    "loop": run_loop, "loop_recompute": run_loop_recompute, "padded_bmm": run_padded_bmm,
+    "grouped_mm": run_grouped_mm,
 }
 
 
-def run(impl: str, bank: Bank, x_sorted: Tensor, counts: Counts) -> Tensor:
-    """Expert e on the e-th segment of ``x_sorted`` with the kernel ``impl`` names (``auto`` resolved)."""
-    return KERNELS[resolve(impl, bank, x_sorted)](bank, x_sorted, counts)
+def run(impl: str, bank: Bank, x_sorted: Tensor, counts: Counts, source: Source = None) -> Tensor:
+    """Expert e on the e-th segment of ``x_sorted`` with the kernel ``impl`` names (``auto`` resolved).
+
+    ``source``: where the rows were gathered from (``MoELayer.permute``); only ``loop_recompute`` uses it."""
+    impl = resolve(impl, bank, x_sorted)
+    if impl == "loop_recompute":
+        return run_loop_recompute(bank, x_sorted, counts, source)
+    return KERNELS[impl](bank, x_sorted, counts)

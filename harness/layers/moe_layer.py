@@ -64,6 +64,7 @@ class Dispatch:
     token: Tensor | None = None           # [S] the token of each kept slot
     slot_weights: Tensor | None = None    # [T*k] combine weights in slot order (``[order]`` picks the kept)
     x_sorted: Tensor | None = None        # [S, d] the kept slots' token rows: the experts' input
+    x: Tensor | None = None               # [T, d] the layer input they were gathered from (x_sorted == x[token])
 
     @property
     def from_all_outputs(self) -> bool:
@@ -203,11 +204,11 @@ class MoELayer(nn.Module):
             order = order[keep]
             counts = counts.clamp(max=cap)
         token = slot_token[order]
-        return Dispatch(idx, w, counts, dropped, order, token, slot_weights, x.index_select(0, token))
+        return Dispatch(idx, w, counts, dropped, order, token, slot_weights, x.index_select(0, token), x)
 
     def run_experts(self, d: Dispatch) -> Tensor:
         """Expert e on the e-th contiguous segment of the expert-sorted rows ([S, d] -> [S, d])."""
-        return self.experts.forward_sorted(d.x_sorted, d.counts)
+        return self.experts.forward_sorted(d.x_sorted, d.counts, source=(d.x, d.token))
 
     def all_expert_outputs(self, x: Tensor) -> Tensor:
         """Every expert on every token, [T, d] -> [T, E, d] (what ``ctx.all_expert_outputs()`` returns)."""

@@ -103,6 +103,39 @@ def make_optimizer(model: nn.Module, run: RunSpec) -> torch.optim.Optimizer:
 
 # -- the loop -----------------------------------------------------------------------------
 
+def autocast_for(device: torch.device, dtype: str) -> Any:
+    """The forward's precision context of ``train.dtype``: bfloat16 autocast, or nothing (float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else _null_ctx()
+
+
+def train_step(model: nn.Module, train_model: nn.Module, adapter: SuiteAdapter, opt: torch.optim.Optimizer,
+               sched: Any, inputs: Tensor, targets: Tensor, step: int, total_steps: int, grad_clip: float,
+               amp: Any, dctx: distributed.DistContext) -> tuple[Tensor, dict[str, Tensor], list[Routing]]:
+    """ONE optimiser step: forward, task loss + the routers' aux losses, NaN guard, backward, clipping,
+    AdamW and the schedule. ``train_model`` is what is called (DDP or ``model`` itself).
+
+    The loop below calls it; so does the model-level step benchmark (``harness.bench.model_step``),
+    so the step it times is this very code. Returns the task loss, the summed aux losses and the routings.
+    """
+    with amp:
+        out, routings = train_model(inputs, step=step, total_steps=total_steps)
+        task_loss = adapter.loss(out, targets)
+    aux = _sum_aux(routings)
+    loss = task_loss + sum(aux.values()) if aux else task_loss
+    _check_finite(loss, routings, step, dctx)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    distributed.finish_grads(model, dctx)
+    if grad_clip > 0:
+        gnorm = distributed.clip_grad_norm(model, grad_clip, dctx)
+        if not torch.isfinite(gnorm):
+            raise Diverged(step, "non-finite gradient norm")
+    opt.step()
+    sched.step()
+    return task_loss, aux, routings
+
+
+
 def train_run(
     run: RunSpec,
     adapter: SuiteAdapter,
@@ -177,7 +210,7 @@ def train_run(
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         log(f"[{run.router} seed {run.seed}] resuming {run_id} from step {start_step}")
 
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if t.dtype == "bfloat16" else _null_ctx()
+    amp = autocast_for(device, t.dtype)
     pending_curves: list[tuple[int, str, float]] = []
     routing_rows: list[tuple[int, int, int, float]] = []
     health_rows: list[tuple[int, int, str, float]] = []
@@ -217,21 +250,8 @@ def train_run(
             inputs, targets = adapter.train_batch(run, step, device)
             inputs, targets = dctx.shard(inputs), dctx.shard(targets)  # this rank's rows of the global batch
             t0 = time.perf_counter()
-            with amp:
-                out, routings = train_model(inputs, step=step, total_steps=t.steps)
-                task_loss = adapter.loss(out, targets)
-            aux = _sum_aux(routings)
-            loss = task_loss + sum(aux.values()) if aux else task_loss
-            _check_finite(loss, routings, step, dctx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.finish_grads(model, dctx)
-            if t.grad_clip > 0:
-                gnorm = distributed.clip_grad_norm(model, t.grad_clip, dctx)
-                if not torch.isfinite(gnorm):
-                    raise Diverged(step, "non-finite gradient norm")
-            opt.step()
-            sched.step()
+            task_loss, aux, routings = train_step(model, train_model, adapter, opt, sched, inputs, targets,
+                                                  step, t.steps, t.grad_clip, amp, dctx)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_time += time.perf_counter() - t0

@@ -1,0 +1,210 @@
+"""Model-level step benchmark: one whole training step of each router's model, as the loop runs it.
+
+The layer benchmark (:mod:`.layer`) times one FFN layer; what a researcher waits for is the
+training step of the whole model: attention, embeddings, every MoE layer, the loss, backward,
+clipping and AdamW (which pays for every expert's parameters, not only the active ones). This
+times exactly that code, :func:`harness.training.loop.train_step`, on the models a suite preset
+builds (``harness run --suite lm`` builds the same ones), on the suite's real batches.
+
+How the numbers are made (the rules of :mod:`harness.bench`):
+
+* Every candidate (a router, or ``router:kernel`` for another ``model.experts_impl``) is built from
+  the same seed and trains on the same batches. Each round runs ``steps_per_round`` consecutive
+  optimiser steps per candidate, candidates round-robin with the order rotated every round; the
+  first ``warmup`` rounds are thrown away. A round's value is its mean step time.
+* The timed steps are spread evenly over the preset's whole schedule (step ``j * steps / N`` for
+  the j-th of N timed steps, the same sequence for every candidate), so a router whose cost
+  changes during training (StableMoE's two stages, CompeteSMoE's warm-up and its 5% competition
+  steps, which are random per step) is timed at its real mix rather than at step 0.
+* Ratios are formed per round (``vs_dense``: t / t_dense; ``vs_smoe``: t / t_smoe, both on the
+  default kernel) and reported as median [q25, q75]. The models train while they are timed, so
+  routing drifts as it would in a run; nothing is asserted about speed anywhere (tests only run it).
+* The garbage collector is paused during the timed rounds; the report prints the load average.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+import torch
+from torch import nn
+
+from ..layers.kernels import DEFAULT_IMPL, check_impl
+from ..spec import RunSpec, load_suite
+from ..suites import get_adapter
+from ..training import distributed
+from ..training.device import pick_device
+from ..training.loop import autocast_for, lr_lambda, make_optimizer, seed_everything, train_step
+from .timing import Log, Stat, check_repeats, gc_paused, load_note, loadavg, log_stderr, paired
+
+
+@dataclass
+class StepCandidate:
+    label: str            # "smoe", or "smoe:grouped_mm" for a non-default kernel
+    run: RunSpec
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    params: int
+
+
+@dataclass
+class StepBench:
+    suite: str
+    preset: str
+    device: str
+    steps_per_round: int
+    times: dict[str, list[float]] = field(default_factory=dict)   # seconds per step, one value per round
+    stats: dict[str, dict[str, Stat]] = field(default_factory=dict)
+    params: dict[str, int] = field(default_factory=dict)
+    tokens_per_step: int = 0
+    load: tuple[float | None, float | None] | None = None
+    threads: int = 1
+
+
+def build_step_candidates(suite: str = "lm", preset: str | None = "default", routers: list[str] | None = None,
+                          impls: list[str] | None = None, overrides: list[str] | None = None,
+                          device: str = "cpu") -> tuple[list[StepCandidate], Any]:
+    """One candidate per router of the preset (seed: the preset's first), plus ``router:kernel`` rows for
+    every kernel in ``impls`` other than the default; ``dense`` and ``smoe`` are always included."""
+    spec = load_suite(suite, preset, overrides=overrides, routers=routers)
+    names = list(dict.fromkeys(["dense", "smoe", *spec.routers]))
+    spec = load_suite(suite, preset, overrides=overrides, routers=names, seeds=spec.seeds[:1])
+    adapter = get_adapter(spec.suite)
+    dev = torch.device(device)
+    cands = []
+    for run in spec.runs():
+        kernels = [DEFAULT_IMPL] + [check_impl(i) for i in impls or () if i != DEFAULT_IMPL]
+        for impl in kernels if run.router != "dense" else [DEFAULT_IMPL]:
+            r = run if impl == DEFAULT_IMPL else _with_impl(suite, preset, overrides, run.router, run.seed, impl)
+            adapter.prepare(r)
+            seed_everything(r.seed)
+            model = adapter.build_model(r).to(dev)
+            model.train()
+            opt = make_optimizer(model, r)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(r.train.warmup_steps, r.train.steps,
+                                                                     r.train.min_lr_ratio))
+            label = r.router if impl == DEFAULT_IMPL else f"{r.router}:{impl}"
+            cands.append(StepCandidate(label, r, model, opt, sched, sum(p.numel() for p in model.parameters())))
+    return cands, adapter
+
+
+def _with_impl(suite: str, preset: str | None, overrides: list[str] | None, router: str, seed: int,
+               impl: str) -> RunSpec:
+    spec = load_suite(suite, preset, overrides=[*(overrides or []), f"model.experts_impl={impl}"],
+                      routers=[router], seeds=[seed])
+    return spec.runs()[0]
+
+
+def timed_steps(total_steps: int, n: int) -> list[int]:
+    """The n step numbers timed: evenly over the run's whole schedule, the same for every candidate."""
+    return [j * total_steps // n for j in range(n)]
+
+
+def run_step_bench(cands: list[StepCandidate], adapter: Any, repeats: int = 7, warmup: int = 2,
+                   steps_per_round: int = 5, device: str = "cpu", log: Log = log_stderr) -> StepBench:
+    """Interleaved rounds of ``steps_per_round`` real optimiser steps per candidate (module docstring)."""
+    check_repeats(repeats, warmup)
+    if steps_per_round < 1:
+        raise ValueError(f"bench: steps per round must be >= 1, got {steps_per_round}")
+    if not cands:
+        raise ValueError("bench: no candidates to time")
+    first = cands[0].run
+    if first.train.threads:
+        torch.set_num_threads(first.train.threads)
+    dev = torch.device(device)
+    dctx = distributed.current()
+    total = first.train.steps
+    schedule = timed_steps(total, (warmup + repeats) * steps_per_round)
+    batches = {s: adapter.train_batch(first, s, dev) for s in schedule}
+    b = StepBench(first.suite, first.suite_spec.preset, device, steps_per_round,
+                  times={c.label: [] for c in cands}, params={c.label: c.params for c in cands},
+                  tokens_per_step=adapter.items(batches[schedule[0]][0]), threads=torch.get_num_threads())
+    load0 = loadavg()
+    with gc_paused():
+        for r in range(warmup + repeats):
+            steps = schedule[r * steps_per_round:(r + 1) * steps_per_round]
+            k = r % len(cands)
+            for c in cands[k:] + cands[:k]:
+                amp = autocast_for(dev, c.run.train.dtype)
+                t0 = time.perf_counter()
+                for s in steps:
+                    c.model.on_step(s, total)
+                    inputs, targets = batches[s]
+                    train_step(c.model, c.model, adapter, c.opt, c.sched, inputs, targets, s, total,
+                               c.run.train.grad_clip, amp, dctx)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                dt = (time.perf_counter() - t0) / len(steps)
+                if r >= warmup:
+                    b.times[c.label].append(dt)
+            log(f"bench step: round {r + 1}/{warmup + repeats}")
+    b.load = (load0, loadavg())
+    summarise_step_bench(b)
+    return b
+
+
+def summarise_step_bench(b: StepBench) -> None:
+    dense, smoe = b.times.get("dense"), b.times.get("smoe")
+    for label, ts in b.times.items():
+        st = {"step_ms": Stat.of([t * 1e3 for t in ts]),
+              "tokens_per_s": Stat.of([b.tokens_per_step / t for t in ts])}
+        if dense:
+            st["ratio_vs_dense"] = Stat.of(paired(ts, dense, lambda a, d: a / d))
+        if smoe:
+            st["ratio_vs_smoe"] = Stat.of(paired(ts, smoe, lambda a, s: a / s))
+        b.stats[label] = st
+
+
+# The issue-17 model-level targets: every token-choice router's step <= 1.10x the dense model's; X-MoE
+# and MoGE <= 1.05x SMoE's. Token choice: every built-in router but expert_choice (and dense itself).
+STEP_TARGETS: tuple[tuple[str, str, float], ...] = (("ratio_vs_dense", "<=", 1.10),)
+STEP_SMOE_TARGETS: dict[str, float] = {"xmoe": 1.05, "moge": 1.05}
+NOT_TOKEN_CHOICE = ("dense", "expert_choice")
+
+
+def step_table(b: StepBench) -> pl.DataFrame:
+    rows = []
+    for label, st in b.stats.items():
+        rows.append({
+            "candidate": label, "params": b.params[label],
+            "step_ms": st["step_ms"].median, "iqr_ms": st["step_ms"].spread,
+            "tokens_per_s": st["tokens_per_s"].median,
+            "vs_dense": st["ratio_vs_dense"].median if "ratio_vs_dense" in st else None,
+            "vs_dense_q25": st["ratio_vs_dense"].q25 if "ratio_vs_dense" in st else None,
+            "vs_dense_q75": st["ratio_vs_dense"].q75 if "ratio_vs_dense" in st else None,
+            "vs_smoe": st["ratio_vs_smoe"].median if "ratio_vs_smoe" in st else None,
+        })
+    return pl.DataFrame(rows)
+
+
+def step_targets(b: StepBench) -> list[tuple[bool, str]]:
+    out = []
+    for label, st in b.stats.items():
+        router = label.split(":")[0]
+        if router in NOT_TOKEN_CHOICE or "ratio_vs_dense" not in st:
+            continue
+        s = st["ratio_vs_dense"]
+        out.append((s.median <= 1.10, f"{label} step <= 1.10x dense: {s.median:.3f} [{s.q25:.3f}, {s.q75:.3f}]"))
+        if router in STEP_SMOE_TARGETS and "ratio_vs_smoe" in st and ":" not in label:
+            s2, lim = st["ratio_vs_smoe"], STEP_SMOE_TARGETS[router]
+            out.append((s2.median <= lim, f"{label} step <= {lim:.2f}x smoe: {s2.median:.3f} [{s2.q25:.3f}, {s2.q75:.3f}]"))
+    return out
+
+
+def print_step_report(b: StepBench) -> None:
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200, float_precision=3):
+        print(f"\nmodel training step ({b.suite} preset {b.preset!r}, {b.tokens_per_step} tokens per step, "
+              f"{b.device}, {b.threads} threads{load_note(b.load)}): median [q25, q75] over "
+              f"{len(next(iter(b.times.values())))} interleaved rounds of {b.steps_per_round} steps; "
+              f"vs_*: per-round time ratios")
+        print(step_table(b))
+    print("\ntargets (issue 17, model level):")
+    for ok, text in step_targets(b):
+        print(f"  {'met   ' if ok else 'MISSED'}  {text}")
+
+
+def default_device(name: str = "auto") -> str:
+    return str(pick_device(name, setting="--device"))
