@@ -226,7 +226,11 @@ def test_auto_picks_loop_on_cpu_and_by_device_on_cuda():
     cpu = torch.device("cpu")
     for d in (64, 128, 256):  # the measured CPU crossover (harness/layers/kernels.py, docs/speed.md)
         assert kernels.pick(cpu, torch.float32, d, 4 * d, 16384, 8) == "loop"
-        assert kernels.pick(cpu, torch.float32, d, 4 * d, 512, 8) == "padded_bmm"
+    # grouped_mm while mean rows per expert x d_ff <= 256 x 128; padded_bmm never on CPU
+    assert kernels.pick(cpu, torch.float32, 64, 128, 2048, 8) == "grouped_mm"  # 256 x 128
+    assert kernels.pick(cpu, torch.float32, 64, 128, 2056, 8) == "loop"
+    assert kernels.pick(cpu, torch.float32, 64, 512, 512, 8) == "grouped_mm"  # 64 x 512
+    assert kernels.pick(cpu, torch.float32, 64, 512, 1024, 8) == "loop"       # 128 x 512
     assert kernels.pick(cpu, torch.float32, 64, 256, 0, 8) == "loop"
     if CUDA:
         dev = torch.device("cuda")
@@ -312,7 +316,7 @@ def test_bench_rows_per_kernel():
     by = {c.label: c for c in cands}
     assert {"smoe", "dense", "naive", "smoe:padded_bmm", "smoe:grouped_mm", "smoe:auto"} <= set(by)
     assert by["smoe"].experts_impl == "loop" and by["smoe:padded_bmm"].module.experts.experts_impl == "padded_bmm"
-    assert "auto -> padded_bmm" in by["smoe:auto"].note  # 64 tokens x k=2 over 4 experts: 32 rows each
+    assert "auto -> grouped_mm" in by["smoe:auto"].note  # 64 tokens x k=2 over 4 experts: 32 rows each
     inp = P.Inputs.make(cfg.tokens, cfg.d_model, torch.float32, torch.device("cpu"), 0)
     for label in ("smoe:padded_bmm", "smoe:grouped_mm", "smoe:auto"):
         assert P.verify_impl(by[label], inp) is None

@@ -28,7 +28,7 @@ bit for bit (it is the shipped default, and what the regression goldens were tra
     (``grouped_mm`` is not on autocast's op lists).
 ``auto``
     :func:`pick` per call, from the device, the compute dtype and the shapes (see there for the
-    measured CPU crossover).
+    measured CPU crossover: grouped_mm for small experts, else loop).
 """
 from __future__ import annotations
 
@@ -77,9 +77,10 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-# The CPU crossover of ``auto`` (measured with ``harness bench``, docs/speed.md; see :func:`pick`):
-# padded_bmm on CPU when the mean number of slots per expert is at most this many, else loop.
-CPU_PADDED_MAX_ROWS_PER_EXPERT = 64
+# The CPU crossover of ``auto`` (measured with ``harness bench`` and ``benchmarks/model_step.py``,
+# docs/speed.md; see :func:`pick`): grouped_mm on CPU when one expert's GEMM work, mean rows per
+# expert x d_ff, is at most this much, else loop.
+CPU_GROUPED_MAX_WORK = 256 * 128
 
 
 def pick(device: torch.device, dtype: torch.dtype, d_model: int, d_ff: int, rows: int, num_experts: int) -> str:
@@ -91,29 +92,32 @@ def pick(device: torch.device, dtype: torch.dtype, d_model: int, d_ff: int, rows
     cuBLASLt that torch 2.14's wheels may lack, so it is never picked). Not measured here (no GPU
     on the development machines): ``scripts/gpu_check.sh`` times all four in bf16.
 
-    CPU: ``padded_bmm`` when the mean slots per expert ``rows / num_experts`` is at most
-    ``CPU_PADDED_MAX_ROWS_PER_EXPERT`` (64), else ``loop``. Measured with ``harness bench`` on a
-    2-core AMD EPYC, 1 thread, float32, E=8, k=2, interleaved, median [IQR] of 7 repeats, time
-    relative to the loop kernel (``vs_smoe``), machine load average 2.3-3.1 (docs/speed.md):
+    CPU: ``grouped_mm`` when the mean rows per expert times ``d_ff`` is at most
+    ``CPU_GROUPED_MAX_WORK`` (256 x 128), else ``loop``. Measured on a 2-core AMD EPYC, 1 thread,
+    float32, E=8, k=2, d_model 64, ``harness bench`` (21 interleaved repeats, random-init router),
+    time relative to the loop kernel, median [IQR]:
 
-    ========  =====  ==========  =====================  =====================
-    d_model   d_ff   tokens      padded_bmm / loop      grouped_mm / loop
-    ========  =====  ==========  =====================  =====================
-    64        256    256 (64/e)  0.84 [IQR 0.11]        0.90 [0.10]
-    256       256    256 (64/e)  0.97 [0.09]            0.94 [0.08]
-    64        256    2048        1.26 [0.13]            1.19 [0.16]
-    256       256    2048        1.16 [0.13]            1.14 [0.21]
-    64        1024   8192        1.27 [0.36]            1.38 [0.41]
-    128       1024   8192        1.22 [0.15]            1.24 [0.16]
-    256       1024   8192        1.12 [0.08]            1.15 [0.23]
-    ========  =====  ==========  =====================  =====================
+    ======  =====  ==============  =================  =================
+    d_ff    tokens rows x d_ff     grouped_mm / loop  padded_bmm / loop
+    ======  =====  ==============  =================  =================
+    128     512    128 x 128       0.84 [0.11]        0.81 [0.21]
+    128     1024   256 x 128       0.95 [0.11]        0.96 [0.14]
+    128     2048   512 x 128       1.04 [0.13]        1.14 [0.11]
+    128     4096   1024 x 128      1.12 [0.11]        1.24 [0.20]
+    512     512    128 x 512       1.07 [0.15]        1.09 [0.17]
+    512     2048   512 x 512       1.18 [0.13]        1.41 [0.28]
+    1024    8192   2048 x 1024     1.13-1.33          1.13-1.31 (d_model 64-256)
+    ======  =====  ==============  =================  =================
 
-    With few rows per expert the loop's per-expert Python and op overhead dominates and one
-    batched GEMM wins; with hundreds of rows per expert the GEMMs dominate, the loop's per-expert
-    ``addmm`` is as fast as a batched one, and padded_bmm pays its padding (``load max/mean`` - 1
-    extra FLOPs), the scatter/gather and a larger backward. ``grouped_mm`` is never picked on CPU:
-    correct but never the fastest by a margin its spread supports. ``auto`` is not the spec default:
-    only ``loop`` is bit-identical to earlier revisions.
+    and at model level (``benchmarks/model_step.py``, the default LM preset: 256 rows x 128, a
+    router that trains and so loads its experts unevenly) smoe's training step on grouped_mm took
+    0.85 of its step on the loop (median of 15 per-round ratios; xmoe, moge, hash: 0.92, 0.94, 0.88
+    by their medians). padded_bmm is never picked on CPU: it pays for the fullest expert on every
+    expert, and with a trained router's uneven loads its model step took 1.3-1.8x the loop's. With
+    small experts the loop's per-expert op overhead dominates and one grouped GEMM per linear map
+    wins; with larger ones the per-expert ``addmm`` is as fast as a grouped one and the loop's
+    cache-hot activation between its two GEMMs wins. ``auto`` is not the spec default: only
+    ``loop`` (and ``loop_recompute``) is bit-identical to earlier revisions.
     """
     if device.type == "cuda":
         if dtype == torch.bfloat16 and has_grouped_mm() and d_model % 8 == 0 and d_ff % 8 == 0:
@@ -124,8 +128,8 @@ def pick(device: torch.device, dtype: torch.dtype, d_model: int, d_ff: int, rows
             if major >= 8:
                 return "grouped_mm"
         return "padded_bmm"
-    if 0 < rows <= CPU_PADDED_MAX_ROWS_PER_EXPERT * num_experts:
-        return "padded_bmm"
+    if has_grouped_mm() and 0 < rows and rows * d_ff <= CPU_GROUPED_MAX_WORK * num_experts:
+        return "grouped_mm"
     return "loop"
 
 
