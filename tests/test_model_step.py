@@ -73,3 +73,13 @@ def test_benchmark_script_bad_router_is_one_line_exit_2(capsys):
     assert _script().main(["--preset", "tiny", "--routers", "nosuchrouter"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nosuchrouter" in err[0]
+
+
+def test_step_breakdown_script_runs(capsys):
+    spec = importlib.util.spec_from_file_location("step_breakdown_script", ROOT / "benchmarks" / "step_breakdown.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--preset", "tiny", "--routers", "smoe", "--repeats", "5", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "extra_ms vs dense" in out and "optimizer" in out
+    assert mod.main(["--preset", "tiny", "--routers", "nosuchrouter"]) == 2
