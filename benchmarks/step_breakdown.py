@@ -3,9 +3,8 @@
     python benchmarks/step_breakdown.py                       # lm default preset: dense, smoe, hash
     python benchmarks/step_breakdown.py --routers smoe,xmoe --experts-impl loop,grouped_mm
 
-The step of ``harness.training.loop.train_step`` cut at its stage boundaries (the same calls in the
-same order: forward + task loss + aux losses, zero_grad + backward, gradient clipping, AdamW +
-schedule), each stage timed on its own, candidates interleaved round by round, medians [q25, q75]
+The step of ``harness.training.loop.train_step`` itself, the clock read where it marks its stages
+(forward + task loss + aux losses, zero_grad + backward, gradient clipping, AdamW + schedule), candidates interleaved round by round, medians [q25, q75]
 of per-round values. ``extra_ms`` is the per-round difference to the dense model's stage: what the
 MoE model pays on top, stage by stage (the optimiser's share grows with the experts' parameters,
 not with the active FLOPs). Together with ``harness bench`` at the model's layer size (its phases
@@ -24,32 +23,18 @@ from harness.bench.model_step import build_step_candidates, default_device, time
 from harness.bench.timing import gc_paused, loadavg
 from harness.errors import UserError
 from harness.training import distributed
-from harness.training.loop import _check_finite, _sum_aux, autocast_for
-
-STAGES = ("forward", "backward", "clip", "optimizer")
+from harness.training.loop import STEP_STAGES as STAGES
+from harness.training.loop import autocast_for, train_step
 
 
 def stage_times(c, adapter, inputs, targets, step: int, total: int, dev) -> list[float]:
-    """One optimiser step of candidate ``c``, as ``train_step`` runs it, timed stage by stage."""
-    t = [time.perf_counter()]
+    """One optimiser step of candidate ``c`` through ``train_step`` itself, the clock read at each stage's end."""
+    marks = [time.perf_counter()]
     c.model.on_step(step, total)
-    with autocast_for(dev, c.run.train.dtype):
-        out, routings = c.model(inputs, step=step, total_steps=total)
-        task_loss = adapter.loss(out, targets)
-    aux = _sum_aux(routings)
-    loss = task_loss + sum(aux.values()) if aux else task_loss
-    _check_finite(loss, routings, step, distributed.current())
-    t.append(time.perf_counter())
-    c.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    t.append(time.perf_counter())
-    if c.run.train.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(c.model.parameters(), c.run.train.grad_clip)
-    t.append(time.perf_counter())
-    c.opt.step()
-    c.sched.step()
-    t.append(time.perf_counter())
-    return [b - a for a, b in zip(t, t[1:])]
+    train_step(c.model, c.model, adapter, c.opt, c.sched, inputs, targets, step, total, c.run.train.grad_clip,
+               autocast_for(dev, c.run.train.dtype), distributed.current(),
+               mark=lambda stage: marks.append(time.perf_counter()))
+    return [b - a for a, b in zip(marks, marks[1:])]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,29 +110,44 @@ def autocast_for(device: torch.device, dtype: str) -> Any:
 
 def train_step(model: nn.Module, train_model: nn.Module, adapter: SuiteAdapter, opt: torch.optim.Optimizer,
                sched: Any, inputs: Tensor, targets: Tensor, step: int, total_steps: int, grad_clip: float,
-               amp: Any, dctx: distributed.DistContext) -> tuple[Tensor, dict[str, Tensor], list[Routing]]:
+               amp: Any, dctx: distributed.DistContext,
+               mark: Callable[[str], None] | None = None) -> tuple[Tensor, dict[str, Tensor], list[Routing]]:
     """ONE optimiser step: forward, task loss + the routers' aux losses, NaN guard, backward, clipping,
     AdamW and the schedule. ``train_model`` is what is called (DDP or ``model`` itself).
 
-    The loop below calls it; so does the model-level step benchmark (``harness.bench.model_step``),
-    so the step it times is this very code. Returns the task loss, the summed aux losses and the routings.
+    The loop below calls it; so do the model-level benchmarks (``harness.bench.model_step``,
+    ``benchmarks/step_breakdown.py``), so the step they time is this very code. ``mark(stage)``, if
+    given, is called as each stage ends (:data:`STEP_STAGES`). Returns the task loss, the summed aux
+    losses and the routings.
     """
+    mark = mark or _no_mark
     with amp:
         out, routings = train_model(inputs, step=step, total_steps=total_steps)
         task_loss = adapter.loss(out, targets)
     aux = _sum_aux(routings)
     loss = task_loss + sum(aux.values()) if aux else task_loss
     _check_finite(loss, routings, step, dctx)
+    mark("forward")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     distributed.finish_grads(model, dctx)
+    mark("backward")
     if grad_clip > 0:
         gnorm = distributed.clip_grad_norm(model, grad_clip, dctx)
         if not torch.isfinite(gnorm):
             raise Diverged(step, "non-finite gradient norm")
+    mark("clip")
     opt.step()
     sched.step()
+    mark("optimizer")
     return task_loss, aux, routings
+
+
+STEP_STAGES = ("forward", "backward", "clip", "optimizer")  # the names ``train_step`` calls ``mark`` with
+
+
+def _no_mark(stage: str) -> None:
+    pass
 
 
 
