@@ -110,10 +110,10 @@ def pick(device: torch.device, dtype: torch.dtype, d_model: int, d_ff: int, rows
     ======  =====  ==============  =================  =================
 
     and at model level (``benchmarks/model_step.py``, the default LM preset: 256 rows x 128, a
-    router that trains and so loads its experts unevenly) smoe's training step on grouped_mm took
-    0.85 of its step on the loop (median of 15 per-round ratios; xmoe, moge, hash: 0.92, 0.94, 0.88
-    by their medians). padded_bmm is never picked on CPU: it pays for the fullest expert on every
-    expert, and with a trained router's uneven loads its model step took 1.3-1.8x the loop's. With
+    router that trains and so loads its experts unevenly; 21 rounds of 3 steps) every router's
+    training step on grouped_mm took 0.79-0.94x its step on the loop (ratios of medians; smoe 0.79). padded_bmm is
+    never picked on CPU: it pays for the fullest expert on every expert, and with a trained
+    router's uneven loads each router's step took 1.0-1.7x (median 1.3) its loop step. With
     small experts the loop's per-expert op overhead dominates and one grouped GEMM per linear map
     wins; with larger ones the per-expert ``addmm`` is as fast as a grouped one and the loop's
     cache-hot activation between its two GEMMs wins. ``auto`` is not the spec default: only
