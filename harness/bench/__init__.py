@@ -102,14 +102,27 @@ The naive loop accumulates its per-expert dispatch/expert/combine steps the same
 way; the dense FFN is all ``experts``. On CUDA each clock read synchronises, so the
 instrumented run is slower than ``fwd_bwd_ms``; on CPU they agree within noise.
 
-Expert kernels (``--experts-impl loop,padded_bmm,grouped_mm,auto``)
--------------------------------------------------------------------
+Expert kernels (``--experts-impl loop,loop_recompute,padded_bmm,grouped_mm,auto``)
+----------------------------------------------------------------------------------
 The unlabelled MoE rows run the default kernel (``loop``). Every other kernel listed adds, per
 MoE candidate, a row ``<label>:<kernel>`` built from the same seed, timed in the same interleaved
 rounds: ``vs_smoe`` of ``smoe:padded_bmm`` is that kernel against the loop, ``vs_dense`` its
 ratio to the equal-FLOP dense FFN (the issue-17 target, <= 1.05). Before timing, each such row's
 output is checked against the loop kernel on its own layer (a warning if they disagree).
 Store rows carry ``experts_impl`` in their config. The kernels: ``harness/layers/kernels.py``.
+
+GEMM roofline (``roofline_frac``)
+--------------------------------
+Each round also times the layer's six GEMMs unsplit (``steps.GemmRoofline``: ``X W1``, ``H W2``
+and the four backward products, each one ``mm`` over all T*k rows); per repeat
+``roofline_frac = t_gemms / t_candidate``: the share of the candidate's time its FLOPs would take
+at the rate this machine reaches on those operands (issue 17: >= 0.80 at d 256).
+
+The whole training step
+-----------------------
+``harness.bench.model_step`` (``benchmarks/model_step.py``) times the training loop's own
+``train_step`` on every router's model of a suite preset, interleaved, ratios per round; its
+docstring has the method.
 
 Memory, untimed passes per candidate after the timed rounds
 -----------------------------------------------------------

@@ -150,7 +150,6 @@ def _no_mark(stage: str) -> None:
     pass
 
 
-
 def train_run(
     run: RunSpec,
     adapter: SuiteAdapter,
