@@ -326,6 +326,13 @@ def test_bench_rows_per_kernel():
     rows = P.layer_rows(b, "id", None, None)
     assert {r["config"].get("experts_impl") for r in rows if r["router"] == "smoe"} == {"loop", "padded_bmm"}
     assert any(t["candidate"] == "smoe:padded_bmm" for t in P.check_targets(b))
+    # every candidate has a same-run GEMM roofline fraction; two kernels timed: the crossover line
+    assert all(0 < b.stats[lab]["roofline_frac"].median for lab in ("smoe", "smoe:padded_bmm", "dense"))
+    assert b.roofline_gflops and b.roofline_gflops > 0
+    from harness.bench.report import kernel_crossover
+    line = kernel_crossover(b)
+    assert line is not None and "fastest here:" in line and "auto picks grouped_mm" in line
+    assert ("agrees" in line) == ("fastest here: grouped_mm" in line)
 
 
 # -- CUDA (skipped here; scripts/gpu_check.sh runs them) ------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 import polars as pl
 import torch
 
+from ..layers.kernels import pick
 from ..store import Store, git_sha, machine_info
 from .layer import LayerBench
 from .scaling import ScalingBench
@@ -101,6 +102,26 @@ def check_targets(bench: LayerBench) -> list[dict[str, Any]]:
     return out
 
 
+def kernel_crossover(bench: LayerBench) -> str | None:
+    """With two or more smoe kernels timed: the fastest one here (median time ratio to the loop) and what
+    ``auto`` picks at this size, so a sweep over ``--tokens`` / ``--d-model`` re-measures its crossover."""
+    rows = {}
+    for label, st in bench.stats.items():
+        if (label == "smoe" or label.startswith("smoe:")) and "ratio_vs_smoe" in st:
+            rows[bench.info[label].get("experts_impl", "loop")] = st["ratio_vs_smoe"]
+    measured = {k: v for k, v in rows.items() if k != "auto"}
+    if len(measured) < 2:
+        return None
+    best = min(measured, key=lambda k: measured[k].median)
+    cfg = bench.cfg
+    picked = pick(torch.device(cfg.device), cfg.torch_dtype, cfg.d_model, cfg.d_ff, cfg.tokens * cfg.top_k,
+                  cfg.num_experts)
+    ranked = ", ".join(f"{k} {v.median:.3f} [{v.q25:.3f}, {v.q75:.3f}]"
+                       for k, v in sorted(measured.items(), key=lambda kv: kv[1].median))
+    agree = "agrees" if picked == best else "differs (auto's table: harness/layers/kernels.py pick)"
+    return f"time / loop: {ranked}; fastest here: {best}; auto picks {picked}: {agree}"
+
+
 def _judge(bench: LayerBench, label: str, metric: str, op: str, thr: float, text: str) -> list[dict[str, Any]]:
     st = bench.stat(label, metric)
     if st is None:
@@ -133,6 +154,9 @@ def print_layer_report(bench: LayerBench, out=None) -> None:
     notes = [f"  {lab}: {inf['note']}" for lab, inf in bench.info.items() if inf.get("note")]
     if notes:
         print("\nnotes:\n" + "\n".join(notes), file=out)
+    verdict = kernel_crossover(bench)
+    if verdict:
+        print(f"\nexpert kernels: {verdict}", file=out)
     targets = check_targets(bench)
     if targets:
         print("\ntargets (median [q25, q75]):", file=out)
