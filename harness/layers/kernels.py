@@ -169,12 +169,17 @@ class _ContiguousGrad(torch.autograd.Function):
 
 # -- the kernels ---------------------------------------------------------------------------------
 
-def run_loop(bank: Bank, x_sorted: Tensor, counts: Counts) -> Tensor:
+def _counts_list(counts: Counts) -> list[int]:
+    """The per-expert row counts as a list (the one host sync of the loop kernels)."""
+    return counts.tolist() if isinstance(counts, Tensor) else list(counts)
+
+
+def run_loop(bank: Bank, x_sorted: Tensor, counts: Counts, source: Source = None) -> Tensor:
     """Today's per-expert loop (:meth:`ExpertBank.forward_segments`), unchanged."""
-    return bank.forward_segments(x_sorted, counts.tolist() if isinstance(counts, Tensor) else list(counts))
+    return bank.forward_segments(x_sorted, _counts_list(counts))
 
 
-def run_padded_bmm(bank: Bank, x_sorted: Tensor, counts: Counts) -> Tensor:
+def run_padded_bmm(bank: Bank, x_sorted: Tensor, counts: Counts, source: Source = None) -> Tensor:
     """Zero-padded ``[E, C_max, d]`` buffer, two ``baddbmm``, the real rows gathered back.
 
     One host sync (``C_max``), none when ``counts`` is already a list (expert parallelism).
@@ -193,7 +198,7 @@ def run_padded_bmm(bank: Bank, x_sorted: Tensor, counts: Counts) -> Tensor:
     return y.reshape(E * cmax, d).index_select(0, slot)
 
 
-def run_grouped_mm(bank: Bank, x_sorted: Tensor, counts: Counts) -> Tensor:
+def run_grouped_mm(bank: Bank, x_sorted: Tensor, counts: Counts, source: Source = None) -> Tensor:
     """Two ``grouped_mm`` over the jagged segments (int32 cumulative offsets); biases by row expert."""
     S = x_sorted.shape[0]
     if S == 0:
@@ -217,13 +222,14 @@ def run_grouped_mm(bank: Bank, x_sorted: Tensor, counts: Counts) -> Tensor:
 def run_loop_recompute(bank: Bank, x_sorted: Tensor, counts: Counts, source: Source = None) -> Tensor:
     """The loop as one autograd node keeping only the pre-activation (:mod:`.segment_mlp`); the plain
     loop under autocast or for an activation it has no backward for."""
-    c = counts.tolist() if isinstance(counts, Tensor) else list(counts)
+    c = _counts_list(counts)
     if bank.activation not in SUPPORTED_ACTIVATIONS or compute_dtype(x_sorted) != x_sorted.dtype:
         return bank.forward_segments(x_sorted, c)
     return segment_mlp(x_sorted, c, bank.activation, bank.w1, bank.b1, bank.w2, bank.b2, source=source)
 
 
-KERNELS: dict[str, Callable[[Bank, Tensor, Counts], Tensor]] = {
+# Every kernel takes ``(bank, x_sorted, counts, source=None)``; ``source`` is used by loop_recompute only.
+KERNELS: dict[str, Callable[..., Tensor]] = {
     "loop": run_loop, "loop_recompute": run_loop_recompute, "padded_bmm": run_padded_bmm,
     "grouped_mm": run_grouped_mm,
 }
@@ -233,7 +239,4 @@ def run(impl: str, bank: Bank, x_sorted: Tensor, counts: Counts, source: Source 
     """Expert e on the e-th segment of ``x_sorted`` with the kernel ``impl`` names (``auto`` resolved).
 
     ``source``: where the rows were gathered from (``MoELayer.permute``); only ``loop_recompute`` uses it."""
-    impl = resolve(impl, bank, x_sorted)
-    if impl == "loop_recompute":
-        return run_loop_recompute(bank, x_sorted, counts, source)
-    return KERNELS[impl](bank, x_sorted, counts)
+    return KERNELS[resolve(impl, bank, x_sorted)](bank, x_sorted, counts, source)

@@ -27,21 +27,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .ffn import activation_fn
+
 SUPPORTED_ACTIVATIONS = ("gelu", "relu", "silu")
-
-
-def _act_forward(name: str, pre: Tensor) -> Tensor:
-    if name == "gelu":
-        return F.gelu(pre)
-    if name == "relu":
-        return F.relu(pre)
-    if name == "silu":
-        return F.silu(pre)
-    raise ValueError(f"segment_mlp: activation {name!r} is not one of {', '.join(SUPPORTED_ACTIVATIONS)}")
 
 
 def _act_backward(name: str, grad: Tensor, pre: Tensor, out: Tensor) -> Tensor:
@@ -50,7 +41,9 @@ def _act_backward(name: str, grad: Tensor, pre: Tensor, out: Tensor) -> Tensor:
         return torch.ops.aten.gelu_backward(grad, pre)
     if name == "relu":
         return torch.ops.aten.threshold_backward(grad, out, 0)
-    return torch.ops.aten.silu_backward(grad, pre)
+    if name == "silu":
+        return torch.ops.aten.silu_backward(grad, pre)
+    raise ValueError(f"segment_mlp: no backward for activation {name!r}; one of {', '.join(SUPPORTED_ACTIVATIONS)}")
 
 
 class SegmentMLP(torch.autograd.Function):
@@ -65,9 +58,10 @@ class SegmentMLP(torch.autograd.Function):
         pre = x.new_empty(S, w1.shape[2])
         out = x.new_empty(S, w2.shape[2])
         xs, pres, outs = x.split(counts), pre.split(counts), out.split(counts)
+        fn = activation_fn(act)  # the experts' own activation (harness.layers.ffn)
         for e in live:  # expert by expert: the activation reads rows the GEMM has just written (cache-hot)
             torch.addmm(B1[e], xs[e], W1[e], out=pres[e])
-            torch.addmm(B2[e], _act_forward(act, pres[e]), W2[e], out=outs[e])
+            torch.addmm(B2[e], fn(pres[e]), W2[e], out=outs[e])
         ctx.counts, ctx.act, ctx.live = counts, act, live
         ctx.regather = src_x is not None
         if ctx.regather:
@@ -85,6 +79,7 @@ class SegmentMLP(torch.autograd.Function):
         else:
             x, pre, w1, w2 = ctx.saved_tensors
         counts, live, act = ctx.counts, ctx.live, ctx.act
+        fn = activation_fn(act)
         need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
         # every expert's slice of the stacked gradients is written below; an expert without rows gets 0
         new = torch.empty_like if len(live) == len(counts) else torch.zeros_like
@@ -96,7 +91,7 @@ class SegmentMLP(torch.autograd.Function):
         gx = torch.empty_like(x) if need_x else None
         gxs = gx.split(counts) if gx is not None else None
         for e in live:  # expert by expert, each product as AddmmBackward0 / the activation's backward forms it
-            h = _act_forward(act, pres[e])  # recomputed: the same bits as the forward's
+            h = fn(pres[e])  # recomputed: the same bits as the forward's
             gpre = _act_backward(act, torch.mm(gs[e], W2t[e]), pres[e], h)
             if need_w:
                 torch.mm(h.t(), gs[e], out=GW2[e])
