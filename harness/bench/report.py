@@ -91,25 +91,26 @@ def check_targets(bench: LayerBench) -> list[dict[str, Any]]:
         label = f"{router} (amortised)" if f"{router} (amortised)" in bench.stats else router
         out.extend(_judge(bench, label, metric, op, thr, text))
     metric, op, thr = KERNEL_TARGET
-    for label in bench.stats:
-        if label == "smoe" or label.startswith("smoe:"):
-            kernel = bench.info[label].get("experts_impl", "loop")
-            text = f"issue 17: smoe layer on the {kernel} kernel <= {thr}x the equal-FLOP dense FFN"
-            out.extend(_judge(bench, label, metric, op, thr, text))
-            if bench.cfg.d_model >= WIDE_D:
-                for m, o, t, txt in WIDE_TARGETS:
-                    out.extend(_judge(bench, label, m, o, t, txt.format(kernel=kernel)))
+    for label, kernel in _smoe_kernel_rows(bench):
+        text = f"issue 17: smoe layer on the {kernel} kernel <= {thr}x the equal-FLOP dense FFN"
+        out.extend(_judge(bench, label, metric, op, thr, text))
+        if bench.cfg.d_model >= WIDE_D:
+            for m, o, t, txt in WIDE_TARGETS:
+                out.extend(_judge(bench, label, m, o, t, txt.format(kernel=kernel)))
     return out
+
+
+def _smoe_kernel_rows(bench: LayerBench) -> list[tuple[str, str]]:
+    """(label, expert kernel) of the smoe rows: ``smoe`` (the default kernel) and every ``smoe:<kernel>``."""
+    return [(label, bench.info[label].get("experts_impl", "loop")) for label in bench.stats
+            if label == "smoe" or label.startswith("smoe:")]
 
 
 def kernel_crossover(bench: LayerBench) -> str | None:
     """With two or more smoe kernels timed: the fastest one here (median time ratio to the loop) and what
     ``auto`` picks at this size, so a sweep over ``--tokens`` / ``--d-model`` re-measures its crossover."""
-    rows = {}
-    for label, st in bench.stats.items():
-        if (label == "smoe" or label.startswith("smoe:")) and "ratio_vs_smoe" in st:
-            rows[bench.info[label].get("experts_impl", "loop")] = st["ratio_vs_smoe"]
-    measured = {k: v for k, v in rows.items() if k != "auto"}
+    measured = {kernel: bench.stats[label]["ratio_vs_smoe"] for label, kernel in _smoe_kernel_rows(bench)
+                if kernel != "auto" and "ratio_vs_smoe" in bench.stats[label]}
     if len(measured) < 2:
         return None
     best = min(measured, key=lambda k: measured[k].median)
