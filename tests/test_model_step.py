@@ -47,6 +47,19 @@ def test_step_bench_times_the_loops_step_for_every_candidate(monkeypatch):
     assert ms.step_table(b).height == len(cands)
 
 
+def test_step_bench_stage_times_add_up_to_at_most_the_step():
+    cands, adapter = ms.build_step_candidates("lm", "tiny", ["smoe"], None)
+    b = ms.run_step_bench(cands, adapter, repeats=5, warmup=0, steps_per_round=2, log=lambda m: None, stages=True)
+    assert set(b.stage_times) == {"dense", "smoe"}
+    for label, rows in b.stage_times.items():
+        assert len(rows) == 5
+        for row, step in zip(rows, b.times[label]):
+            assert set(row) == set(loop.STEP_STAGES) and all(v > 0 for v in row.values())
+            assert sum(row.values()) <= step  # on_step and the batch lookup are in the step, in no stage
+    plain = ms.run_step_bench(cands, adapter, repeats=5, warmup=0, steps_per_round=1, log=lambda m: None)
+    assert plain.stage_times == {}
+
+
 def test_step_bench_rejects_bad_settings():
     cands, adapter = ms.build_step_candidates("lm", "tiny", ["smoe"], None)
     with pytest.raises(ValueError, match="repeats"):

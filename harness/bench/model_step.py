@@ -23,7 +23,6 @@ How the numbers are made (the rules of :mod:`harness.bench`):
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +35,8 @@ from ..spec import RunSpec, load_suite
 from ..suites import get_adapter
 from ..training import distributed
 from ..training.device import pick_device
-from ..training.loop import autocast_for, lr_lambda, make_optimizer, seed_everything, train_step
-from .timing import Log, Stat, check_repeats, gc_paused, load_note, loadavg, log_stderr, paired
+from ..training.loop import STEP_STAGES, autocast_for, make_optimizer, make_scheduler, seed_everything, train_step
+from .timing import Clock, Log, PhaseClock, Stat, check_repeats, gc_paused, load_note, loadavg, log_stderr, paired
 
 
 @dataclass
@@ -57,6 +56,8 @@ class StepBench:
     device: str
     steps_per_round: int
     times: dict[str, list[float]] = field(default_factory=dict)   # seconds per step, one value per round
+    # with ``stages=True``: per round, seconds per step in each of train_step's stages (STEP_STAGES)
+    stage_times: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     stats: dict[str, dict[str, Stat]] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
     tokens_per_step: int = 0
@@ -68,34 +69,29 @@ def build_step_candidates(suite: str = "lm", preset: str | None = "default", rou
                           impls: list[str] | None = None, overrides: list[str] | None = None,
                           device: str = "cpu") -> tuple[list[StepCandidate], Any]:
     """One candidate per router of the preset (seed: the preset's first), plus ``router:kernel`` rows for
-    every kernel in ``impls`` other than the default; ``dense`` and ``smoe`` are always included."""
+    every kernel in ``impls`` other than the default; ``dense`` and ``smoe`` are always included.
+    Rows are router by router, each router's kernels in the order given."""
     spec = load_suite(suite, preset, overrides=overrides, routers=routers)
     names = list(dict.fromkeys(["dense", "smoe", *spec.routers]))
-    spec = load_suite(suite, preset, overrides=overrides, routers=names, seeds=spec.seeds[:1])
+    kernels = list(dict.fromkeys([DEFAULT_IMPL, *(check_impl(i) for i in impls or ())]))
     adapter = get_adapter(spec.suite)
-    dev = torch.device(device)
+    dev, dctx = torch.device(device), distributed.current()
     cands = []
-    for run in spec.runs():
-        kernels = [DEFAULT_IMPL] + [check_impl(i) for i in impls or () if i != DEFAULT_IMPL]
-        for impl in kernels if run.router != "dense" else [DEFAULT_IMPL]:
-            r = run if impl == DEFAULT_IMPL else _with_impl(suite, preset, overrides, run.router, run.seed, impl)
+    for impl in kernels:  # one spec per kernel; the dense FFN has no expert kernel
+        extra = [] if impl == DEFAULT_IMPL else [f"model.experts_impl={impl}"]
+        on = names if impl == DEFAULT_IMPL else [n for n in names if n != "dense"]
+        for r in load_suite(suite, preset, overrides=[*(overrides or []), *extra], routers=on,
+                            seeds=spec.seeds[:1]).runs():
             adapter.prepare(r)
             seed_everything(r.seed)
             model = adapter.build_model(r).to(dev)
             model.train()
             opt = make_optimizer(model, r)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(r.train.warmup_steps, r.train.steps,
-                                                                     r.train.min_lr_ratio))
             label = r.router if impl == DEFAULT_IMPL else f"{r.router}:{impl}"
-            cands.append(StepCandidate(label, r, model, opt, sched, sum(p.numel() for p in model.parameters())))
+            cands.append(StepCandidate(label, r, model, opt, make_scheduler(opt, r),
+                                       distributed.count_parameters(model, dctx)))
+    cands.sort(key=lambda c: (names.index(c.run.router), kernels.index(c.run.model.experts_impl)))
     return cands, adapter
-
-
-def _with_impl(suite: str, preset: str | None, overrides: list[str] | None, router: str, seed: int,
-               impl: str) -> RunSpec:
-    spec = load_suite(suite, preset, overrides=[*(overrides or []), f"model.experts_impl={impl}"],
-                      routers=[router], seeds=[seed])
-    return spec.runs()[0]
 
 
 def timed_steps(total_steps: int, n: int) -> list[int]:
@@ -104,8 +100,12 @@ def timed_steps(total_steps: int, n: int) -> list[int]:
 
 
 def run_step_bench(cands: list[StepCandidate], adapter: Any, repeats: int = 7, warmup: int = 2,
-                   steps_per_round: int = 5, device: str = "cpu", log: Log = log_stderr) -> StepBench:
-    """Interleaved rounds of ``steps_per_round`` real optimiser steps per candidate (module docstring)."""
+                   steps_per_round: int = 5, device: str = "cpu", log: Log = log_stderr,
+                   stages: bool = False) -> StepBench:
+    """Interleaved rounds of ``steps_per_round`` real optimiser steps per candidate (module docstring).
+
+    ``stages``: also read the clock where ``train_step`` marks its stages (``b.stage_times``; on CUDA
+    each read synchronises, which slows the step it measures, so it is off by default)."""
     check_repeats(repeats, warmup)
     if steps_per_round < 1:
         raise ValueError(f"bench: steps per round must be >= 1, got {steps_per_round}")
@@ -115,6 +115,7 @@ def run_step_bench(cands: list[StepCandidate], adapter: Any, repeats: int = 7, w
     if first.train.threads:
         torch.set_num_threads(first.train.threads)
     dev = torch.device(device)
+    clock = Clock(dev)
     dctx = distributed.current()
     total = first.train.steps
     schedule = timed_steps(total, (warmup + repeats) * steps_per_round)
@@ -122,6 +123,7 @@ def run_step_bench(cands: list[StepCandidate], adapter: Any, repeats: int = 7, w
     b = StepBench(first.suite, first.suite_spec.preset, device, steps_per_round,
                   times={c.label: [] for c in cands}, params={c.label: c.params for c in cands},
                   tokens_per_step=adapter.items(batches[schedule[0]][0]), threads=torch.get_num_threads())
+    b.stage_times = {c.label: [] for c in cands} if stages else {}
     load0 = loadavg()
     with gc_paused():
         for r in range(warmup + repeats):
@@ -129,17 +131,20 @@ def run_step_bench(cands: list[StepCandidate], adapter: Any, repeats: int = 7, w
             k = r % len(cands)
             for c in cands[k:] + cands[:k]:
                 amp = autocast_for(dev, c.run.train.dtype)
-                t0 = time.perf_counter()
+                ph = PhaseClock(clock, STEP_STAGES) if stages else None
+                t0 = clock.now()
                 for s in steps:
                     c.model.on_step(s, total)
                     inputs, targets = batches[s]
+                    if ph is not None:
+                        ph.mark(None)  # on_step is not one of the stages
                     train_step(c.model, c.model, adapter, c.opt, c.sched, inputs, targets, s, total,
-                               c.run.train.grad_clip, amp, dctx)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                dt = (time.perf_counter() - t0) / len(steps)
+                               c.run.train.grad_clip, amp, dctx, mark=ph.mark if ph is not None else None)
+                dt = (clock.now() - t0) / len(steps)
                 if r >= warmup:
                     b.times[c.label].append(dt)
+                    if ph is not None:
+                        b.stage_times[c.label].append({st: v / len(steps) for st, v in ph.times.items()})
             log(f"bench step: round {r + 1}/{warmup + repeats}")
     b.load = (load0, loadavg())
     summarise_step_bench(b)

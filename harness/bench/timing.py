@@ -37,16 +37,21 @@ class Clock:
 
 
 class PhaseClock:
-    """Attributes the time since the previous mark to a phase; phases sum exactly to ``total``."""
+    """Attributes the time since the previous mark to a phase; phases sum exactly to ``total``.
 
-    def __init__(self, clock: Clock) -> None:
+    ``phases``: the names (default the layer's :data:`PHASES`). ``mark(None)`` drops the time since the
+    previous mark from every phase (the training-step bench leaves ``on_step`` out of the stages); a
+    clock marked only with names keeps the sum exact."""
+
+    def __init__(self, clock: Clock, phases: Sequence[str] = PHASES) -> None:
         self.clock = clock
-        self.times = dict.fromkeys(PHASES, 0.0)
+        self.times = dict.fromkeys(phases, 0.0)
         self.start = self._last = clock.now()
 
-    def mark(self, phase: str) -> None:
+    def mark(self, phase: str | None) -> None:
         now = self.clock.now()
-        self.times[phase] += now - self._last
+        if phase is not None:
+            self.times[phase] += now - self._last
         self._last = now
 
     def move(self, src: str, dst: str, seconds: float) -> None:

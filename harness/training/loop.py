@@ -101,6 +101,12 @@ def make_optimizer(model: nn.Module, run: RunSpec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
 
+def make_scheduler(opt: torch.optim.Optimizer, run: RunSpec) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's learning-rate schedule (:func:`lr_lambda`), stepped once per optimiser step."""
+    t = run.train
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
+
+
 # -- the loop -----------------------------------------------------------------------------
 
 def autocast_for(device: torch.device, dtype: str) -> Any:
@@ -210,7 +216,7 @@ def train_run(
     # the module to call for training: DDP (with experts sharded under model.expert_parallel) or the model
     train_model = distributed.wrap_model(model, run, dctx, device)
     opt = make_optimizer(model, run)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
+    sched = make_scheduler(opt, run)
     health = HealthTracker()
     if state:
         model.load_state_dict(state["model"])
