@@ -94,7 +94,10 @@ class TrainSpec:
     beta2: float = 0.95
     grad_clip: float = 1.0
     eval_every: int = 50
-    eval_batches: int = 8            # batches per validation pass (test pass uses the same cap)
+    eval_batches: int = 8            # batches per periodic validation pass (a progress curve, not a verdict)
+    # batches of the final test pass; None = the whole split (every real preset). Only the CI-sized `tiny`
+    # presets cap it: their runs test plumbing, and a whole-split pass was most of a tiny run's time.
+    final_eval_batches: int | None = field(default=None, metadata=HASHED_UNLESS_DEFAULT)
     ckpt_every: int = 50
     device: str = "auto"             # auto | cpu | cuda
     dtype: str = "float32"           # float32 | bfloat16 (autocast)
@@ -285,6 +288,7 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
         ("train.beta1", t.beta1, 0.0, 0.999999, False), ("train.beta2", t.beta2, 0.0, 0.999999, False),
         ("train.grad_clip", t.grad_clip, 0.0, None, False), ("train.eval_every", t.eval_every, 1, None, False),
         ("train.eval_batches", t.eval_batches, 1, None, False), ("train.ckpt_every", t.ckpt_every, 1, None, False),
+        ("train.final_eval_batches", t.final_eval_batches, 1, None, False),
         ("train.threads", t.threads, 1, None, False), ("data.workers", d.workers, 0, None, False),
         ("eval.limit", e.limit, 1, None, False), ("eval.batch_size", e.batch_size, 1, None, False),
     ):

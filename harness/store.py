@@ -97,6 +97,15 @@ class UnknownRun(StoreError):
     """No run (or more than one) answers to a run id or prefix."""
 
 
+def is_interrupt(exc: BaseException) -> bool:
+    """A Ctrl-C or SIGTERM that landed inside a DuckDB call: DuckDB swallows the KeyboardInterrupt and raises its
+    own error (InterruptException, or RuntimeError('Query interrupted') from a fetch), which a caller would
+    otherwise record as a failed run instead of an interrupted, resumable one."""
+    if isinstance(exc, duckdb.InterruptException):
+        return True
+    return isinstance(exc, RuntimeError) and "interrupted" in str(exc).lower()
+
+
 def is_lock_error(exc: Exception) -> bool:
     msg = str(exc).lower()
     return "lock" in msg or "conflicting" in msg or "being used" in msg
@@ -163,8 +172,11 @@ class Store:
             try:
                 yield con
                 con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
+            except BaseException as exc:
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
+                if is_interrupt(exc):
+                    raise KeyboardInterrupt(f"interrupted during a write to {self.path}") from exc
                 raise
         finally:
             con.close()

@@ -19,6 +19,9 @@ from harness import bench as P
 from harness.routing.registry import router_names
 from harness.store import Store
 
+# one worker runs this module: its module-scoped fixtures are built once (Makefile: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_bench")
+
 
 def _query(path, sql):
     # duckdb directly (Store.query relies on DuckDBPyConnection.pl(), absent in duckdb 2.x)

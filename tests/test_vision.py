@@ -16,6 +16,9 @@ from harness.routing.registry import router_names
 from harness.spec import SpecError, load_suite
 from harness.suites.vision import VisionSuite, sample_indices
 
+# one worker runs this module: its module-scoped fixtures are built once (Makefile: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_vision")
+
 CLASSES = ["n01440764", "n01443537", "n01484850"]
 CPU = torch.device("cpu")
 

@@ -39,7 +39,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, delivered like Ctrl-C so the running run is recorded ``interrupted`` before exit."""
 
 
+_SIGTERM_SEEN = threading.Event()  # a SIGTERM that DuckDB swallowed still exits 143 (harness.store.is_interrupt)
+
+
 def _on_sigterm(signum, frame):  # noqa: ANN001
+    _SIGTERM_SEEN.set()
     raise Terminated()
 
 
@@ -79,12 +83,19 @@ def store_arg(p: argparse.ArgumentParser) -> None:
 
 # -- parser ---------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given the command line, only its sub-command's module is imported.
+
+    The sub-command modules pull in what their commands need (scipy.stats for claims and regress: ~1 s),
+    and every ``harness run`` (each --jobs worker's parent, each test subprocess) would pay for all of them.
+    ``harness --help``, an option first or an unknown command get every sub-command, so the usage lists them.
+    """
     p = HarnessParser(prog="harness", description="Benchmark harness for MoE routing strategies")
     sub = p.add_subparsers(dest="cmd", required=True)
-
+    named = argv[0] if argv and argv[0] in COMMANDS else None
     for name in COMMANDS:
-        importlib.import_module(f"{__name__}.{name}").register(sub, store_arg)
+        if named in (None, name):
+            importlib.import_module(f"{__name__}.{name}").register(sub, store_arg)
     _harden(sub)
     return p
 
@@ -97,20 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if threading.current_thread() is threading.main_thread():
             prev_term = signal.signal(signal.SIGTERM, _on_sigterm)
+            _SIGTERM_SEEN.clear()
     except (ValueError, OSError):  # pragma: no cover - not the main thread of the main interpreter
         prev_term = None
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
         args.argv = argv  # `harness run --nproc N` re-launches exactly this command line through torchrun
         return int(args.fn(args) or 0)
     except UserError as exc:
         _error_line(str(exc))
         return EXIT_USAGE
-    except Terminated:
-        print("harness: terminated (SIGTERM); unfinished runs are recorded as interrupted: "
-              "`harness run ... --resume` continues them", file=sys.stderr)
-        return EXIT_SIGTERM
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated) or _SIGTERM_SEEN.is_set():
+            print("harness: terminated (SIGTERM); unfinished runs are recorded as interrupted: "
+                  "`harness run ... --resume` continues them", file=sys.stderr)
+            return EXIT_SIGTERM
         print("harness: interrupted; unfinished runs can be continued with --resume", file=sys.stderr)
         return EXIT_SIGINT
     except OSError as exc:  # the environment (disk full, read-only, permissions): say which file, not a traceback

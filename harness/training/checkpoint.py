@@ -9,10 +9,13 @@ rename), so a full disk or a kill leaves the previous file intact.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -50,8 +53,41 @@ def run_key_of(run_id: str) -> str:
     return run_id.rsplit("-", 1)[0]
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM until the block ends, then deliver them to the handlers that were in place.
+
+    A KeyboardInterrupt raised inside torch.save leaves its zip writer half-written, and the writer's cleanup
+    then raises a RuntimeError ("unexpected pos ...") that hides the interrupt: the run was recorded failed
+    instead of interrupted. A checkpoint write takes milliseconds; deferring the signal over it costs nothing.
+    (Handlers, not the signal mask: torch's threads would take a process signal the main thread blocks.)
+    An ignored SIGINT (nohup, a background job) stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be changed, and only run, in the main thread
+        return
+    pending: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+            previous[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)  # now handled as it would have been (KeyboardInterrupt, Terminated, ...)
+
+
 def atomic_save(path: Path, obj: Any, what: str) -> None:
-    """torch.save to ``path.tmp``, fsync, rename over ``path``; a failed write leaves ``path`` as it was."""
+    """torch.save to ``path.tmp``, fsync, rename over ``path``; a failed write leaves ``path`` as it was.
+    Ctrl-C / SIGTERM wait until the write is done (:func:`signals_deferred`)."""
+    with signals_deferred():
+        _atomic_save(path, obj, what)
+
+
+def _atomic_save(path: Path, obj: Any, what: str) -> None:
     tmp = path.with_suffix(".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -321,7 +321,7 @@ def train_run(
         if last_val is None:  # resumed after the final validation pass was checkpointed: redo it
             last_val = evaluate("val", step, t.eval_batches)
         final_metrics.update(last_val)
-        final_metrics.update(evaluate("test", step, None))
+        final_metrics.update(evaluate("test", step, t.final_eval_batches))
         # tokens of all ranks over the slowest rank's time; the largest rank's memory
         (items,) = dctx.sum(items)
         train_time, peak_mb = dctx.max(train_time, peak_memory_mb(device))
