@@ -94,6 +94,10 @@ class SMoERouter(Router):
         "gshard": {"second_expert": "gumbel"},       # fairseq/torchscale/DeepSpeed top2gating default
         "megatron": {"balance_fraction": "slots"},   # Megatron-Core switch_load_balancing_loss_func
         "mixtral": {"balance_fraction": "k_slots"},  # HF MixtralSparseMoeBlock load_balancing_loss_func
+        # SMoE itself under another name: the A/A control of docs/benchmark.md. Its router draws its initial
+        # weights from its own stream (keyed by the name: harness.layers.streams), everything else is smoe's,
+        # so smoe vs smoe@aa measures how often the procedure calls a non-difference significant.
+        "aa": {},
     }
 
     def __init__(

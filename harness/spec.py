@@ -95,8 +95,9 @@ class TrainSpec:
     grad_clip: float = 1.0
     eval_every: int = 50
     eval_batches: int = 8            # batches per periodic validation pass (a progress curve, not a verdict)
-    # batches of the final test pass; None = the whole split (every real preset). Only the CI-sized `tiny`
-    # presets cap it: their runs test plumbing, and a whole-split pass was most of a tiny run's time.
+    # batches of the final validation and test passes, whose val_bpb / val_top1 every verdict rests on;
+    # None = the whole split (every real preset). Only the CI-sized `tiny` presets cap it: their runs test
+    # plumbing, and a whole-split pass was most of a tiny run's time.
     final_eval_batches: int | None = field(default=None, metadata=HASHED_UNLESS_DEFAULT)
     ckpt_every: int = 50
     device: str = "auto"             # auto | cpu | cuda

@@ -4,12 +4,16 @@ The shipped table (``tasks/claims/papers.yaml``) lists each paper's directional 
 beats SMoE", ...) with its setting and figure. :func:`claims_table` judges each claim on stored runs:
 the suite's primary metric (lm ``val_bpb``, lower is better; vision ``val_top1``, higher is better)
 over *distinct* seeds (one finished run per spec hash and seed, the latest:
-:func:`leaderboard.stats.distinct_seeds`), Welch's unequal-variance t-test (scipy) at alpha = 0.05:
+:func:`leaderboard.stats.distinct_seeds`), compared as :func:`leaderboard.verdicts.judge` does: the paired
+t-test over the seeds both ran where the runs are a controlled experiment (same spec outside the router), else
+Welch's unequal-variance t-test; the p-values Holm-adjusted over all the claims the table judges, and the label
+decided on the adjusted p at alpha = 0.05:
 
-* ``holds (p=…)``: the router is significantly better than the baseline;
-* ``reversed (p=…)``: significantly worse;
-* ``within noise (p=…, n=…)``: no significant difference with these many seeds;
-* ``n<2``: either side has fewer than two seeds (no test).
+* ``holds (paired p=…, Holm p=…)``: the router is significantly better than the baseline;
+* ``reversed (Welch p=…, Holm p=…)``: significantly worse;
+* ``within noise (paired p=…, Holm p=…, n=…)``: no significant difference with these many seeds; the row's
+  ``resolution`` says which effects the test could not have seen and how many seeds 0.01 would need;
+* ``n<2``: no test (fewer than two seeds on a side, or two pairs when pairing).
 
 The page and the command call this one function, so they always agree.
 """
@@ -24,9 +28,10 @@ import polars as pl
 import yaml
 
 from harness.spec import SpecError
-from leaderboard.formatting import fmt_ci, fmt_p
-from leaderboard.stats import ALPHA, finite, distinct_seeds, mean_ci, welch
+from leaderboard.formatting import fmt_ci, fmt_p, kind_name
+from leaderboard.stats import ALPHA, finite, mean_ci
 from leaderboard.suites import SuiteMeta
+from leaderboard.verdicts import TARGET_EFFECT, Sample, Verdict, judge, resolution, samples
 
 CLAIM_KEYS = ("id", "router", "baseline", "claim", "paper", "arxiv", "setting", "figure")
 
@@ -75,28 +80,39 @@ def load_claims(path: str | Path | None = None) -> list[Claim]:
 
 # -- the verdict ------------------------------------------------------------------------------------
 
+CLAIM_LABELS = {"better": "holds", "worse": "reversed", "within noise": "within noise", "n<2": "n<2"}
+
+
+def judged(v: Verdict) -> dict[str, Any]:
+    """A claim's verdict from its :class:`~leaderboard.verdicts.Verdict`: label ('holds' | 'reversed' |
+    'within noise' | 'n<2', decided on the Holm-adjusted p), raw and adjusted p, the test, and the text."""
+    c = v.comparison
+    label = CLAIM_LABELS[v.direction]
+    if label == "n<2":
+        text = f"n<2 (n={c.n_a} vs {c.n_b})"
+    else:
+        ps = f"{kind_name(c.kind)} {fmt_p(c.p)}, Holm {fmt_p(v.p_holm)}"
+        n = f"{c.n_a}" if c.n_a == c.n_b else f"{c.n_a} vs {c.n_b}"
+        text = f"within noise ({ps}, n={n})" if label == "within noise" else f"{label} ({ps})"
+    return {"label": label, "p": c.p, "p_holm": v.p_holm, "t": c.t, "test": c.kind, "n_router": c.n_a,
+            "n_baseline": c.n_b, "n_pairs": c.n if c.paired else None, "diff": c.diff, "diff_ci": c.diff_ci,
+            "p_wilcoxon": c.p_wilcoxon, "mde": c.mde, "n_needed": c.n_for(TARGET_EFFECT), "note": v.note,
+            "verdict": text}
+
+
 def verdict(router_vals: list[float], base_vals: list[float], higher_better: bool,
             alpha: float = ALPHA) -> dict[str, Any]:
-    """label ('holds' | 'reversed' | 'within noise' | 'n<2'), p, t, the two n and the display text."""
+    """One claim alone on two unpaired samples (Welch; a family of one, so Holm p = p): :func:`judged`'s dict."""
     a, b = finite(router_vals), finite(base_vals)
-    res = welch(a, b)
-    if res is None:
-        return {"label": "n<2", "p": None, "t": None, "n_router": len(a), "n_baseline": len(b),
-                "verdict": f"n<2 (n={len(a)} vs {len(b)})"}
-    t, p = res
-    if p < alpha:
-        label = "holds" if (t > 0) == higher_better else "reversed"
-        text = f"{label} ({fmt_p(p)})"
-    else:
-        label = "within noise"
-        n = f"{len(a)}" if len(a) == len(b) else f"{len(a)} vs {len(b)}"
-        text = f"within noise ({fmt_p(p)}, n={n})"
-    return {"label": label, "p": p, "t": t, "n_router": len(a), "n_baseline": len(b), "verdict": text}
+    v = judge([(Sample(dict(enumerate(a))), Sample(dict(enumerate(b))))], higher_better, alpha)[0]
+    return judged(v)
 
 
 CLAIMS_SCHEMA = {
     "claim": pl.Utf8, "router": pl.Utf8, "baseline": pl.Utf8, "verdict": pl.Utf8, "label": pl.Utf8,
-    "p": pl.Float64, "n_router": pl.Int64, "n_baseline": pl.Int64,
+    "p": pl.Float64, "p_holm": pl.Float64, "test": pl.Utf8, "n_router": pl.Int64, "n_baseline": pl.Int64,
+    "n_pairs": pl.Int64, "diff": pl.Float64, "diff_ci": pl.Float64, "p_wilcoxon": pl.Float64, "mde": pl.Float64,
+    "n_needed": pl.Int64, "note": pl.Utf8, "resolution": pl.Utf8,
     "router_mean": pl.Float64, "router_ci": pl.Float64, "baseline_mean": pl.Float64, "baseline_ci": pl.Float64,
     "paper": pl.Utf8, "arxiv": pl.Utf8, "setting": pl.Utf8, "figure": pl.Utf8, "id": pl.Utf8,
 }
@@ -105,25 +121,22 @@ CLAIMS_SCHEMA = {
 def claims_table(runs: pl.DataFrame, metrics: pl.DataFrame, meta: SuiteMeta, claims: list[Claim] | None = None,
                  alpha: float = ALPHA) -> pl.DataFrame:
     """One row per claim: the harness' verdict on ``runs`` (the filtered runs of ONE suite and preset);
-    ``meta`` says which metric and which direction."""
+    ``meta`` says which metric and which direction. The claims judged form one Holm family."""
     claims = load_claims() if claims is None else claims
-    runs, _ = distinct_seeds(runs)
-    fin = runs.filter(pl.col("status") == "finished").select("run_id", "router")
-    vals = metrics.filter(pl.col("name") == meta.quality).join(fin, on="run_id") \
-        .group_by("run_id", "router").agg(pl.col("value").last())
-    by_router: dict[str, list[float]] = {}
-    for router, v in vals.select("router", "value").iter_rows():
-        by_router.setdefault(router, []).append(v)
+    by = samples(runs, metrics, meta.quality)
+    none = Sample({})
+    verdicts = judge([(by.get(c.router, none), by.get(c.baseline, none)) for c in claims], meta.higher_better, alpha)
     rows = []
-    for c in claims:
-        a, b = by_router.get(c.router, []), by_router.get(c.baseline, [])
-        v = verdict(a, b, meta.higher_better, alpha)
-        ra, rb = mean_ci(a), mean_ci(b)
-        rows.append({"claim": c.claim, "router": c.router, "baseline": c.baseline, "verdict": v["verdict"],
-                     "label": v["label"], "p": v["p"], "n_router": v["n_router"], "n_baseline": v["n_baseline"],
+    for c, v in zip(claims, verdicts):
+        ra = mean_ci(by.get(c.router, none).values.values())
+        rb = mean_ci(by.get(c.baseline, none).values.values())
+        res = resolution(v.comparison, meta, "within noise" if v.direction == "within noise" else "")
+        rows.append({"claim": c.claim, "router": c.router, "baseline": c.baseline, **judged(v), "resolution": res,
                      "router_mean": ra[0], "router_ci": ra[1], "baseline_mean": rb[0], "baseline_ci": rb[1],
                      "paper": c.paper, "arxiv": c.arxiv, "setting": c.setting, "figure": c.figure, "id": c.id})
-    return pl.DataFrame(rows, schema=CLAIMS_SCHEMA) if rows else pl.DataFrame(schema=CLAIMS_SCHEMA)
+    if not rows:
+        return pl.DataFrame(schema=CLAIMS_SCHEMA)
+    return pl.DataFrame([{k: r[k] for k in CLAIMS_SCHEMA} for r in rows], schema=CLAIMS_SCHEMA)
 
 
 def fmt_side(router: str, mean: float | None, ci: float | None, n: int, meta: SuiteMeta,

@@ -58,16 +58,55 @@ def fmt_p(p: float | None) -> str:
     return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
-def sig_text(label: str, p: float | None) -> str:
-    """The overview's *vs SMoE* cell: ``▲ better (p=0.004)``, ``≈ within noise (p=0.31)``, ``— baseline``."""
+def _p_short(p: float | None) -> str:
+    """The overview's p: two decimals, three below 0.1 (0.049 must not read 0.05), ``<0.001`` below that."""
+    if p is None:
+        return ""
+    return "<0.001" if p < 0.001 else f"{p:.3f}" if p < 0.1 else f"{p:.2f}"
+
+
+def sig_text(label: str, p: float | None, p_holm: float | None = None, test: str | None = None) -> str:
+    """The overview's *vs SMoE* cell: ``▲ better (paired p=0.004, Holm p=0.012)``, ``≈ within noise (p=0.31)``,
+    ``— baseline``. The label is decided on the Holm-adjusted p, so both are shown."""
     if label == "baseline":
         return "— baseline"
     if label in ("n<2", "no SMoE"):
         return label
-    pp = "p<0.001" if p is not None and p < 0.001 else f"p={p:.3f}" if p is not None and p < 0.01 else \
-        f"p={p:.2f}" if p is not None else ""
     glyph = {"better": "▲ better", "worse": "▼ worse", "within noise": "≈ within noise"}.get(label, label)
-    return f"{glyph} ({pp})" if pp else glyph
+    if p is None:
+        return glyph
+    raw = f"{kind_name(test) + ' ' if test else ''}p{'' if p < 0.001 else '='}{_p_short(p)}"
+    adj = f", Holm p{'' if p_holm < 0.001 else '='}{_p_short(p_holm)}" if p_holm is not None else ""
+    return f"{glyph} ({raw}{adj})"
+
+
+def kind_name(kind: str | None) -> str:
+    """A :class:`leaderboard.stats.Comparison` kind as prose: ``paired``, ``Welch``, ``n<2``."""
+    return {"welch": "Welch"}.get(kind or "", kind or "")
+
+
+def fmt_diff(diff: float | None, ci: float | None, digits: int | None = None) -> str:
+    """A signed difference with its 95% CI half-width: ``-0.052 ± 0.010`` (``+0.3`` without a CI)."""
+    if diff is None or not math.isfinite(diff):
+        return "—"
+    d = decimals_for(ci, diff) if digits is None else digits
+    return f"{diff:+.{d}f}" + (f" ± {ci:.{d}f}" if ci is not None and math.isfinite(ci) else "")
+
+
+def fmt_resolution(mde: float | None, n: int, unit: str = "", target: float | None = None,
+                   n_target: int | None = None, cap: int | None = None, label: str = "") -> str:
+    """What a comparison could have detected: ``within noise: effects under 0.041 bpb undetectable at n = 3;
+    0.01 bpb needs ≈ 30 seeds``. ``mde``: the minimum detectable effect at n; ``n_target``: seeds that
+    ``target`` would need (None with ``cap``: more than cap); "" when there is no MDE (n < 2, no spread)."""
+    if mde is None or not math.isfinite(mde):
+        return ""
+    u = f" {unit}" if unit else ""
+    out = f"effects under {mde:.{decimals_for(mde)}f}{u} undetectable at n = {n}"
+    if target is not None and n_target is not None:
+        out += f"; {target:g}{u} needs ≈ {n_target:,} seeds"
+    elif target is not None and cap is not None:
+        out += f"; {target:g}{u} needs more than {cap:,} seeds"
+    return f"{label}: {out}" if label else out
 
 
 def fmt_dt(v: Any) -> str:

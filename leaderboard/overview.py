@@ -1,4 +1,5 @@
-"""The Leaderboard tab's numbers: one row per router (mean ± CI over distinct seeds, Welch vs SMoE, throughput
+"""The Leaderboard tab's numbers: one row per router (mean ± CI over distinct seeds, the comparison with SMoE:
+paired by seed where the runs pair, else Welch, Holm-adjusted over the routers shown, with its MDE; throughput
 ratios, final routing health), the best value per column, and the same table as strings, CSV and LaTeX."""
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import math
 
 import polars as pl
 
-from leaderboard.formatting import fmt_ci, fmt_num, fmt_si, sig_text
+from leaderboard.formatting import fmt_ci, fmt_diff, fmt_num, fmt_si, kind_name, sig_text
 from leaderboard.runs import BASELINE, DENSE, router_order
-from leaderboard.stats import ALPHA, distinct_seeds, duplicate_counts, mean_ci, significance
+from leaderboard.stats import ALPHA, distinct_seeds, duplicate_counts, mean_ci
 from leaderboard.store import conform, empty
 from leaderboard.suites import SuiteMeta
+from leaderboard.verdicts import TARGET_EFFECT, Sample, Verdict, judge, resolution, samples
 
 
 def final_health(health: pl.DataFrame) -> pl.DataFrame:
@@ -60,6 +62,8 @@ OVERVIEW_SCHEMA = {
     "dead_experts": pl.Float64, "load_entropy": pl.Float64, "max_over_mean_load": pl.Float64,
     "fluctuation_last_change": pl.Float64,
     "sig_label": pl.Utf8, "p_value": pl.Float64, "significance": pl.Utf8,
+    "test": pl.Utf8, "n_pairs": pl.Int64, "p_holm": pl.Float64, "diff": pl.Float64, "diff_ci": pl.Float64,
+    "p_wilcoxon": pl.Float64, "mde": pl.Float64, "n_needed": pl.Int64, "resolution": pl.Utf8,
     "diverged": pl.Int64, "failed": pl.Int64, "running": pl.Int64, "duplicates": pl.Int64, "spec_hashes": pl.Int64,
     "seeds": pl.Utf8,
 }
@@ -70,7 +74,11 @@ def overview(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame, me
     """One row per router (finished runs only), ranked by mean quality, best first.
 
     ``runs`` is the already-filtered run table of ONE suite; diverged/failed/running runs in it are
-    only counted. ``vs_dense``/``vs_smoe`` are throughput ratios (router / reference, >1 = faster)."""
+    only counted. ``vs_dense``/``vs_smoe`` are throughput ratios (router / reference, >1 = faster).
+    ``sig_label``/``significance`` compare the quality metric with ``baseline``
+    (:func:`leaderboard.verdicts.judge`): paired by seed where the runs pair (``test``), the difference
+    router - baseline ± CI, the raw ``p_value`` and ``p_holm`` over the routers in the table (the label is
+    decided on ``p_holm``), the MDE and the seeds a :data:`~leaderboard.verdicts.TARGET_EFFECT` would need."""
     dupes = duplicate_counts(runs)
     runs, _ = distinct_seeds(runs)  # a re-run copy of a (spec, seed) is not another seed
     counts: dict[str, dict[str, int]] = {}
@@ -92,21 +100,20 @@ def overview(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame, me
 
     dense_tp = mean(vals(DENSE, meta.throughput)) if DENSE in by_router else None
     base_tp = mean(vals(baseline, meta.throughput)) if baseline in by_router else None
-    base_q = vals(baseline, meta.quality)
-    have_base = bool(base_q)
+    have_base = bool(vals(baseline, meta.quality))
+    verdicts = {}
+    if have_base:  # one family: every router the table shows against the baseline
+        by = samples(fin, metrics, meta.quality)
+        others = [r for r in by_router if r != baseline]
+        verdicts = dict(zip(others, judge([(by.get(r, Sample({})), by[baseline]) for r in others],
+                                          meta.higher_better, alpha)))
     rows = []
     for r, df in by_router.items():
         q_mean, q_ci, n = mean_ci(vals(r, meta.quality))
         t_mean, t_ci, _ = mean_ci(vals(r, meta.test))
         tp_mean, tp_ci, _ = mean_ci(vals(r, meta.throughput))
-        if r == baseline and have_base:
-            label, p = "baseline", None
-        elif not have_base:
-            label, p = "no SMoE", None
-        elif n == 0:
-            label, p = "n<2", None
-        else:
-            label, p = significance(vals(r, meta.quality), base_q, meta.higher_better, alpha)
+        v = verdicts.get(r)
+        label = "baseline" if r == baseline and have_base else "no SMoE" if v is None else v.direction
         c = counts.get(r, {})
         rows.append({
             "router": r, "n": n, "quality_mean": q_mean, "quality_ci": q_ci, "test_mean": t_mean, "test_ci": t_ci,
@@ -117,7 +124,7 @@ def overview(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame, me
             "dead_experts": mean(vals(r, "dead_experts")), "load_entropy": mean(vals(r, "load_entropy")),
             "max_over_mean_load": mean(vals(r, "max_over_mean_load")),
             "fluctuation_last_change": mean(vals(r, "fluctuation_last_change")),
-            "sig_label": label, "p_value": p, "significance": sig_text(label, p),
+            "sig_label": label, **verdict_columns(label, v, meta),
             "diverged": c.get("diverged", 0), "failed": c.get("failed", 0), "running": c.get("running", 0),
             "duplicates": dupes.get(r, 0), "spec_hashes": df["spec_hash"].n_unique() if df.height else 0,
             "seeds": ",".join(str(s) for s in sorted(df["seed"].to_list())) if df.height else "",
@@ -131,6 +138,18 @@ def overview(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame, me
         .then(pl.col("quality_mean").rank("min", descending=meta.higher_better))
         .otherwise(None).cast(pl.Int64).alias("rank"))
     return out.select(list(OVERVIEW_SCHEMA))
+
+
+def verdict_columns(label: str, v: Verdict | None, meta: SuiteMeta) -> dict[str, object]:
+    """The overview's comparison columns of one router (``v`` None: the baseline itself, or no baseline)."""
+    if v is None:
+        return {"p_value": None, "p_holm": None, "significance": sig_text(label, None), "test": None, "n_pairs": None,
+                "diff": None, "diff_ci": None, "p_wilcoxon": None, "mde": None, "n_needed": None, "resolution": ""}
+    c = v.comparison
+    return {"p_value": c.p, "p_holm": v.p_holm, "significance": sig_text(label, c.p, v.p_holm, c.kind),
+            "test": c.kind, "n_pairs": c.n if c.paired else None, "diff": c.diff, "diff_ci": c.diff_ci,
+            "p_wilcoxon": c.p_wilcoxon, "mde": c.mde, "n_needed": c.n_for(TARGET_EFFECT),
+            "resolution": resolution(c, meta, "within noise" if label == "within noise" else "")}
 
 
 BEST_DIRECTION = {  # column -> True if higher is better
@@ -157,6 +176,13 @@ def best_rows(ov: pl.DataFrame, meta: SuiteMeta) -> dict[str, list[int]]:
     return out
 
 
+def test_cell(kind: str | None, n_pairs: int | None) -> str:
+    """Which test compared the router with SMoE: ``paired, n = 3`` (pairs of seeds), ``Welch``, ``—``."""
+    if kind is None or kind == "n<2":
+        return "—"
+    return f"paired, n = {n_pairs}" if kind == "paired" else kind_name(kind)
+
+
 def display_overview(ov: pl.DataFrame, meta: SuiteMeta) -> pl.DataFrame:
     """The overview as strings, with the column headers the page shows (same row order as ``ov``)."""
     unit = meta.unit
@@ -179,6 +205,9 @@ def display_overview(ov: pl.DataFrame, meta: SuiteMeta) -> pl.DataFrame:
             "n": r["n"],
             meta.quality_header(): fmt_ci(meta.shown(r["quality_mean"]), meta.shown(r["quality_ci"]), r["n"]),
             "vs SMoE": r["significance"],
+            "Δ vs SMoE": fmt_diff(meta.shown(r["diff"]), meta.shown(r["diff_ci"])),
+            "test": test_cell(r["test"], r["n_pairs"]),
+            "resolution": r["resolution"] or "",
             meta.test_header(): fmt_ci(meta.shown(r["test_mean"]), meta.shown(r["test_ci"]), r["n"]),
             f"{unit}/s": fmt_si(r["throughput"]),
             "× dense": fmt_num(r["vs_dense"], 2, "×"),
@@ -190,7 +219,8 @@ def display_overview(ov: pl.DataFrame, meta: SuiteMeta) -> pl.DataFrame:
             "max/mean": fmt_num(r["max_over_mean_load"], 2),
             "excluded": ", ".join(notes) if notes else "",
         })
-    cols = ["#", "router", "n", meta.quality_header(), "vs SMoE", meta.test_header(),
+    cols = ["#", "router", "n", meta.quality_header(), "vs SMoE", "Δ vs SMoE", "test", "resolution",
+            meta.test_header(),
             f"{unit}/s", "× dense", "× SMoE", "peak MB", "params", "dead", "entropy", "max/mean",
             "excluded"]
     if not rows:

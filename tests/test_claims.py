@@ -1,8 +1,11 @@
-"""The papers' claims beside the harness' verdict (issue 21, part 6): ``leaderboard.claims``, ``harness claims``
-and the leaderboard's Claims tab, on a hand-written store whose Welch p-values are computed by hand.
+"""The papers' claims beside the harness' verdict (issue 21, part 6; issue 27): ``leaderboard.claims``,
+``harness claims``, ``harness compare`` and the leaderboard's Claims tab, on hand-written stores whose p-values
+are computed by hand.
 
-With two seeds a side and equal sample variances Welch's t-test has exactly 2 degrees of freedom,
-where Student's t has a closed form: two-sided p = 1 - |t| / sqrt(2 + t^2).
+With two seeds a side and equal sample variances Welch's t-test has exactly 2 degrees of freedom, and so has
+the paired t-test on three pairs: there Student's t has a closed form, two-sided p = 1 - |t| / sqrt(2 + t^2).
+The first store's runs carry no config (they cannot pair: Welch); the second's are one suite launched
+together (paired by seed), except StableMoE, whose resolved model differs (Welch).
 """
 from __future__ import annotations
 
@@ -12,13 +15,15 @@ from datetime import datetime, timedelta
 
 import polars as pl
 import pytest
+from scipy import stats
 
 from harness.cli import main
 from harness.store import Store
 from leaderboard.claims import Claim, ClaimsError, claims_table, load_claims, verdict
-from leaderboard.stats import distinct_seeds, mean_ci
+from leaderboard.stats import compare, distinct_seeds, mde, mean_ci, n_needed
 from leaderboard.store import load_metrics, load_runs
 from leaderboard.suites import SUITES
+from leaderboard.verdicts import CompareError, compare_table, pairs_with, samples
 
 T0 = datetime(2026, 1, 1, 12)
 # router -> val_bpb of seeds 0, 1 (lm: lower is better); smoe is every claim's baseline
@@ -38,20 +43,23 @@ P_MOGE = p_df2(0.05 / math.sqrt(0.005))  # means 0.05 apart: 0.5527864...
 
 def test_hand_computed_p_values_are_what_the_verdict_uses():
     assert P_ONE == pytest.approx(0.0049628, abs=1e-7) and P_MOGE == pytest.approx(0.5527864, abs=1e-7)
-    v = verdict([1.0, 1.1], [2.0, 2.1], higher_better=False)
-    assert v["label"] == "holds" and v["p"] == pytest.approx(P_ONE, rel=1e-9)
-    assert v["verdict"] == "holds (p=0.005)"
+    v = verdict([1.0, 1.1], [2.0, 2.1], higher_better=False)  # one claim alone: Welch, Holm p = p
+    assert v["label"] == "holds" and v["p"] == pytest.approx(P_ONE, rel=1e-9) and v["p_holm"] == v["p"]
+    assert v["verdict"] == "holds (Welch p=0.005, Holm p=0.005)" and v["test"] == "welch"
+    assert v["diff"] == pytest.approx(-1.0) and v["n_pairs"] is None
     v = verdict([1.0, 1.1], [2.0, 2.1], higher_better=True)  # vision top-1: the lower one lost
-    assert v["label"] == "reversed" and v["verdict"] == "reversed (p=0.005)"
+    assert v["label"] == "reversed" and v["verdict"] == "reversed (Welch p=0.005, Holm p=0.005)"
     v = verdict([2.05, 2.15], [2.0, 2.1], higher_better=False)
     assert v["label"] == "within noise" and v["p"] == pytest.approx(P_MOGE, rel=1e-9)
-    assert v["verdict"] == "within noise (p=0.553, n=2)"
-    assert verdict([1.0], [2.0, 2.1], False) == {"label": "n<2", "p": None, "t": None, "n_router": 1,
-                                                 "n_baseline": 2, "verdict": "n<2 (n=1 vs 2)"}
+    assert v["verdict"] == "within noise (Welch p=0.553, Holm p=0.553, n=2)"
+    v = verdict([1.0], [2.0, 2.1], False)
+    assert {k: v[k] for k in ("label", "p", "p_holm", "t", "test", "n_router", "n_baseline", "verdict")} == \
+        {"label": "n<2", "p": None, "p_holm": None, "t": None, "test": "n<2", "n_router": 1, "n_baseline": 2,
+         "verdict": "n<2 (n=1 vs 2)"}
     assert verdict([], [], True)["verdict"] == "n<2 (n=0 vs 0)"
     assert verdict([1.0, 1.1, 1.05], [2.0, 2.1], False)["n_router"] == 3
     assert "n=3 vs 2" in verdict([2.0, 2.1, 2.05], [2.0, 2.1], False)["verdict"]
-    assert verdict([1.0, 1.0], [1.0, 1.0], False)["verdict"] == "within noise (p=1.000, n=2)"
+    assert verdict([1.0, 1.0], [1.0, 1.0], False)["verdict"] == "within noise (Welch p=1.000, Holm p=1.000, n=2)"
 
 
 def test_shipped_claims_table():
@@ -84,8 +92,10 @@ def test_bad_claims_file_is_one_line_error(tmp_path, capsys):
     assert err.startswith("harness: error:") and "\n" not in err
 
 
-def _store(path, suite: str = "lm", values: dict[str, list[float]] = VALUES, duplicate: bool = True):
-    """A store with finished runs of the given values (no training); metric = the suite's primary."""
+def _store(path, suite: str = "lm", values: dict[str, list[float]] = VALUES, duplicate: bool = True,
+           config=lambda router, seed: {}):
+    """A store with finished runs of the given values (no training); metric = the suite's primary;
+    ``config(router, seed)``: the resolved spec stored with each run (default none: such runs never pair)."""
     store = Store(path)
     metric = SUITES[suite].quality
     i = 0
@@ -97,7 +107,8 @@ def _store(path, suite: str = "lm", values: dict[str, list[float]] = VALUES, dup
         rid = f"{suite}-{router}-s{seed}-{i}"
         store.start_run({"run_id": rid, "suite": suite, "router": router, "spec_hash": f"h-{router}", "seed": seed,
                          "preset": "default", "status": "running", "step": 0, "total_steps": 10,
-                         "started_at": T0 + timedelta(minutes=i), "config": json.dumps({}), "versions": "{}"})
+                         "started_at": T0 + timedelta(minutes=i), "config": json.dumps(config(router, seed)),
+                         "versions": "{}"})
         store.finish_run(rid, "finished", 10, metrics=[{"name": metric, "value": v, "split": "val"},
                                                          {"name": metric.replace("val_", "test_"), "value": v}])
     return path
@@ -108,11 +119,17 @@ def test_claims_table_on_stored_runs(tmp_path):
     runs, metrics = load_runs(path), load_metrics(path)
     assert distinct_seeds(runs)[1] == 1
     t = {r["router"]: r for r in claims_table(runs, metrics, SUITES["lm"]).iter_rows(named=True)}
-    assert t["competesmoe"]["verdict"] == "holds (p=0.005)" and t["competesmoe"]["n_router"] == 2
+    # three claims tested (competesmoe, xmoe, moge): Holm multiplies the smallest p by 3
+    assert t["competesmoe"]["verdict"] == "holds (Welch p=0.005, Holm p=0.015)" and t["competesmoe"]["n_router"] == 2
     assert t["competesmoe"]["p"] == pytest.approx(P_ONE, rel=1e-9)  # the duplicate seed 0 is not a third sample
-    assert t["xmoe"]["verdict"] == "reversed (p=0.005)"
-    assert t["moge"]["verdict"] == "within noise (p=0.553, n=2)"
+    assert t["competesmoe"]["p_holm"] == pytest.approx(3 * P_ONE, rel=1e-9)
+    assert t["competesmoe"]["test"] == "welch" and t["competesmoe"]["note"] == "run configs unknown or mixed"
+    assert t["xmoe"]["verdict"] == "reversed (Welch p=0.005, Holm p=0.015)"
+    assert t["xmoe"]["p_holm"] == pytest.approx(3 * P_ONE, rel=1e-9)  # tied with competesmoe: 2p, made monotone
+    assert t["moge"]["verdict"] == "within noise (Welch p=0.553, Holm p=0.553, n=2)"
+    assert t["moge"]["resolution"].startswith("within noise: effects under ") and "n = 2" in t["moge"]["resolution"]
     assert t["stablemoe"]["verdict"] == "n<2 (n=1 vs 2)" and t["stablemoe"]["p"] is None
+    assert t["stablemoe"]["p_holm"] is None and t["stablemoe"]["resolution"] == ""
     assert t["competesmoe"]["router_mean"] == pytest.approx(1.05)
     assert t["competesmoe"]["baseline_ci"] == pytest.approx(mean_ci([2.0, 2.1])[1])
     # the same claims on a vision store: top-1 is higher-is-better, so the directions flip
@@ -131,11 +148,14 @@ def test_harness_claims_prints_each_verdict(tmp_path, capsys):
     assert main(["claims", "--store", str(path)]) == 0
     out = capsys.readouterr().out
     assert "suite lm, preset default, 9 distinct finished runs (1 duplicate set aside)" in out
-    assert "val_bpb (lower is better)" in out
+    assert "val_bpb (lower is better)" in out and "Holm-adjusted over the 3 claims tested" in out
     lines = out.splitlines()
-    assert "CompeteSMoE beats SMoE: holds (p=0.005)" in lines
-    assert "X-MoE beats SMoE: reversed (p=0.005)" in lines
-    assert "MoGE beats MoE (SMoE): within noise (p=0.553, n=2)" in lines
+    assert "CompeteSMoE beats SMoE: holds (Welch p=0.005, Holm p=0.015)" in lines
+    assert "X-MoE beats SMoE: reversed (Welch p=0.005, Holm p=0.015)" in lines
+    assert "MoGE beats MoE (SMoE): within noise (Welch p=0.553, Holm p=0.553, n=2)" in lines
+    # Welch-Satterthwaite: se = sqrt(0.005/2 + 0.005/2) = 0.0707, df = 2: 4.3027 * 0.0707 = 0.30
+    assert "  test:    Welch (run configs unknown or mixed); competesmoe - smoe = -1.00 ± 0.30; p=0.005, " \
+           "Holm p=0.015" in lines
     assert "StableMoE beats Switch (SMoE top-1): n<2 (n=1 vs 2)" in lines
     assert "  harness: competesmoe 1.05 ± 0.64 (n=2) vs smoe 2.05 ± 0.64 (n=2) (val_bpb, mean ± 95% CI)" in lines
     assert any(ln.startswith("  paper:   arXiv 2402.02526") for ln in lines)
@@ -165,7 +185,10 @@ def test_claims_tab(tmp_path, monkeypatch):
     expected = {r["claim"]: r["verdict"] for r in claims_table(load_runs(path), load_metrics(path),
                                                                  SUITES["lm"]).iter_rows(named=True)}
     assert tab["harness verdict"].to_dict() == expected
-    assert tab.loc["CompeteSMoE beats SMoE", "harness verdict"] == "holds (p=0.005)"
+    assert tab.loc["CompeteSMoE beats SMoE", "harness verdict"] == "holds (Welch p=0.005, Holm p=0.015)"
+    assert tab.loc["CompeteSMoE beats SMoE", "test"] == "Welch (run configs unknown or mixed)"
+    assert tab.loc["CompeteSMoE beats SMoE", "p (Holm)"] == "p=0.015"
+    assert tab.loc["MoGE beats MoE (SMoE)", "resolution"].startswith("within noise: effects under")
     assert "arXiv 2402.02526" in tab.loc["CompeteSMoE beats SMoE", "paper"]
     assert "not verified" in tab.loc["MoGE beats MoE (SMoE)", "paper's figure"]
     captions = "\n".join(str(c.value) for c in at.caption)
@@ -179,3 +202,159 @@ def test_claims_tab(tmp_path, monkeypatch):
     assert not at.exception
     tab = [df.value for df in at.dataframe if "harness verdict" in list(df.value.columns)][0]
     assert set(tab["harness verdict"]) == {"n<2 (n=2 vs 0)", "n<2 (n=0 vs 0)"}
+
+
+# -- paired by seed (issue 27) ---------------------------------------------------------------------------------
+
+# smoe and three routers, seeds 0-2, launched together (one spec outside the router: they pair by seed);
+# stablemoe ran another experiment (300 steps: its resolved spec differs outside the router: Welch)
+PAIRED = {"smoe": [2.0, 2.3, 2.1],
+          "competesmoe": [1.90, 2.19, 1.98],  # differences -0.10, -0.11, -0.12
+          "xmoe": [2.2, 2.6, 2.5],            # +0.2, +0.3, +0.4: raw p = 0.035, not after Holm
+          "moge": [2.1, 2.2, 2.1],            # +0.1, -0.1, 0: p = 1
+          "stablemoe": [1.0, 1.1, 1.05]}
+
+
+def spec(router: str, seed: int) -> dict:
+    """The resolved spec `harness run` stores (RunSpec.to_dict), abridged."""
+    return {"suite": "lm", "preset": "default", "router": router, "router_args": {}, "seed": seed,
+            "model": {"d_model": 64, "top_k": 1 if router == "stablemoe" else 2},
+            "train": {"steps": 300 if router == "stablemoe" else 200, "lr": 0.003}, "data": {"corpus": "shakespeare"},
+            "eval": {"limit": None}}
+
+
+def p_paired(diffs: list[float]) -> float:
+    n = len(diffs)
+    m = sum(diffs) / n
+    sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / (n - 1))
+    return p_df2(m / (sd / math.sqrt(n)))
+
+
+P_COMPETE = p_paired([-0.10, -0.11, -0.12])  # t = -19.05: 0.00273
+P_XMOE = p_paired([0.2, 0.3, 0.4])  # t = 5.196: 0.0351
+
+
+@pytest.fixture()
+def paired_store(tmp_path):
+    return _store(tmp_path / "p.duckdb", values=PAIRED, duplicate=False, config=spec)
+
+
+def test_claims_are_paired_where_the_runs_pair(paired_store):
+    assert P_COMPETE == pytest.approx(0.0027, abs=1e-4) and P_XMOE == pytest.approx(0.0351, abs=1e-4)
+    runs, metrics = load_runs(paired_store), load_metrics(paired_store)
+    t = {r["router"]: r for r in claims_table(runs, metrics, SUITES["lm"]).iter_rows(named=True)}
+    c = t["competesmoe"]
+    assert c["test"] == "paired" and c["n_pairs"] == 3 and c["p"] == pytest.approx(P_COMPETE, rel=1e-6)
+    assert c["diff"] == pytest.approx(-0.11) and c["diff_ci"] == pytest.approx(4.302653 * 0.01 / math.sqrt(3),
+                                                                               rel=1e-5)
+    # unpaired, the seed-to-seed spread (sd 0.15) hides the 0.11 the pairs show
+    assert verdict(PAIRED["competesmoe"], PAIRED["smoe"], False)["label"] == "within noise"
+    s = t["stablemoe"]
+    assert s["test"] == "welch" and s["note"] == "specs differ outside the router" and s["n_pairs"] is None
+    p_s = stats.ttest_ind(PAIRED["stablemoe"], PAIRED["smoe"], equal_var=False).pvalue
+    assert s["p"] == pytest.approx(p_s)
+    # Holm over the four claims tested, by hand: sorted p_c < p_s < p_x < 1
+    assert P_COMPETE < p_s < P_XMOE
+    assert c["p_holm"] == pytest.approx(4 * P_COMPETE, rel=1e-6)
+    assert s["p_holm"] == pytest.approx(max(4 * P_COMPETE, 3 * p_s), rel=1e-6)
+    assert t["xmoe"]["p_holm"] == pytest.approx(2 * P_XMOE, rel=1e-6)
+    assert t["moge"]["p"] == pytest.approx(1.0) and t["moge"]["p_holm"] == pytest.approx(1.0)
+    labels = {r: row["label"] for r, row in t.items()}
+    assert labels == {"competesmoe": "holds", "stablemoe": "holds", "xmoe": "within noise", "moge": "within noise",
+                      "auxfree": "n<2", "hash": "n<2", "expert_choice": "n<2"}
+    assert t["xmoe"]["p"] < 0.05  # significant alone; not among four
+    assert t["xmoe"]["verdict"] == "within noise (paired p=0.035, Holm p=0.070, n=3)"
+    assert c["verdict"] == "holds (paired p=0.003, Holm p=0.011)"
+    # what the within-noise verdict could have seen, and what 0.01 would take
+    x = t["xmoe"]
+    assert x["mde"] == pytest.approx(mde(0.1, 3)) and x["n_needed"] == n_needed(0.01, 0.1)
+    assert x["resolution"] == f"within noise: effects under {x['mde']:.2f} bpb undetectable at n = 3; " \
+                              f"0.01 bpb needs ≈ {x['n_needed']} seeds"
+
+
+def test_harness_claims_prints_the_test_and_the_power(paired_store, capsys):
+    assert main(["claims", "--store", str(paired_store)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "CompeteSMoE beats SMoE: holds (paired p=0.003, Holm p=0.011)" in lines
+    assert "  test:    paired over 3 seeds; competesmoe - smoe = -0.110 ± 0.025; p=0.003, Holm p=0.011" in lines
+    assert "X-MoE beats SMoE: within noise (paired p=0.035, Holm p=0.070, n=3)" in lines
+    i = lines.index("X-MoE beats SMoE: within noise (paired p=0.035, Holm p=0.070, n=3)")
+    assert lines[i + 3].startswith("  power:   effects under 0.33 bpb undetectable at n = 3; 0.01 bpb needs ≈ ")
+    assert any(ln.startswith("  test:    Welch (specs differ outside the router); stablemoe - smoe") for ln in lines)
+
+
+def test_harness_compare_end_to_end(paired_store, capsys):
+    assert main(["compare", "--store", str(paired_store)]) == 0
+    out = capsys.readouterr().out
+    assert "suite lm, preset default, 15 distinct finished runs" in out
+    assert "Holm over the 4 comparisons" in out
+    rows = {ln.split()[0]: ln for ln in out.splitlines() if ln.split() and ln.split()[0] in PAIRED}
+    assert rows["smoe"].split()[1:5] == ["3", "2.13", "±", "0.38"] and rows["smoe"].endswith("baseline")
+    assert "paired (n=3)" in rows["competesmoe"] and "-0.110 ± 0.025" in rows["competesmoe"]
+    assert rows["competesmoe"].endswith("better") and " 0.003 " in rows["competesmoe"]
+    assert " 0.011 " in rows["competesmoe"]  # Holm over four
+    assert "paired (n=3)" in rows["xmoe"] and rows["xmoe"].endswith("within noise") and " 0.070 " in rows["xmoe"]
+    assert "Welch" in rows["stablemoe"] and rows["stablemoe"].endswith("better")
+    assert "stablemoe: Welch, specs differ outside the router" in out
+    assert "xmoe: effects under 0.33 bpb undetectable at n = 3; 0.01 bpb needs ≈ " in out
+    # the markdown table the README pastes
+    assert main(["compare", "--store", str(paired_store), "--markdown"]) == 0
+    md = capsys.readouterr().out.strip().splitlines()
+    assert md[0] == "| router | n | val_bpb (95% CI) | test | Δ vs smoe | p | p (Holm) | MDE (bpb) | seeds for 0.01 " \
+                    "| verdict |"
+    assert md[1].startswith("| :--- | ---: |") and len(md) == 2 + len(PAIRED)
+    assert md[2].startswith("| smoe | 3 |")
+    comp = next(ln for ln in md if ln.startswith("| competesmoe |"))
+    assert "| paired (n=3) | -0.110 ± 0.025 | 0.003 | 0.011 |" in comp and comp.endswith("| better |")
+    # another baseline and another metric: the same computation
+    assert main(["compare", "--store", str(paired_store), "--baseline", "xmoe", "--metric", "test_bpb"]) == 0
+    out = capsys.readouterr().out
+    assert "test_bpb (lower is better) vs xmoe" in out
+
+
+def test_compare_table_is_the_function_others_call(paired_store):
+    runs, metrics = load_runs(paired_store), load_metrics(paired_store)
+    t = compare_table(runs, metrics, SUITES["lm"])
+    assert t["router"].to_list()[0] == "smoe" and t.height == len(PAIRED)
+    row = {r["router"]: r for r in t.iter_rows(named=True)}
+    assert row["competesmoe"]["test"] == "paired" and row["competesmoe"]["label"] == "better"
+    assert row["competesmoe"]["p_holm"] == pytest.approx(4 * P_COMPETE, rel=1e-6)
+    assert row["smoe"]["label"] == "baseline" and row["smoe"]["p"] is None
+    # --precision reads Comparison.diff_ci of each router against the baseline
+    by = samples(runs, metrics, "val_bpb")
+    c = compare(by["competesmoe"].values, by["smoe"].values, pairable=pairs_with(by["competesmoe"], by["smoe"]))
+    assert c.kind == "paired" and c.diff_ci == pytest.approx(row["competesmoe"]["diff_ci"])
+    with pytest.raises(CompareError, match="baseline 'nosuch'"):
+        compare_table(runs, metrics, SUITES["lm"], baseline="nosuch")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--baseline", "nosuch"], "no finished run of the baseline 'nosuch'"),
+    (["--metric", "nosuch"], "has the metric 'nosuch'"),
+    (["--suite", "vision"], "no finished run of suite 'vision'"),
+    (["--alpha", "0"], "--alpha must lie between 0 and 1"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_harness_compare_bad_input_is_one_line(paired_store, capsys, argv, says):
+    assert main(["compare", "--store", str(paired_store), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("harness: error:") and "\n" not in err and says in err, err
+
+
+def test_harness_compare_missing_store(tmp_path, capsys):
+    assert main(["compare", "--store", str(tmp_path / "none.duckdb")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("harness: error: no results store") and "\n" not in err
+    assert not (tmp_path / "none.duckdb").exists()
+
+
+def test_pairing_ignores_the_router_and_a_router_fixed_top_k_but_nothing_else():
+    from leaderboard.verdicts import pairing_key
+
+    base = pairing_key(spec("smoe", 0))
+    assert base is not None and pairing_key(spec("xmoe", 1)) == base
+    top1 = {**spec("smoe", 0), "router": "stablemoe", "model": {"d_model": 64, "top_k": 1}}
+    assert pairing_key(top1) == base  # StableMoE fixes k = 1: same batches, same weights outside the router
+    assert pairing_key({**spec("smoe", 0), "train": {"steps": 201, "lr": 0.003}}) != base
+    assert pairing_key({**spec("smoe", 0), "model": {"d_model": 32, "top_k": 2}}) != base
+    assert pairing_key("{}") is None and pairing_key(None) is None

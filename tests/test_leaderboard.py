@@ -14,15 +14,17 @@ import sys
 import textwrap
 from datetime import date, timedelta
 from pathlib import Path
+from statistics import stdev
 
 import polars as pl
 import pytest
+from scipy import stats
 
 from harness.store import DEFAULT_STORE, Store, now
 from leaderboard.formatting import fmt_ci, fmt_si, sig_text
 from leaderboard.overview import display_best_cells, display_overview, overview, to_latex
 from leaderboard.runs import filter_runs, router_order, sort_by_router, status_counts
-from leaderboard.stats import mean_ci, pareto_mask, significance, welch
+from leaderboard.stats import holm, mde, mean_ci, pareto_mask, significance, welch
 from leaderboard.store import (HEALTH_COLUMNS, StoreBusy, StoreError, StoreMissing, load_health, load_metrics,
                                load_perf, load_routing, load_runs, resolve_store_path, store_state)
 from leaderboard.suites import SUITES
@@ -200,7 +202,9 @@ def test_resolve_store_path(monkeypatch):
     assert resolve_store_path(["--strict-markers"]) == DEFAULT_STORE  # no abbreviation matching
 
 
-def synthetic(router_vals: dict[str, list[float]], suite: str = "lm") -> tuple[pl.DataFrame, pl.DataFrame]:
+def synthetic(router_vals: dict[str, list[float]], suite: str = "lm",
+              config=None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Runs and metrics frames; ``config(router)``, when given, is each run's stored spec (else none: no pairing)."""
     meta = SUITES[suite]
     runs, metrics = [], []
     for router, vals in router_vals.items():
@@ -208,7 +212,7 @@ def synthetic(router_vals: dict[str, list[float]], suite: str = "lm") -> tuple[p
             rid = f"{router}-{seed}"
             runs.append({"run_id": rid, "suite": suite, "router": router, "seed": seed, "status": "finished",
                          "spec_hash": f"h-{router}", "preset": "tiny", "machine": "m", "git_sha": "abc",
-                         "started_at": None})
+                         "started_at": None, **({"config": config(router)} if config else {})})
             tp = {"dense": 1000.0, "smoe": 500.0}.get(router, 400.0)
             metrics += [{"run_id": rid, "name": meta.quality, "value": v},
                         {"run_id": rid, "name": meta.test, "value": v + 0.1},
@@ -239,14 +243,66 @@ def test_overview_ranks_ci_and_marks():
     assert row["smoe"]["sig_label"] == "baseline"
     assert row["solo"]["sig_label"] == "n<2" and row["solo"]["quality_ci"] is None
     assert row["xmoe"]["vs_dense"] == pytest.approx(0.4) and row["xmoe"]["vs_smoe"] == pytest.approx(0.8)
+    # no stored configs: nothing pairs, Welch; Holm over the three routers tested (solo has one seed)
+    assert {r: row[r]["test"] for r in row} == {"solo": "n<2", "xmoe": "welch", "moge": "welch", "smoe": None,
+                                                "dense": "welch"}
+    tested = ["dense", "xmoe", "moge"]
+    assert [row[r]["p_holm"] for r in tested] == pytest.approx(holm([row[r]["p_value"] for r in tested]))
+    assert row["xmoe"]["p_value"] == pytest.approx(welch([1.30, 1.31, 1.29], [1.40, 1.41, 1.39])[1])
+    assert row["xmoe"]["diff"] == pytest.approx(-0.10) and row["solo"]["p_holm"] is None
+    assert row["moge"]["resolution"].startswith("within noise: effects under ")
     disp = display_overview(ov, SUITES["lm"])
-    assert disp.columns[:5] == ["#", "router", "n", "val bpb ↓", "vs SMoE"]
+    assert disp.columns[:8] == ["#", "router", "n", "val bpb ↓", "vs SMoE", "Δ vs SMoE", "test", "resolution"]
+    x = disp.filter(pl.col("router") == "xmoe").row(0, named=True)
+    assert x["test"] == "Welch" and x["Δ vs SMoE"].startswith("-0.100 ± ")
+    assert x["vs SMoE"].startswith("▲ better (Welch p") and "Holm p" in x["vs SMoE"]
     assert disp.filter(pl.col("router") == "solo")["val bpb ↓"][0] == "1.200 (n=1)"
     assert disp.filter(pl.col("router") == "xmoe")["excluded"][0] == "1 diverged"
     best = display_best_cells(ov, SUITES["lm"])
     assert best["val bpb ↓"] == [0] and best["tok/s"] == [4]  # dense is fastest
     tex = to_latex(ov, SUITES["lm"])
     assert r"\toprule" in tex and r"\textbf{1.200}" in tex and "xmoe" in tex
+
+
+def test_overview_pairs_by_seed_and_labels_on_holm():
+    """One suite launched together: its runs pair by seed. xmoe 0.02 bpb below SMoE on every seed, moge
+    0.015 below with more scatter, dense 0.05 above, hash level: moge's p < 0.05 alone, not after Holm."""
+    cfg = json.dumps({"suite": "lm", "model": {"d_model": 32}, "train": {"steps": 30}, "seed": 0})
+    smoe = [1.40, 1.50, 1.45, 1.42]  # seed-to-seed spread 0.04: Welch would see nothing below it
+    vals = {"smoe": smoe,
+            "dense": [v + d for v, d in zip(smoe, (0.05, 0.06, 0.04, 0.05))],
+            "xmoe": [v - d for v, d in zip(smoe, (0.020, 0.021, 0.019, 0.020))],
+            "moge": [v - d for v, d in zip(smoe, (0.005, 0.015, 0.025, 0.015))],  # t = 3.674, df 3: p = 0.035
+            "hash": [v + d for v, d in zip(smoe, (0.01, -0.01, 0.0, 0.0))]}
+    runs, metrics = synthetic(vals, config=lambda router: cfg)
+    ov = overview(runs, metrics, pl.DataFrame(schema=HEALTH_COLUMNS), SUITES["lm"])
+    row = {r["router"]: r for r in ov.iter_rows(named=True)}
+    for r in ("dense", "xmoe", "moge", "hash"):
+        assert row[r]["test"] == "paired" and row[r]["n_pairs"] == 4
+        assert row[r]["p_value"] == pytest.approx(stats.ttest_rel(vals[r], smoe).pvalue)
+    assert row["moge"]["diff"] == pytest.approx(-0.015)
+    assert row["moge"]["p_value"] == pytest.approx(0.0348970, abs=1e-6)  # significant alone
+    assert row["moge"]["p_holm"] == pytest.approx(2 * 0.0348970, abs=2e-6)  # third smallest of four: x 2
+    assert row["moge"]["sig_label"] == "within noise" and row["xmoe"]["sig_label"] == "better"
+    assert row["dense"]["sig_label"] == "worse" and row["hash"]["sig_label"] == "within noise"
+    order = ["dense", "xmoe", "moge", "hash"]
+    assert [row[r]["p_holm"] for r in order] == pytest.approx(holm([row[r]["p_value"] for r in order]))
+    assert welch(vals["xmoe"], smoe)[1] > 0.3  # the same numbers unpaired: lost in the seed-to-seed spread
+    m = row["moge"]
+    assert m["mde"] == pytest.approx(mde(stdev([0.005, 0.015, 0.025, 0.015]), 4))
+    assert m["resolution"] == (f"within noise: effects under {m['mde']:.3f} bpb undetectable at n = 4; "
+                               f"0.01 bpb needs ≈ {m['n_needed']} seeds")
+    cell = display_overview(ov, SUITES["lm"]).filter(pl.col("router") == "moge").row(0, named=True)
+    assert cell["test"] == "paired, n = 4"
+    assert cell["Δ vs SMoE"] == "-0.015 ± 0.013"  # t(0.975, 3) = 3.1824 x sd 0.008165 / sqrt(4) = 0.01299
+    assert cell["vs SMoE"].startswith("≈ within noise (paired p=0.0") and ", Holm p=0.0" in cell["vs SMoE"]
+    # one router's runs from another experiment (more steps): it falls back to Welch, the rest stay paired
+    other = json.dumps({"suite": "lm", "model": {"d_model": 32}, "train": {"steps": 60}, "seed": 0})
+    runs, metrics = synthetic(vals, config=lambda router: other if router == "xmoe" else cfg)
+    row = {r["router"]: r for r in overview(runs, metrics, pl.DataFrame(schema=HEALTH_COLUMNS),
+                                            SUITES["lm"]).iter_rows(named=True)}
+    assert row["xmoe"]["test"] == "welch" and row["xmoe"]["sig_label"] == "within noise"
+    assert row["dense"]["test"] == "paired"
 
 
 def test_overview_vision_is_higher_better_and_no_smoe():
@@ -397,6 +453,9 @@ def test_app_renders_overview_and_charts(store_path, monkeypatch, fast_apptest):
     assert ov.loc[ov["router"] == "smoe", "vs SMoE"].iloc[0] == "— baseline"
     dense_mark = ov.loc[ov["router"] == "dense", "vs SMoE"].iloc[0]
     assert ("within noise" in dense_mark) or ("better" in dense_mark) or ("worse" in dense_mark)
+    # one `harness run` of both routers: the same spec outside the router, so dense pairs with smoe by seed
+    assert ov.loc[ov["router"] == "dense", "test"].iloc[0] == "paired, n = 2"
+    assert "paired p" in dense_mark and "Holm p" in dense_mark
     assert ov.loc[ov["router"] == "dense", "× dense"].iloc[0] == "1.00×"
     assert "1 diverged" in ov.loc[ov["router"] == "smoe", "excluded"].iloc[0]
 

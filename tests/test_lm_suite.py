@@ -188,3 +188,26 @@ def test_set_accepts_exponent_floats_yaml_reads_as_strings():
     spec = load_suite("lm", preset="tiny", overrides=["train.lr=1e-2", "train.weight_decay=5E-3"], routers=["smoe"])
     run = spec.runs()[0]
     assert run.train.lr == 0.01 and run.train.weight_decay == 0.005
+
+
+def test_final_validation_pass_reads_the_whole_split(tmp_path, monkeypatch):
+    """The verdict's metric (the last val pass, and the test pass) covers the whole split; periodic passes
+    read train.eval_batches. `tiny` caps the final passes (train.final_eval_batches) only to stay CI-sized."""
+    from harness.suites.lm import LMSuite
+
+    calls = []
+    real = LMSuite.evaluate
+
+    def spy(self, model, run, split, device, hook, max_batches):
+        calls.append((split, max_batches))
+        return real(self, model, run, split, device, hook, max_batches)
+
+    monkeypatch.setattr(LMSuite, "evaluate", spy)
+    store = tmp_path / "h.duckdb"
+    assert main(["run", "--suite", "lm", "--routers", "smoe", "--store", str(store), *TINY, "--set", "train.steps=4",
+                 "--set", "train.eval_every=2", "--set", "train.final_eval_batches=null"]) == 0
+    assert calls == [("val", 2), ("val", None), ("test", None)]
+    calls.clear()
+    assert main(["run", "--suite", "lm", "--routers", "smoe", "--store", str(store), *TINY, "--set", "train.steps=4",
+                 "--set", "train.eval_every=2"]) == 0
+    assert calls == [("val", 2), ("val", 16), ("test", 16)]  # the tiny preset's cap

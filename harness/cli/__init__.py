@@ -25,7 +25,7 @@ EXIT_USAGE = 2
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 # One module per sub-command, in `harness --help` order; each exposes ``register(sub, store_arg)``.
-COMMANDS = ("routers", "run", "runs", "show", "bench", "eval", "board", "claims", "regress", "doctor")
+COMMANDS = ("routers", "run", "runs", "show", "bench", "eval", "board", "claims", "compare", "regress", "doctor")
 
 
 class HarnessParser(argparse.ArgumentParser):

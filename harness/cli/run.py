@@ -6,6 +6,7 @@ import argparse
 import functools
 import os
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,6 +42,12 @@ def register(sub: argparse._SubParsersAction, store_arg) -> None:  # noqa: ANN00
                         "a copy is not another seed), e.g. to re-measure speed")
     s.add_argument("--no-eval", action="store_true", help="skip lm-eval tasks after pretraining")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--precision", type=float, default=None, metavar="D",
+                   help="add seeds (for every router at once) until each router's difference to the baseline "
+                        "has a 95%% CI half-width <= D in the primary metric's units, e.g. 0.01 bpb; "
+                        "stops on the CI's width, never on significance (docs/benchmark.md)")
+    s.add_argument("--max-seeds", type=int, default=20, metavar="N", help="--precision stops at N seeds (default 20)")
+    s.add_argument("--baseline", default=None, help="--precision compares every router with this one (default smoe)")
     s.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="train N runs (router x seed) at once in worker processes, one store "
                         "(default: cores // train.threads, at most one per run; 1 = one after another)")
@@ -71,6 +78,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_tasks(spec.eval.tasks, "eval.tasks")  # now, not after hours of pretraining
     multi = (args.nproc or 1) > 1 or str(args.nnodes or "1") != "1"
+    if args.precision is not None:
+        # imported only here: leaderboard.stats brings scipy.stats (~1 s), which a plain run never needs
+        from ..tools.precision import check_request, default_baseline
+
+        if multi or distributed.launched_by_torchrun():
+            raise SpecError("--precision runs rounds of seeds from one process; it does not combine with "
+                            "--nproc/--nnodes (run the rounds with --jobs instead)")
+        if args.rerun:
+            raise SpecError("--precision adds seeds and skips the finished ones; --rerun would retrain every "
+                            "seed each round: give one of them")
+        check_request(spec, args.precision, args.max_seeds, args.baseline or default_baseline(spec))
     args.jobs = _resolve_jobs(args, spec, multi or distributed.launched_by_torchrun())
     if multi and not distributed.launched_by_torchrun() and not os.environ.get(distributed.ENV_MARKER):
         return _launch_torchrun(args, spec)
@@ -125,9 +143,23 @@ def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
         # a partial, not a closure: it can be pickled, so --jobs workers evaluate their own runs
         after = functools.partial(eval_after_pretraining, store=store, runs_dir=runs_dir)
 
-    results = run_suite(spec, store, runs_dir, resume=args.resume, rerun=args.rerun,
-                        progress=not args.quiet, after_run=after,
-                        jobs=getattr(args, "jobs", None) or 1)
+    results = []
+
+    def one_round(s) -> bool:  # noqa: ANN001 - a SuiteSpec
+        res = run_suite(s, store, runs_dir, resume=args.resume, rerun=args.rerun, progress=not args.quiet,
+                        after_run=after, jobs=getattr(args, "jobs", None) or 1)
+        seen = {(r.router, r.seed) for r in res}
+        results[:] = [r for r in results if (r.router, r.seed) not in seen] + list(res)
+        return all(r.status in ("finished", "skipped") for r in res)
+
+    if args.precision is None:
+        one_round(spec)
+    else:
+        from ..tools.precision import default_baseline, run_until_precise  # see cmd_run
+
+        run_until_precise(spec, one_round, store, get_adapter(spec.suite).primary_metric, args.precision,
+                          args.max_seeds, args.baseline or default_baseline(spec),
+                          log=lambda line: print(line, file=sys.stderr, flush=True))
     if not dctx.is_main:
         return 0  # rank 0 reports (and carries the exit status)
     adapter = get_adapter(spec.suite)

@@ -1,6 +1,7 @@
 """``build_ffn``: the FFN of one block for a router name, the one place models get their FFNs from."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch.distributed as dist
@@ -11,6 +12,7 @@ from .dense import DenseFFN
 from .expert_parallel import ExpertParallelMoELayer
 from .kernels import DEFAULT_IMPL, check_impl
 from .moe_layer import MoELayer
+from .streams import rng_stream
 
 
 def build_ffn(
@@ -25,6 +27,7 @@ def build_ffn(
     expert_parallel: bool = False,
     shared_experts: int = 0,
     experts_impl: str = DEFAULT_IMPL,
+    init_stream: tuple | None = None,
 ) -> nn.Module:
     """The FFN of one block: an :class:`MoELayer` for a router, or the equal-FLOP dense FFN for ``dense``.
 
@@ -38,10 +41,27 @@ def build_ffn(
     :class:`harness.layers.expert_parallel.ExpertParallelMoELayer` (same initial weights, this rank's experts).
     The training loop instead converts whole models (``harness.layers.expert_parallel.shard_experts``), so
     model classes need no flag of their own.
+
+    ``init_stream`` = (run seed, this FFN's path in the model): the FFN draws its weights from a stream of its
+    own and the router from one keyed by its name (:mod:`.streams`), so the rest of the model, the expert
+    bank and the dense baseline's shared parts start identical whatever the router. None: the caller's
+    stream, in construction order (unit tests, benchmarks).
     """
     check_impl(experts_impl)  # a bad name fails for the dense FFN too, not only where a layer routes
+    ffn_stream = rng_stream(*init_stream) if init_stream is not None else contextlib.nullcontext()
+    with ffn_stream:
+        return _build_ffn(router_name, d_model, d_ff, num_experts, top_k, router_kwargs, capacity_factor,
+                          activation, expert_parallel, shared_experts, experts_impl, init_stream)
+
+
+def _build_ffn(router_name: str, d_model: int, d_ff: int, num_experts: int, top_k: int,
+               router_kwargs: dict[str, Any] | None, capacity_factor: float | None, activation: str,
+               expert_parallel: bool, shared_experts: int, experts_impl: str, init_stream: tuple | None) -> nn.Module:
     cls = get_router(router_name)
-    router = create_router(router_name, d_model, num_experts, top_k, **(router_kwargs or {}))
+    router_stream = (rng_stream(*init_stream, "router", router_name) if init_stream is not None
+                     else contextlib.nullcontext())
+    with router_stream:
+        router = create_router(router_name, d_model, num_experts, top_k, **(router_kwargs or {}))
     if cls.is_dense:
         return DenseFFN(d_model, d_ff * (top_k + shared_experts), router=router, activation=activation)
     layer = MoELayer(d_model, d_ff, router, capacity_factor=capacity_factor, activation=activation,

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..layers.kernels import DEFAULT_IMPL
 from ..layers.moe import build_ffn
+from ..layers.streams import base_seed
 from ..routing.router import RouteContext, Routing
 
 
@@ -72,6 +73,7 @@ class MoEDecoderLM(nn.Module):
         experts_impl: str = DEFAULT_IMPL,
     ) -> None:
         super().__init__()
+        seed = base_seed()  # every FFN (and its router) draws from its own stream: harness.layers.streams
         self.context = context
         self.vocab_size = vocab_size
         self.tok_emb = nn.Embedding(vocab_size, d_model)
@@ -83,7 +85,7 @@ class MoEDecoderLM(nn.Module):
             name = router if is_moe else "dense"
             ffn = build_ffn(name, d_model, d_ff, num_experts, top_k, router_kwargs if is_moe else None,
                             capacity_factor=capacity_factor, activation=activation, shared_experts=shared_experts,
-                            experts_impl=experts_impl)
+                            experts_impl=experts_impl, init_stream=(seed, f"blocks.{i}.ffn"))
             blocks.append(Block(d_model, n_heads, ffn, dropout))
         self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(d_model)

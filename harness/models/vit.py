@@ -61,6 +61,7 @@ from torch import Tensor, nn
 
 from ..layers.kernels import DEFAULT_IMPL
 from ..layers.moe import build_ffn
+from ..layers.streams import base_seed
 from ..routing.registry import get_router
 from ..routing.router import RouteContext, Router, Routing
 
@@ -166,6 +167,7 @@ class MoEVisionTransformer(VisionTransformer):
         k = effective_top_k(router_cls, top_k)
         scope = _RoutingScope()
         built: list[HarnessMlp] = []
+        seed = base_seed()  # every FFN (and its router) draws from its own stream: harness.layers.streams
 
         def mlp_layer(in_features: int, hidden_features: int | None = None, drop: float = 0.0, **_: Any) -> HarnessMlp:
             # called by timm once per block, in block order, after the patch embedding exists
@@ -177,7 +179,7 @@ class MoEVisionTransformer(VisionTransformer):
                 kwargs["vocab_size"] = self.patch_embed.num_patches + self.num_prefix_tokens
             ffn = build_ffn(router if is_moe else "dense", in_features, width, num_experts, k, kwargs,
                             capacity_factor=capacity_factor, activation=activation, shared_experts=shared_experts,
-                            experts_impl=experts_impl)
+                            experts_impl=experts_impl, init_stream=(seed, f"blocks.{i}.mlp"))
             built.append(HarnessMlp(ffn, i, scope, drop))
             return built[-1]
 
@@ -207,13 +209,20 @@ class MoEVisionTransformer(VisionTransformer):
         return logits, routings
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
-        """timm's init for everything except the harness FFNs, which keep their own (see module doc)."""
-        mlps = self.harness_mlps() if hasattr(self, "blocks") else []
-        saved = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in mlps]
-        super().init_weights(mode, needs_reset)
-        with torch.no_grad():
-            for m, sd in zip(mlps, saved):
-                m.load_state_dict(sd)
+        """timm's init for everything except the harness FFNs, which keep their own (see module doc).
+
+        The FFNs are taken out of the module tree while timm draws: re-initialising them and restoring them
+        afterwards would still consume the main stream for every ``nn.Linear`` a router has, and move every
+        weight drawn after it with the router (harness.layers.streams)."""
+        blocks = [b for b in getattr(self, "blocks", []) if isinstance(getattr(b, "mlp", None), HarnessMlp)]
+        mlps = [b.mlp for b in blocks]
+        for b in blocks:
+            b.mlp = nn.Identity()
+        try:
+            super().init_weights(mode, needs_reset)
+        finally:
+            for b, m in zip(blocks, mlps):
+                b.mlp = m
 
 
 # -- timm registration ------------------------------------------------------------------------

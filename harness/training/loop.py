@@ -297,7 +297,9 @@ def train_run(
                 on_step(step + 1)
             done = step + 1
             if done % t.eval_every == 0 or done == t.steps:
-                last_val = evaluate("val", done, t.eval_batches)
+                # periodic passes read train.eval_batches (a curve); the last one is the verdict's metric, so it
+                # reads the whole split (train.final_eval_batches caps it only in the CI-sized tiny presets)
+                last_val = evaluate("val", done, t.final_eval_batches if done == t.steps else t.eval_batches)
                 for name, v in last_val.items():
                     pending_curves.append((done, name, v))
             if done % t.ckpt_every == 0 and done < t.steps:
@@ -319,7 +321,7 @@ def train_run(
                 dctx.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
         step = t.steps
         if last_val is None:  # resumed after the final validation pass was checkpointed: redo it
-            last_val = evaluate("val", step, t.eval_batches)
+            last_val = evaluate("val", step, t.final_eval_batches)
         final_metrics.update(last_val)
         final_metrics.update(evaluate("test", step, t.final_eval_batches))
         # tokens of all ranks over the slowest rank's time; the largest rank's memory

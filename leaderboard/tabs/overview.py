@@ -1,5 +1,6 @@
-"""The Leaderboard tab: the overview table (mean ± 95% CI over distinct seeds, Welch vs SMoE, throughput,
-routing health), the quality-vs-throughput Pareto chart, the forest plot, per-run values and the exports."""
+"""The Leaderboard tab: the overview table (mean ± 95% CI over distinct seeds, the comparison with SMoE: paired by
+seed where the runs pair, else Welch, Holm-adjusted, with its MDE; throughput, routing health), the
+quality-vs-throughput Pareto chart, the forest plot, per-run values and the exports."""
 from __future__ import annotations
 
 import altair as alt
@@ -52,8 +53,18 @@ def overview_tab(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame
             "n": st.column_config.NumberColumn("n", width="small", help="finished seeds"),
             qcol: st.column_config.TextColumn(qcol, help="mean ± 95% CI (Student t over seeds)"),
             "vs SMoE": st.column_config.TextColumn(
-                "vs SMoE", help="Welch t-test of the validation metric against SMoE (α = 0.05); "
-                                "'n<2' when either side has fewer than two seeds"),
+                "vs SMoE", help="the validation metric against SMoE: better / worse / within noise, decided on the "
+                                "Holm-adjusted p over the routers shown (α = 0.05); raw p beside it. "
+                                "'n<2' when no test is possible"),
+            "Δ vs SMoE": st.column_config.TextColumn(
+                "Δ vs SMoE", help="router − SMoE, mean ± 95% CI (of the per-seed differences when paired)"),
+            "test": st.column_config.TextColumn(
+                "test", help="paired t-test over the seeds both ran, when the runs' specs are the same outside "
+                             "the router (same batches, same starting weights); else Welch's t-test"),
+            "resolution": st.column_config.TextColumn(
+                "resolution", help="minimum detectable effect: the smallest true difference this test finds "
+                                   "with 80% power at α = 0.05 for its n and the observed spread, and the seeds "
+                                   "a 0.01 difference would need"),
             tcol: st.column_config.TextColumn(tcol, help="test split, mean ± 95% CI"),
             f"{meta.unit}/s": st.column_config.TextColumn(f"{meta.unit}/s", help="training throughput, mean"),
             "× dense": st.column_config.TextColumn("× dense", help="throughput relative to the dense baseline"),
@@ -71,9 +82,13 @@ def overview_tab(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame
                                  "'specs!' = several spec hashes are mixed, filter by spec hash"),
         },
     )
+    n_tests = ov["p_holm"].drop_nulls().len()  # the Holm family: the routers that could be tested
     st.caption(f"Finished runs only. **Bold green** = best in column. Quality: mean ± 95% CI over seeds "
-               f"(Student t). *vs SMoE*: Welch t-test on {meta.quality}, α = 0.05. Routing health at the "
-               f"final evaluation step, averaged over seeds.")
+               f"(Student t). *vs SMoE*: {meta.quality} against SMoE, paired over seeds where the runs pair "
+               f"(same spec outside the router), else Welch; labels decided on the Holm-adjusted p over the "
+               f"{n_tests} comparison{'s' if n_tests != 1 else ''} shown, α = 0.05. *resolution*: what the "
+               f"test could have detected (80% power). Routing health at the final evaluation step, averaged "
+               f"over seeds.")
 
     left, right = st.columns([3, 2], gap="large")
     with left:
@@ -175,5 +190,6 @@ def forest_chart(ov: pl.DataFrame, meta: SuiteMeta) -> None:
         height=44 * len(order) + 150,
         title=alt.TitleParams(f"{meta.label} by router",
                               subtitle=["mean ± 95% CI · dashed: SMoE mean",
-                                        "green / red: significantly better / worse than SMoE (Welch), grey: within noise"])),
+                                        "green / red: significantly better / worse than SMoE (Holm-adjusted), "
+                                        "grey: within noise"])),
         key="forest")
