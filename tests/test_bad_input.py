@@ -30,7 +30,8 @@ from harness.store import Store
 # one worker runs this module: its module-scoped fixtures are built once (Makefile: --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("test_bad_input")
 
-SUBCOMMANDS = ("routers", "run", "runs", "show", "bench", "eval", "lm-eval", "board", "regress", "doctor")
+SUBCOMMANDS = ("routers", "run", "runs", "show", "bench", "eval", "lm-eval", "board", "claims", "compare", "regress",
+               "doctor")
 R = ["run", "--preset", "tiny", "--quiet", "--no-eval"]  # a run that would start at once if valid
 S = ["run", "--preset", "tiny", "--quiet", "--no-eval", "--set"]
 
@@ -167,6 +168,17 @@ CASES: list[tuple[str, list[str]]] = [
     ("runs-store-not-duckdb", ["runs", "--store", "$G"]),
     ("runs-suite-unknown", ["runs", "--suite", "nosuch", "--store", "$H"]),
     # show
+    ("claims-store-missing", ["claims", "--store", "$T/none.duckdb"]),
+    ("claims-store-not-duckdb", ["claims", "--store", "$G"]),
+    ("claims-alpha-out-of-range", ["claims", "--store", "$H", "--alpha", "1.5"]),
+    ("claims-table-missing", ["claims", "--store", "$H", "--claims", "$T/none.yaml"]),
+    ("compare-store-missing", ["compare", "--store", "$T/none.duckdb"]),
+    ("compare-store-is-dir", ["compare", "--store", "$D"]),
+    ("compare-baseline-unknown", ["compare", "--store", "$H", "--baseline", "nosuchrouter"]),
+    ("compare-metric-unknown", ["compare", "--store", "$H", "--metric", "no_such_metric"]),
+    ("run-precision-negative", ["run", "--precision", "-1", "--store", "$T/p.duckdb"]),
+    ("run-precision-text", ["run", "--precision", "abc", "--store", "$T/p.duckdb"]),
+    ("run-precision-rerun", ["run", "--precision", "0.01", "--rerun", "--store", "$T/p.duckdb"]),
     ("show-missing-id", ["show"]),
     ("show-empty-id", ["show", "", "--store", "$H"]),
     ("show-unknown-id", ["show", "nosuch", "--store", "$H"]),
@@ -344,7 +356,7 @@ def test_bad_input_exits_2_one_line_writes_nothing(guarded, capsys, argv):
 def test_every_subcommand_has_cases_and_rejects_an_unknown_option(guarded, capsys):
     sub = next(a for a in build_parser()._actions if a.dest == "cmd")  # noqa: SLF001
     cmds = set(sub.choices)
-    assert set(SUBCOMMANDS) <= cmds
+    assert set(SUBCOMMANDS) == cmds, "a new sub-command needs bad-input cases here"
     covered = {c[1][0] for c in CASES if c[1]}
     assert set(SUBCOMMANDS) <= covered, set(SUBCOMMANDS) - covered
     for cmd in sorted(cmds - {"lm-eval"}):  # lm-eval passes every argument to lm-eval (covered above)
