@@ -57,6 +57,7 @@ def test_precision_adds_whole_seeds_until_max_then_stops_at_the_target(tmp_path,
     (["--precision", "-0.5"], "--precision must be a positive number"),
     (["--precision", "0.1", "--rerun"], "--rerun"),
     (["--precision", "0.1", "--baseline", "moge"], "not among the suite's routers"),
+    (["--precision", "0.1", "--baseline", "/proc/nope"], "not among the suite's routers"),  # a router, not a file
     (["--precision", "0.1", "--max-seeds", "1"], "--max-seeds must be at least 2"),
 ])
 def test_precision_bad_input_exit_2_nothing_written(tmp_path, capsys, extra, needle):

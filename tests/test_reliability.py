@@ -349,8 +349,13 @@ def test_a_signal_during_a_checkpoint_write_waits_for_the_write(tmp_path):
             time.sleep(0.05)
             return dict, (dict(self),)
 
-    with pytest.raises(KeyboardInterrupt):
-        atomic_save(path, {"state": Interrupting(state)}, "checkpoint")
+    # Python's own Ctrl-C handler, whatever this process inherited (`(trap '' INT; make test)` starts it ignored)
+    prev = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_save(path, {"state": Interrupting(state)}, "checkpoint")
+    finally:
+        signal.signal(signal.SIGINT, prev)
     got = torch.load(path, weights_only=False)["state"]  # the file this test wrote
     assert got["step"] == 10 and torch.equal(got["w"], state["w"])
     assert not path.with_suffix(".tmp").exists()

@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction, store_arg) -> None:  # noqa: ANN00
                         "has a 95%% CI half-width <= D in the primary metric's units, e.g. 0.01 bpb; "
                         "stops on the CI's width, never on significance (docs/benchmark.md)")
     s.add_argument("--max-seeds", type=int, default=20, metavar="N", help="--precision stops at N seeds (default 20)")
-    s.add_argument("--baseline", default=None, help="--precision compares every router with this one (default smoe)")
+    s.add_argument("--baseline", dest="baseline_router", default=None,  # `baseline` is an output file elsewhere
+                   help="--precision compares every router with this one (default smoe)")
     s.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="train N runs (router x seed) at once in worker processes, one store "
                         "(default: cores // train.threads, at most one per run; 1 = one after another)")
@@ -88,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.rerun:
             raise SpecError("--precision adds seeds and skips the finished ones; --rerun would retrain every "
                             "seed each round: give one of them")
-        check_request(spec, args.precision, args.max_seeds, args.baseline or default_baseline(spec))
+        check_request(spec, args.precision, args.max_seeds, args.baseline_router or default_baseline(spec))
     args.jobs = _resolve_jobs(args, spec, multi or distributed.launched_by_torchrun())
     if multi and not distributed.launched_by_torchrun() and not os.environ.get(distributed.ENV_MARKER):
         return _launch_torchrun(args, spec)
@@ -158,7 +159,7 @@ def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
         from ..tools.precision import default_baseline, run_until_precise  # see cmd_run
 
         run_until_precise(spec, one_round, store, get_adapter(spec.suite).primary_metric, args.precision,
-                          args.max_seeds, args.baseline or default_baseline(spec),
+                          args.max_seeds, args.baseline_router or default_baseline(spec),
                           log=lambda line: print(line, file=sys.stderr, flush=True))
     if not dctx.is_main:
         return 0  # rank 0 reports (and carries the exit status)
