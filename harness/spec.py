@@ -39,12 +39,19 @@ HASHED_IF_SET = {"hash": "if_set"}  # added later: left out while off, so every 
 HASHED_UNLESS_DEFAULT = {"hash": "unless_default"}  # added later, a non-boolean: left out while at its default
 
 
+def left_out_of_hash(f: dataclasses.Field, value: Any) -> bool:
+    """Whether field ``f`` holding ``value`` is left out of the spec hash (its rule, above). Also used on stored
+    run configs (leaderboard.verdicts.pairing_key), so one rule decides what counts as the same experiment."""
+    rule = f.metadata.get("hash")
+    return rule == "never" or (rule == "if_set" and not value) or (rule == "unless_default" and value == f.default)
+
+
 def hash_view(section: Any) -> dict[str, Any]:
     """A spec section's fields as the hash sees them (the rules sit on the fields above)."""
     out = {}
     for f in dataclasses.fields(section):
-        rule, value = f.metadata.get("hash"), getattr(section, f.name)
-        if rule == "never" or (rule == "if_set" and not value) or (rule == "unless_default" and value == f.default):
+        value = getattr(section, f.name)
+        if left_out_of_hash(f, value):
             continue
         out[f.name] = dataclasses.asdict(section)[f.name] if dataclasses.is_dataclass(value) else value
     return out

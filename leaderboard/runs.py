@@ -37,6 +37,17 @@ def filter_runs(
     return df
 
 
+def suite_preset_runs(runs: pl.DataFrame, suite: str, preset: str | None) -> tuple[pl.DataFrame, str | None, list[str]]:
+    """The runs of one suite and one preset (``preset`` None: the preset with most runs), that preset, and every
+    preset the suite has runs of (most runs first): what ``harness claims`` and ``harness compare`` judge."""
+    suite_runs = runs.filter(pl.col("suite") == suite)
+    presets = suite_runs.group_by("preset").len().sort("len", descending=True)["preset"].drop_nulls().to_list()
+    preset = preset or (presets[0] if presets else None)
+    if preset is not None:
+        suite_runs = suite_runs.filter(pl.col("preset") == preset)
+    return suite_runs, preset, presets
+
+
 def status_counts(runs: pl.DataFrame) -> dict[str, int]:
     out = {s: 0 for s in ("finished", "diverged", "failed", "running")}
     for s, n in runs.group_by("status").len().iter_rows():

@@ -20,7 +20,7 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import polars as pl
 
-from harness.spec import DataSpec, EvalSpec, ModelSpec, SpecError, TrainSpec
+from harness.spec import DataSpec, EvalSpec, ModelSpec, SpecError, TrainSpec, left_out_of_hash
 from leaderboard.formatting import fmt_resolution
 from leaderboard.runs import BASELINE, parse_json, router_order
 from leaderboard.stats import ALPHA, N_MAX, Comparison, compare, distinct_seeds, holm, mean_ci
@@ -46,11 +46,7 @@ def _hash_view(cls: type, section: dict[str, Any]) -> dict[str, Any]:
     where data is read from and how many workers never count; fields added later count only when set."""
     out = dict(section)
     for f in dataclasses.fields(cls):
-        rule = f.metadata.get("hash")
-        if f.name not in out:
-            continue
-        v = out[f.name]
-        if rule == "never" or (rule == "if_set" and not v) or (rule == "unless_default" and v == f.default):
+        if f.name in out and left_out_of_hash(f, out[f.name]):
             del out[f.name]
     return out
 

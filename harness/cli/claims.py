@@ -14,6 +14,7 @@ import polars as pl
 
 from leaderboard.claims import claims_table, fmt_side, load_claims
 from leaderboard.formatting import fmt_diff, fmt_p, kind_name
+from leaderboard.runs import suite_preset_runs
 from leaderboard.stats import ALPHA, distinct_seeds
 from leaderboard.store import load_metrics, load_runs
 from leaderboard.suites import suite_meta
@@ -37,11 +38,7 @@ def cmd_claims(args: argparse.Namespace) -> int:
         raise SpecError(f"--alpha must lie between 0 and 1, got {args.alpha}")
     claims = load_claims(args.claims)
     runs = load_runs(args.store, timeout=60)
-    suite_runs = runs.filter(pl.col("suite") == args.suite)
-    presets = suite_runs.group_by("preset").len().sort("len", descending=True)["preset"].drop_nulls().to_list()
-    preset = args.preset or (presets[0] if presets else None)
-    if preset is not None:
-        suite_runs = suite_runs.filter(pl.col("preset") == preset)
+    suite_runs, preset, presets = suite_preset_runs(runs, args.suite, args.preset)
     metrics = load_metrics(args.store, suite_runs["run_id"].to_list(), timeout=60)
     meta = suite_meta(args.suite, metrics["name"].unique().to_list())
     table = claims_table(suite_runs, metrics, meta, claims, args.alpha)

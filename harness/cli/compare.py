@@ -16,7 +16,7 @@ import argparse
 import polars as pl
 
 from leaderboard.formatting import decimals_for, fmt_ci, fmt_diff, fmt_p, kind_name
-from leaderboard.runs import BASELINE
+from leaderboard.runs import BASELINE, suite_preset_runs
 from leaderboard.stats import ALPHA, distinct_seeds
 from leaderboard.store import load_metrics, load_runs
 from leaderboard.suites import SuiteMeta, suite_meta
@@ -49,11 +49,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.baseline_router.strip():
         raise SpecError("--baseline must name a router, e.g. --baseline smoe")
     runs = load_runs(args.store, timeout=60)
-    suite_runs = runs.filter(pl.col("suite") == args.suite)
-    presets = suite_runs.group_by("preset").len().sort("len", descending=True)["preset"].drop_nulls().to_list()
-    preset = args.preset or (presets[0] if presets else None)
-    if preset is not None:
-        suite_runs = suite_runs.filter(pl.col("preset") == preset)
+    suite_runs, preset, presets = suite_preset_runs(runs, args.suite, args.preset)
     if suite_runs.filter(pl.col("status") == "finished").height == 0:
         suites = sorted(set(runs["suite"].drop_nulls().to_list()))
         raise CompareError(f"{args.store} has no finished run of suite {args.suite!r}"

@@ -21,9 +21,6 @@ from typing import Iterator
 
 import torch
 
-StreamKey = tuple  # (base seed, path, ...): anything with a stable str()
-
-
 def stream_seed(*key: object) -> int:
     """A 63-bit torch seed from a key, stable across processes and Python versions (sha256, not hash())."""
     digest = hashlib.sha256("/".join(str(k) for k in key).encode()).digest()

@@ -17,7 +17,11 @@ import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
+import polars as pl
+
 from leaderboard.stats import Comparison, compare
+from leaderboard.store import load_metrics, load_runs
+from leaderboard.verdicts import samples
 
 from ..spec import SpecError, SuiteSpec
 from ..store import Store
@@ -56,20 +60,14 @@ def check_request(spec: SuiteSpec, target: float, max_seeds: int, baseline: str)
 
 
 def primary_values(store: Store, spec: SuiteSpec, metric: str) -> dict[str, dict[int, float]]:
-    """router -> seed -> the metric of its latest finished run of exactly this spec."""
+    """router -> seed -> the metric of its latest finished run of exactly this spec (the board's own reading:
+    :func:`leaderboard.verdicts.samples` over :func:`leaderboard.stats.distinct_seeds`)."""
     runs = spec.runs()
-    hashes = sorted({r.spec_hash for r in runs})
-    router_of = {r.spec_hash: r.router for r in runs}
-    seeds = sorted({r.seed for r in runs})
-    rows = store.query(
-        "SELECT r.spec_hash, r.seed, m.value FROM runs r JOIN metrics m USING (run_id) "
-        f"WHERE r.status = 'finished' AND m.name = ? AND r.spec_hash IN ({', '.join('?' * len(hashes))}) "
-        f"AND r.seed IN ({', '.join('?' * len(seeds))}) ORDER BY r.finished_at",
-        [metric, *hashes, *seeds])
-    out: dict[str, dict[int, float]] = {r: {} for r in spec.routers}
-    for spec_hash, seed, value in rows.iter_rows():  # later rows (re-runs) overwrite earlier ones
-        out[router_of[spec_hash]][int(seed)] = float(value)
-    return out
+    stored = load_runs(store.path, timeout=store.lock_timeout).filter(
+        pl.col("spec_hash").is_in(sorted({r.spec_hash for r in runs})) & pl.col("seed").is_in(sorted(spec.seeds)))
+    metrics = load_metrics(store.path, stored["run_id"].to_list(), timeout=store.lock_timeout)
+    got = samples(stored, metrics, metric)
+    return {r: dict(got[r].values) if r in got else {} for r in spec.routers}
 
 
 def judge(values: dict[str, dict[int, float]], seeds: tuple[int, ...], baseline: str) -> Round:
