@@ -25,7 +25,7 @@ from harness.layers.moe import MoELayer, build_ffn
 from harness.routing.router import Router, Routing
 from harness.spec import SpecError, load_suite
 
-from storeq import TINY, q
+from storeq import TINY, kill9_tree, q
 
 WORLD = 2
 
@@ -299,26 +299,9 @@ def test_expert_parallel_training_matches_one_process(tmp_path, small_corpus):
     build_lm(saved["spec"]).load_state_dict(saved["model"])
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["ddp", "expert-parallel"])
 def test_kill9_then_resume_distributed(tmp_path, small_corpus, expert_parallel):
-    import signal
 
     common = ["run", "--suite", "lm", "--routers", "smoe", *TINY, *small_corpus, "--set", "train.steps=60",
               "--set", "train.ckpt_every=5", "--set", "train.eval_every=20", "--set", "train.threads=1",
@@ -336,11 +319,7 @@ def test_kill9_then_resume_distributed(tmp_path, small_corpus, expert_parallel):
     time.sleep(0.3)
     assert proc.poll() is None, "run finished before it could be killed; make it longer"
     # torchrun starts its workers in sessions of their own: kill -9 the launcher, torchrun and the workers
-    for pid in [proc.pid, *_descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill9_tree(proc.pid)
     proc.wait()
     assert q(store, "SELECT status FROM runs") == [("running",)]
 
