@@ -94,8 +94,20 @@ class TrainSpec:
     steps: int = 200
     batch_size: int = 16
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1        # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 20
+    # cosine: warm-up then cosine decay over train.steps. wsd: warm-up, constant (stable), then the last
+    # decay_fraction of the steps decays (warmup-stable-decay; Hagele et al. 2024, arXiv 2405.18392, sec. 3;
+    # Hu et al. 2024, MiniCPM, arXiv 2404.06395, sec. 4), which lets one run give every budget (train.budgets)
+    schedule: str = field(default="cosine", metadata=HASHED_UNLESS_DEFAULT)
+    decay_fraction: float = field(default=0.2, metadata=HASHED_UNLESS_DEFAULT)  # wsd: share of a budget that decays
+    # wsd decay shape: "1-sqrt" (lr factor 1 - sqrt(p), Hagele et al. 2024 eq. (1)/Fig. 4, their best cooldown)
+    # or "linear" (1 - p), over the decay's progress p in [0, 1)
+    decay_shape: str = field(default="1-sqrt", metadata=HASHED_UNLESS_DEFAULT)
+    # wsd: the step counts to report besides train.steps: each budget b < steps is a cooldown branch forked
+    # from the stable phase at b - round(decay_fraction * b) (harness.training.budgets); metrics `<name>@<b>`.
+    # Normalised on load: sorted, train.steps added, a lone train.steps dropped (an ordinary run)
+    budgets: tuple[int, ...] = field(default=(), metadata=HASHED_IF_SET)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -266,7 +278,17 @@ def load_suite(
         merged["seeds"] = list(seeds)
     spec = _build(SuiteSpec, merged, str(path), "")
     _check_semantics(spec, str(path))
-    return spec
+    return _normalise_budgets(spec)
+
+
+def _normalise_budgets(spec: SuiteSpec) -> SuiteSpec:
+    """``train.budgets`` as one canonical tuple (sorted, with train.steps; empty for a single budget), so
+    ``[250, 500]`` and ``[500, 250, 1000]`` at 1000 steps are one experiment with one hash."""
+    t = spec.train
+    budgets = tuple(sorted(set(t.budgets) | {t.steps})) if t.budgets else ()
+    if budgets == (t.steps,):
+        budgets = ()
+    return spec if budgets == t.budgets else dataclasses.replace(spec, train=dataclasses.replace(t, budgets=budgets))
 
 
 def _check_semantics(spec: SuiteSpec, where: str) -> None:
@@ -323,12 +345,45 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
         raise SpecError(f"{where}: train.dtype={spec.train.dtype!r} must be float32 or bfloat16")
     if m.experts_impl not in EXPERTS_IMPLS:
         raise SpecError(f"{where}: model.experts_impl={m.experts_impl!r} must be one of {', '.join(EXPERTS_IMPLS)}")
+    _check_schedule(spec.train, where)
     if spec.train.device not in ("auto", "cpu", "cuda"):
         raise SpecError(f"{where}: train.device={spec.train.device!r} must be auto, cpu or cuda")
     for name in spec.routers:
         get_router(name)  # UnknownRouterError with did-you-mean
     for name in spec.router_args:
         get_router(name)
+
+
+SCHEDULES = ("cosine", "wsd")
+DECAY_SHAPES = ("1-sqrt", "linear")
+
+
+def _check_schedule(t: TrainSpec, where: str) -> None:
+    """The learning-rate schedule and the budgets read along it (harness.training.schedule)."""
+    if t.schedule not in SCHEDULES:
+        raise SpecError(f"{where}: train.schedule={t.schedule!r} must be one of {', '.join(SCHEDULES)}")
+    if t.decay_shape not in DECAY_SHAPES:
+        raise SpecError(f"{where}: train.decay_shape={t.decay_shape!r} must be one of {', '.join(DECAY_SHAPES)}")
+    if not 0.0 < t.decay_fraction <= 1.0:
+        raise SpecError(f"{where}: train.decay_fraction={t.decay_fraction} must be > 0 and <= 1")
+    if t.schedule != "wsd":
+        for key, val, default in (("decay_fraction", t.decay_fraction, 0.2), ("decay_shape", t.decay_shape, "1-sqrt")):
+            if val != default:
+                raise SpecError(f"{where}: train.{key} applies to train.schedule=wsd, not {t.schedule}; "
+                                f"add --set train.schedule=wsd or drop it")
+        if t.budgets and set(t.budgets) != {t.steps}:
+            raise SpecError(f"{where}: train.budgets={list(t.budgets)} needs train.schedule=wsd (a {t.schedule} "
+                            f"run reaches its low learning rate only at train.steps, so each other budget would "
+                            f"need a run of its own); add --set train.schedule=wsd")
+    for b in t.budgets:
+        if not 0 < b <= t.steps:
+            raise SpecError(f"{where}: train.budgets: {b} must be > 0 and <= train.steps={t.steps}")
+        start = b - round(t.decay_fraction * b)
+        if b < t.steps and start < t.warmup_steps:
+            raise SpecError(f"{where}: train.budgets: the budget {b} would start its decay at step {start}, inside "
+                            f"the warm-up (train.warmup_steps={t.warmup_steps}); use budgets of at least "
+                            f"{math.ceil(t.warmup_steps / (1 - t.decay_fraction)) if t.decay_fraction < 1 else 'more'} "
+                            f"steps or a shorter warm-up")
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

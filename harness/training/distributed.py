@@ -218,6 +218,9 @@ def check_spec(spec: Any, world_size: int) -> None:
     if bs % world_size:
         raise SpecError(f"train.batch_size={bs} is the global batch and must be divisible by the number of "
                         f"processes ({world_size}); e.g. --set train.batch_size={bs - bs % world_size or world_size}")
+    if spec.train.budgets:
+        raise SpecError(f"train.budgets (cooldown branches) run in one process; drop --nproc/--nnodes or "
+                        f"train.budgets={list(spec.train.budgets)} (a run per budget also works)")
     m = spec.model
     if getattr(m, "expert_parallel", False) and m.num_experts % world_size:
         raise SpecError(f"model.expert_parallel needs model.num_experts={m.num_experts} divisible by the number "

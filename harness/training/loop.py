@@ -8,8 +8,8 @@ resume, throughput/memory measurement, routing health and the store rows.
 """
 from __future__ import annotations
 
+import copy
 import json
-import math
 import random
 import time
 import traceback
@@ -27,7 +27,7 @@ from ..routing.router import Routing
 from ..spec import RunSpec
 from ..store import Store, git_sha, machine_info, now, package_versions
 from ..suites.base import SuiteAdapter
-from . import distributed
+from . import budgets, distributed, schedule
 from .checkpoint import (
     CKPT_VERSION,
     CheckpointWriteError,
@@ -66,18 +66,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
-    """Linear warm-up then cosine decay to ``min_ratio`` of the peak."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
 def no_decay_names(model: nn.Module) -> set[str]:
     """Parameter names that any module (the model itself included) lists in its ``no_weight_decay()``,
     as full names: timm's convention (ViT pos_embed, cls_token; DeiT) applied to every submodule, so the
@@ -102,9 +90,9 @@ def make_optimizer(model: nn.Module, run: RunSpec) -> torch.optim.Optimizer:
 
 
 def make_scheduler(opt: torch.optim.Optimizer, run: RunSpec) -> torch.optim.lr_scheduler.LambdaLR:
-    """The run's learning-rate schedule (:func:`lr_lambda`), stepped once per optimiser step."""
-    t = run.train
-    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
+    """The run's learning-rate schedule (``train.schedule``; harness.training.schedule), stepped once per
+    optimiser step."""
+    return schedule.make_scheduler(opt, run.train)
 
 
 # -- the loop -----------------------------------------------------------------------------
@@ -243,21 +231,50 @@ def train_run(
     status, error = "finished", None
     final_metrics: dict[str, float] = {}
     last_val: dict[str, float] | None = None
+    # cooldown branches (train.budgets under wsd): metrics and routing health of the budgets done so far,
+    # checkpointed with the run so a resume does not redo a recorded branch
+    pending_branches = budgets.branches(run)
+    budget_metrics: dict[str, float] = dict(state.get("budget_metrics", {})) if state else {}
+    budget_health: list[tuple[int, int, str, float]] = list(state.get("budget_health", [])) if state else []
     reset_peak_memory(device)
 
-    def evaluate(split: str, at_step: int, max_batches: int | None) -> dict[str, float]:
-        model.eval()
-        layers = model.moe_layers()
-        health.begin()
+    def evaluate(split: str, at_step: int, max_batches: int | None, net: nn.Module | None = None,
+                 tracker: HealthTracker | None = None, budget: int | None = None) -> dict[str, float]:
+        """One pass over ``split`` of the trunk (or of a budget's branch: ``net``, ``tracker``, ``budget``)."""
+        net, tracker = net or model, tracker or health
+        net.eval()
+        layers = net.moe_layers()
+        tracker.begin()
         with torch.no_grad(), amp:
-            m = adapter.evaluate(model, run, split, device, lambda: health.observe(layers) if layers else None,
+            m = adapter.evaluate(net, run, split, device, lambda: tracker.observe(layers) if layers else None,
                                  max_batches)
         if split == "val" and layers:
-            lr_rows, h_rows = health.end(at_step)
-            routing_rows.extend(lr_rows)
-            health_rows.extend(h_rows)
-        model.train()
+            lr_rows, h_rows = tracker.end(at_step)
+            if budget is None:
+                routing_rows.extend(lr_rows)
+                health_rows.extend(h_rows)
+            else:  # a branch's routing health, named like its metrics (the per-expert loads are the trunk's)
+                budget_health.extend((s, li, budgets.budget_name(n, budget), v) for s, li, n, v in h_rows)
+        net.train()
         return m
+
+    def run_branch(br: budgets.Branch) -> None:
+        """Train the cooldown branch of budget ``br.budget`` from here (step ``br.fork``), evaluate it, drop it."""
+        saved_rng = budgets.rng_state(device)
+        b_model, b_opt, b_sched = budgets.fork(model, opt, sched, run, br.budget, make_optimizer)
+        b_train = distributed.wrap_model(b_model, run, dctx, device)
+        b_health = copy.deepcopy(health)
+        for s in range(br.fork, br.budget):
+            b_model.on_step(s, t.steps)  # the trunk's total: see harness.training.budgets
+            x, y = adapter.train_batch(run, s, device)
+            train_step(b_model, b_train, adapter, b_opt, b_sched, dctx.shard(x), dctx.shard(y), s, t.steps,
+                       t.grad_clip, amp, dctx)
+        got = {**evaluate("val", br.budget, t.final_eval_batches, b_model, b_health, br.budget),
+               **evaluate("test", br.budget, t.final_eval_batches, b_model, b_health, br.budget)}
+        budget_metrics.update({budgets.budget_name(k, br.budget): v for k, v in got.items()})
+        log(f"[{run.router} seed {run.seed}] budget {br.budget}: {adapter.primary_metric} "
+            f"{got[adapter.primary_metric]:.4f}")
+        budgets.set_rng_state(saved_rng, device)  # the trunk goes on as if no branch had run
 
     bar = None
     try:
@@ -266,6 +283,9 @@ def train_run(
                    desc=f"{run.router} s{run.seed}")
         model.train()
         for step in range(start_step, t.steps):
+            for br in pending_branches:
+                if br.fork == step and budgets.budget_name(adapter.primary_metric, br.budget) not in budget_metrics:
+                    run_branch(br)
             model.on_step(step, t.steps)
             inputs, targets = adapter.train_batch(run, step, device)
             inputs, targets = dctx.shard(inputs), dctx.shard(targets)  # this rank's rows of the global batch
@@ -313,6 +333,7 @@ def train_run(
                     save_checkpoint(ckpt_path, {
                         "version": CKPT_VERSION, "run_id": run_id, "step": done, "model": model_sd,
                         **opt_sd, "scheduler": sched.state_dict(), "health": health.state_dict(), "stat_acc": stat_acc,
+                        "budget_metrics": budget_metrics, "budget_health": budget_health,
                         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                 "python": random.getstate(),
                                 "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
@@ -324,6 +345,8 @@ def train_run(
             last_val = evaluate("val", step, t.final_eval_batches)
         final_metrics.update(last_val)
         final_metrics.update(evaluate("test", step, t.final_eval_batches))
+        if pending_branches:  # the trunk is the last budget: its metrics under that name too
+            budget_metrics.update({budgets.budget_name(k, t.steps): v for k, v in final_metrics.items()})
         # tokens of all ranks over the slowest rank's time; the largest rank's memory
         (items,) = dctx.sum(items)
         train_time, peak_mb = dctx.max(train_time, peak_memory_mb(device))
@@ -363,6 +386,10 @@ def train_run(
 
     metrics_rows = [{"name": k, "value": v, "split": k.split("_", 1)[0] if k.startswith(("val_", "test_")) else None}
                     for k, v in final_metrics.items()]
+    if status == "finished":  # a budget's rows carry its step count (the verdict along the budget reads them)
+        metrics_rows += [{"name": k, "value": v, "split": k.split("_", 1)[0], "step": int(k.rsplit("@", 1)[1])}
+                         for k, v in budget_metrics.items()]
+        health_rows += budget_health
     if dctx.is_main:
         store.finish_run(run_id, status, step, metrics=metrics_rows, curves=pending_curves, routing=routing_rows,
                          routing_health=health_rows, error=error)
