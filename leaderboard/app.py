@@ -8,7 +8,7 @@ The store path comes from ``--store`` after streamlit's ``--``, else $HARNESS_ST
 results/harness.duckdb. The page only ever opens the store read-only, on short-lived
 connections, and waits (with backoff) while a ``harness run`` holds the write lock.
 Every number comes from the Streamlit-free modules (:mod:`leaderboard.store`, ``stats``, ``overview``,
-``tables``, ``claims``), which are tested without a page.
+``tables``, ``claims``, ``along``), which are tested without a page.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from leaderboard.stats import distinct_seeds
 from leaderboard.store import (FILL_COMMAND, StoreBusy, StoreError, load_health, load_metrics,
                                load_perf, load_runs, resolve_store_path, store_stamp, store_state)
 from leaderboard.suites import suite_meta
+from leaderboard.tabs.along import along_tab
 from leaderboard.tabs.bench import bench_tab
 from leaderboard.tabs.claims import claims_tab
 from leaderboard.tabs.lmeval import lmeval_tab
@@ -161,7 +162,8 @@ def main() -> None:
 
     tabs = st.tabs([":material/leaderboard: Leaderboard", ":material/show_chart: Training curves",
                     ":material/alt_route: Routing", ":material/quiz: lm-eval", ":material/fact_check: Claims",
-                    ":material/speed: Benchmarks", ":material/manage_search: Run detail"])
+                    ":material/timeline: Along an axis", ":material/speed: Benchmarks",
+                    ":material/manage_search: Run detail"])
     with tabs[0]:  # overview() sets the copies aside itself and names them per router
         overview_tab(all_runs, metrics, health, meta)
     with tabs[1]:
@@ -173,8 +175,10 @@ def main() -> None:
     with tabs[4]:
         claims_tab(runs, metrics, meta)
     with tabs[5]:
-        bench_tab(perf, filt)
+        along_tab(runs, metrics, meta)
     with tabs[6]:
+        bench_tab(perf, filt)
+    with tabs[7]:
         run_detail_tab(path, stamp, all_runs, metrics, meta)
 
 

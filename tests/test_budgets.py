@@ -119,3 +119,12 @@ def test_resume_mid_branch_redoes_only_that_branch(tmp_path, recorder):
     got, want = _metrics(store), _metrics(tmp_path / "ref.duckdb")
     for name in ("val_bpb@10", "val_bpb@20", "val_bpb@30", "test_bpb@20"):
         assert got[name] == want[name], name
+
+
+def test_a_router_that_froze_parameters_forks_too(tmp_path):
+    # StableMoE freezes its distilled router in stage 2 (here from step 3): the branch's optimiser must still
+    # mirror the trunk's groups (the default calibration run failed here before)
+    args = ["run", "--suite", "lm", "--routers", "stablemoe", *TINY, *WSD, "--set", "train.budgets=[20]",
+            "--store", str(tmp_path / "h.duckdb")]
+    assert main(args) == 0
+    assert {n for (n,) in q(tmp_path / "h.duckdb", "SELECT name FROM metrics")} >= {"val_bpb@20", "val_bpb@30"}

@@ -1,13 +1,15 @@
 """``harness compare``: every router of a suite against a baseline, as controlled experiments.
 
     harness compare [--store results/harness.duckdb] [--suite lm] [--preset P] [--baseline smoe]
-                    [--metric val_bpb] [--alpha 0.05] [--markdown]
+                    [--metric val_bpb] [--alpha 0.05] [--markdown] [--along budget|KEY]
 
 One row per router: mean ± 95% CI over distinct seeds and, against the baseline, the test used (paired by
 seed where the runs share their spec outside the router, else Welch), the difference ± CI, raw and
 Holm-adjusted p (over every router compared), the minimum detectable effect and the verdict. ``--markdown``
 prints the same as a GitHub table (the README's results table is pasted from it). The numbers come from
-:func:`leaderboard.verdicts.compare_table`, the computation the board's overview makes.
+:func:`leaderboard.verdicts.compare_table`, the computation the board's overview makes. ``--along`` prints
+what ``harness claims --along`` prints (on ``--metric``, too): the comparison at each point of the training
+budget or of a spec key (docs/along.md).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from leaderboard.suites import SuiteMeta, suite_meta
 from leaderboard.verdicts import TARGET_EFFECT, CompareError, compare_table, effect_unit, metric_meta
 
 from ..spec import SpecError
+from .claims import add_along_args, cmd_along
 
 VERDICT = {"better": "better", "worse": "worse", "within noise": "within noise", "n<2": "n<2 (no test)",
            "baseline": "baseline"}
@@ -40,6 +43,7 @@ def register(sub: argparse._SubParsersAction, store_arg) -> None:  # noqa: ANN00
     s.add_argument("--metric", default=None, help="metric compared (default: the suite's primary, lm val_bpb)")
     s.add_argument("--alpha", type=float, default=ALPHA, help="family-wise significance level (Holm)")
     s.add_argument("--markdown", action="store_true", help="print a GitHub markdown table")
+    add_along_args(s, baseline=False)
     s.set_defaults(fn=cmd_compare)
 
 
@@ -48,6 +52,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise SpecError(f"--alpha must lie between 0 and 1, got {args.alpha}")
     if not args.baseline_router.strip():
         raise SpecError("--baseline must name a router, e.g. --baseline smoe")
+    if args.along is not None:
+        if args.markdown:
+            raise SpecError("--markdown prints the comparison at one point; with --along, drop --markdown")
+        return cmd_along(args, args.metric)
     runs = load_runs(args.store, timeout=60)
     suite_runs, preset, presets = suite_preset_runs(runs, args.suite, args.preset)
     if suite_runs.filter(pl.col("status") == "finished").height == 0:

@@ -1,5 +1,6 @@
 """``harness run``: pretrain every router x seed of a suite (in parallel workers, or under torchrun) and
-record each run, then its downstream evaluation, in the store."""
+record each run, then its downstream evaluation, in the store. ``--sweep KEY=V1,V2`` runs the suite at every
+point of a grid of spec values (:mod:`harness.sweep`), each point an ordinary spec."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,7 @@ from ..errors import UsageError
 from ..lmeval import check_tasks, eval_after_pretraining
 from ..spec import SpecError, load_suite
 from ..store import Store
+from ..sweep import Point, parse_sweeps, points
 from ..suites import get_adapter
 from ..training import distributed
 from ..training.checkpoint import default_runs_dir
@@ -33,6 +35,10 @@ def register(sub: argparse._SubParsersAction, store_arg) -> None:  # noqa: ANN00
     s.add_argument("--preset", default=None, help="preset of the suite YAML (default, paper, ...)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec value, e.g. --set train.steps=100 (repeatable)")
+    s.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="run the suite at every combination of the swept values, each point as --set KEY=V "
+                        "(repeatable), e.g. --sweep model.num_experts=4,8,16 --sweep model.top_k=1,2 "
+                        "(docs/along.md)")
     store_arg(s)
     s.add_argument("--runs-dir", default=None, help="checkpoints and models (default: beside the store, runs/)")
     s.add_argument("--resume", action="store_true", help="continue unfinished runs from their last checkpoint")
@@ -68,17 +74,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and args.restart:
         raise UsageError("--resume continues unfinished runs and --restart deletes their checkpoints; "
                          "give one of them, not both")
-
-    spec = load_suite(args.suite, preset=args.preset, overrides=args.set,
-                      routers=_csv(args.routers) if args.routers else None,
-                      seeds=[int(s) for s in _csv(args.seeds)] if args.seeds else None)
-    if args.no_eval:
-
-        spec = replace(spec, eval=replace(spec.eval, enabled=False))
-    if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
-
-        check_tasks(spec.eval.tasks, "eval.tasks")  # now, not after hours of pretraining
     multi = (args.nproc or 1) > 1 or str(args.nnodes or "1") != "1"
+    sweeps = parse_sweeps(args.sweep, args.set)
+    if sweeps and (args.precision is not None or multi or distributed.launched_by_torchrun()):
+        raise SpecError("--sweep runs its points one after another from one process; it does not combine with "
+                        f"{'--precision' if args.precision is not None else '--nproc/--nnodes'} (run each point "
+                        "with --set KEY=V instead)")
+    # every point is loaded (and so validated) before any of them trains
+    grid = [(pt, _load_spec(args, pt)) for pt in (points(sweeps) if sweeps else [None])]
+    _check_distinct(grid)
+    spec = grid[0][1]
     if args.precision is not None:
         # imported only here: leaderboard.stats brings scipy.stats (~1 s), which a plain run never needs
         from ..tools.precision import check_request, default_baseline
@@ -90,28 +95,61 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise SpecError("--precision adds seeds and skips the finished ones; --rerun would retrain every "
                             "seed each round: give one of them")
         check_request(spec, args.precision, args.max_seeds, args.baseline_router or default_baseline(spec))
-    args.jobs = _resolve_jobs(args, spec, multi or distributed.launched_by_torchrun())
+    ddp = multi or distributed.launched_by_torchrun()
+    _resolve_jobs(args.jobs, spec, ddp)  # validated once; each point resolves its own default below
     if multi and not distributed.launched_by_torchrun() and not os.environ.get(distributed.ENV_MARKER):
         return _launch_torchrun(args, spec)
     if distributed.launched_by_torchrun():
         dctx = distributed.init_from_env(spec.train.device)
         try:
-            return _cmd_run(args, spec, dctx)
+            return _cmd_run(args, grid, dctx, ddp)
         finally:
             distributed.shutdown()
-    return _cmd_run(args, spec, distributed.current())
+    return _cmd_run(args, grid, distributed.current(), ddp)
 
 
-def _resolve_jobs(args: argparse.Namespace, spec, ddp: bool) -> int:  # noqa: ANN001
+def _load_spec(args: argparse.Namespace, point: Point | None):  # noqa: ANN202 - a SuiteSpec
+    """The spec of one sweep point (``--set`` items, then the point's own), as ``harness run`` runs it."""
+    try:
+        spec = load_suite(args.suite, preset=args.preset, overrides=args.set + (point.overrides if point else []),
+                          routers=_csv(args.routers) if args.routers else None,
+                          seeds=[int(s) for s in _csv(args.seeds)] if args.seeds else None)
+    except SpecError as exc:
+        if point is None:
+            raise
+        raise SpecError(f"--sweep point {point.label}: {exc}") from None
+    if args.no_eval:
+
+        spec = replace(spec, eval=replace(spec.eval, enabled=False))
+    if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
+
+        check_tasks(spec.eval.tasks, "eval.tasks")  # now, not after hours of pretraining
+    return spec
+
+
+def _check_distinct(grid: list) -> None:
+    """Two points that resolve to the same runs (``4`` and ``4.0`` of a float key, a value equal to the default
+    under another spelling) would train one spec twice: say so instead of skipping silently."""
+    seen: dict[frozenset, str] = {}
+    for pt, spec in grid:
+        if pt is None:
+            continue
+        key = frozenset((r.spec_hash, r.seed) for r in spec.runs())
+        if key in seen:
+            raise SpecError(f"--sweep points {seen[key]} and {pt.label} are the same spec; drop one of the values")
+        seen[key] = pt.label
+
+
+def _resolve_jobs(jobs: int | None, spec, ddp: bool) -> int:  # noqa: ANN001
     """``--jobs``: validated; unset = as many runs at once as the cores allow at ``train.threads`` each."""
-    if args.jobs is not None and args.jobs < 1:
-        raise SpecError(f"--jobs must be a positive integer, got {args.jobs}")
+    if jobs is not None and jobs < 1:
+        raise SpecError(f"--jobs must be a positive integer, got {jobs}")
     if ddp:
-        if (args.jobs or 1) > 1:
+        if (jobs or 1) > 1:
             raise SpecError("--jobs runs whole runs in parallel processes and --nproc/--nnodes spreads each run "
                             "over DDP processes; they do not combine: use one or the other")
         return 1
-    return args.jobs or default_jobs(spec.train.threads, len(spec.runs()))
+    return jobs or default_jobs(spec.train.threads, len(spec.runs()))
 
 
 def _launch_torchrun(args: argparse.Namespace, spec) -> int:  # noqa: ANN001
@@ -124,7 +162,8 @@ def _launch_torchrun(args: argparse.Namespace, spec) -> int:  # noqa: ANN001
     return distributed.launch(args.argv, nproc, args.nnodes, args.rdzv_endpoint, args.node_rank, args.rdzv_id)
 
 
-def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
+def _cmd_run(args: argparse.Namespace, grid: list, dctx, ddp: bool) -> int:  # noqa: ANN001
+    """Every point of ``grid`` (``[(None, spec)]`` without --sweep) in turn, then one summary table."""
     store = Store(args.store)
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir(args.store)
     if dctx.is_main:  # before anything is written: a store and a runs directory that can be written
@@ -133,10 +172,33 @@ def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
         store.check_readable()
     if args.restart and dctx.is_main:
 
-        for run in spec.runs():
+        for run in (r for _, spec in grid for r in spec.runs()):
             shutil.rmtree(runs_dir / run.run_key, ignore_errors=True)
             store.abandon(run.spec_hash, run.seed, "abandoned: restarted from scratch with --restart")
     dctx.barrier()
+    tables = []
+    ok = True
+    for i, (point, spec) in enumerate(grid, 1):
+        if point is not None:
+            print(f"sweep point {i}/{len(grid)}: {point.label} ({len(spec.runs())} runs)", file=sys.stderr,
+                  flush=True)
+        results = _run_point(args, spec, store, runs_dir, _resolve_jobs(args.jobs, spec, ddp))
+        ok = ok and all(r.status in ("finished", "skipped") for r in results)
+        adapter = get_adapter(spec.suite)
+        table = summary_table(results, adapter.primary_metric, adapter.unit)
+        if point is not None:  # the swept values as they were typed, first: which point each row belongs to
+            table = table.select(*(pl.lit(v).alias(k) for k, v in point.items), pl.all())
+        tables.append(table)
+    if not dctx.is_main:
+        return 0  # rank 0 reports (and carries the exit status)
+    with pl.Config(tbl_rows=100 * len(grid), tbl_cols=20, float_precision=4, tbl_width_chars=160):
+        print(pl.concat(tables, how="diagonal_relaxed") if len(tables) > 1 else tables[0])
+    print(f"results: {args.store}  (harness runs --store {args.store}; harness board --store {args.store})")
+    return 0 if ok else 1
+
+
+def _run_point(args: argparse.Namespace, spec, store: Store, runs_dir: Path, jobs: int) -> list:  # noqa: ANN001
+    """The runs of one spec (with --precision: rounds of seeds until the CI is narrow enough)."""
     after = None
     if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
 
@@ -148,7 +210,7 @@ def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
 
     def one_round(s) -> bool:  # noqa: ANN001 - a SuiteSpec
         res = run_suite(s, store, runs_dir, resume=args.resume, rerun=args.rerun, progress=not args.quiet,
-                        after_run=after, jobs=getattr(args, "jobs", None) or 1)
+                        after_run=after, jobs=jobs)
         seen = {(r.router, r.seed) for r in res}
         results[:] = [r for r in results if (r.router, r.seed) not in seen] + list(res)
         return all(r.status in ("finished", "skipped") for r in res)
@@ -161,10 +223,4 @@ def _cmd_run(args: argparse.Namespace, spec, dctx) -> int:  # noqa: ANN001
         run_until_precise(spec, one_round, store, get_adapter(spec.suite).primary_metric, args.precision,
                           args.max_seeds, args.baseline_router or default_baseline(spec),
                           log=lambda line: print(line, file=sys.stderr, flush=True))
-    if not dctx.is_main:
-        return 0  # rank 0 reports (and carries the exit status)
-    adapter = get_adapter(spec.suite)
-    with pl.Config(tbl_rows=100, tbl_cols=20, float_precision=4, tbl_width_chars=160):
-        print(summary_table(results, adapter.primary_metric, adapter.unit))
-    print(f"results: {args.store}  (harness runs --store {args.store}; harness board --store {args.store})")
-    return 0 if all(r.status in ("finished", "skipped") for r in results) else 1
+    return results

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,8 +66,8 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def fork(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, run: RunSpec, budget: int,
-         make_optimizer: Callable[[nn.Module, RunSpec], torch.optim.Optimizer]) -> tuple[nn.Module, Any, Any]:
+def fork(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, run: RunSpec,
+         budget: int) -> tuple[nn.Module, Any, Any]:
     """Copies of the trunk's model and optimiser, and the schedule of a WSD run of ``budget`` steps at the
     trunk's step. The optimiser state is deep-copied: AdamW updates its moments in place."""
     # the layers keep their last forward's Routing (tensors inside the autograd graph, which deepcopy refuses);
@@ -75,7 +75,7 @@ def fork(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, run: RunSpec,
     memo: dict[int, Any] = {id(m.last_routing): None for m in model.modules()
                             if isinstance(getattr(m, "last_routing", None), Routing)}
     b_model = copy.deepcopy(model, memo)
-    b_opt = make_optimizer(b_model, run)
+    b_opt = _mirror_optimizer(opt, model, b_model)
     b_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     b_sched = make_scheduler(b_opt, run.train, total=budget)
     b_sched.load_state_dict(sched.state_dict())  # step count and base rates; the lambda stays the budget's
@@ -86,3 +86,15 @@ def fork(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, run: RunSpec,
         group["lr"] = base * factor(b_sched.last_epoch)
     b_sched._last_lr = [g["lr"] for g in b_opt.param_groups]  # noqa: SLF001 - what get_last_lr() reports
     return b_model, b_opt, b_sched
+
+
+def _mirror_optimizer(opt: torch.optim.Optimizer, model: nn.Module, b_model: nn.Module) -> torch.optim.Optimizer:
+    """An optimiser of the trunk's class over the copy's parameters, group for group as the trunk's was built.
+
+    Not ``make_optimizer(b_model)``: that lists only parameters that train *now*, and a router may have frozen
+    some since step 0 (StableMoE's distilled router in stage 2), so its groups would not match the state."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    b_params = dict(b_model.named_parameters())
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [b_params[names[id(p)]] for p in g["params"]]}
+              for g in opt.param_groups]
+    return type(opt)(groups)  # every group carries all its hyperparameters

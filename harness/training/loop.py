@@ -261,7 +261,7 @@ def train_run(
     def run_branch(br: budgets.Branch) -> None:
         """Train the cooldown branch of budget ``br.budget`` from here (step ``br.fork``), evaluate it, drop it."""
         saved_rng = budgets.rng_state(device)
-        b_model, b_opt, b_sched = budgets.fork(model, opt, sched, run, br.budget, make_optimizer)
+        b_model, b_opt, b_sched = budgets.fork(model, opt, sched, run, br.budget)
         b_train = distributed.wrap_model(b_model, run, dctx, device)
         b_health = copy.deepcopy(health)
         for s in range(br.fork, br.budget):
