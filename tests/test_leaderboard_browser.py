@@ -135,7 +135,7 @@ def test_leaderboard_in_chromium(server, tmp_path):
             for shot in shots:
                 page.screenshot(path=str(shot), full_page=True)
             # the other tabs render without exceptions too
-            for tab in ("Training curves", "Routing", "lm-eval", "Benchmarks", "Claims", "Run detail"):
+            for tab in ("Training curves", "Routing", "lm-eval", "Benchmarks", "Claims", "Along an axis", "Run detail"):
                 page.get_by_role("tab", name=tab).click()
                 page.wait_for_timeout(700)
                 assert page.locator('[data-testid="stException"]').count() == 0, tab
