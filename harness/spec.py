@@ -367,8 +367,9 @@ def _check_schedule(t: TrainSpec, where: str) -> None:
     if not 0.0 < t.decay_fraction <= 1.0:
         raise SpecError(f"{where}: train.decay_fraction={t.decay_fraction} must be > 0 and <= 1")
     if t.schedule != "wsd":
-        for key, val, default in (("decay_fraction", t.decay_fraction, 0.2), ("decay_shape", t.decay_shape, "1-sqrt")):
-            if val != default:
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainSpec)}
+        for key in ("decay_fraction", "decay_shape"):
+            if getattr(t, key) != defaults[key]:
                 raise SpecError(f"{where}: train.{key} applies to train.schedule=wsd, not {t.schedule}; "
                                 f"add --set train.schedule=wsd or drop it")
         if t.budgets and set(t.budgets) != {t.steps}:

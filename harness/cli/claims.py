@@ -49,9 +49,14 @@ def add_along_args(s: argparse.ArgumentParser, baseline: bool = True) -> None:
                        help=f"--along: the router every other is compared against (default {BASELINE})")
 
 
+def check_alpha(alpha: float) -> None:
+    """``--alpha`` of claims and compare: a significance level strictly between 0 and 1."""
+    if not 0 < alpha < 1:
+        raise SpecError(f"--alpha must lie between 0 and 1, got {alpha}")
+
+
 def cmd_claims(args: argparse.Namespace) -> int:
-    if not 0 < args.alpha < 1:
-        raise SpecError(f"--alpha must lie between 0 and 1, got {args.alpha}")
+    check_alpha(args.alpha)
     if args.along is None and args.baseline_router is not None:
         raise SpecError("--baseline picks the reference of --along; each claim names its own baseline")
     if args.along is not None:

@@ -25,7 +25,7 @@ from leaderboard.suites import SuiteMeta, suite_meta
 from leaderboard.verdicts import TARGET_EFFECT, CompareError, compare_table, effect_unit, metric_meta
 
 from ..spec import SpecError
-from .claims import add_along_args, cmd_along
+from .claims import add_along_args, check_alpha, cmd_along
 
 VERDICT = {"better": "better", "worse": "worse", "within noise": "within noise", "n<2": "n<2 (no test)",
            "baseline": "baseline"}
@@ -48,8 +48,7 @@ def register(sub: argparse._SubParsersAction, store_arg) -> None:  # noqa: ANN00
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    if not 0 < args.alpha < 1:
-        raise SpecError(f"--alpha must lie between 0 and 1, got {args.alpha}")
+    check_alpha(args.alpha)
     if not args.baseline_router.strip():
         raise SpecError("--baseline must name a router, e.g. --baseline smoe")
     if args.along is not None:

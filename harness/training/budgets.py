@@ -20,11 +20,9 @@ per router.
 from __future__ import annotations
 
 import copy
-import random
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -51,19 +49,6 @@ def branches(run: RunSpec) -> list[Branch]:
 def budget_name(name: str, budget: int) -> str:
     """The stored name of a metric at a budget: ``val_bpb@250``."""
     return f"{name}@{budget}"
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def fork(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, run: RunSpec,

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import signal
 import threading
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from ..errors import UserError
@@ -139,3 +141,19 @@ def load_final_model(path: Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or not {"spec", "model"} <= set(ckpt) or ckpt.get("version") != CKPT_VERSION:
         raise CheckpointError(f"{path} is not a moe-harness v{CKPT_VERSION} model.pt (written at the end of a run)")
     return ckpt
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every random generator a run draws from (torch, numpy, Python, CUDA): what a checkpoint stores and a
+    cooldown branch (harness.training.budgets) puts back after it ran."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore :func:`rng_state`'s snapshot."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])

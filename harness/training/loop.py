@@ -34,7 +34,9 @@ from .checkpoint import (
     final_model_path,
     load_checkpoint,
     resume_path,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
     save_final_model,
 )
 from .device import peak_memory_mb, pick_device, reset_peak_memory
@@ -211,11 +213,7 @@ def train_run(
         distributed.load_optimizer_state(opt, state, model, dctx)  # = opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         health.load_state_dict(state["health"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        set_rng_state(state["rng"], device)
         log(f"[{run.router} seed {run.seed}] resuming {run_id} from step {start_step}")
 
     amp = autocast_for(device, t.dtype)
@@ -260,7 +258,7 @@ def train_run(
 
     def run_branch(br: budgets.Branch) -> None:
         """Train the cooldown branch of budget ``br.budget`` from here (step ``br.fork``), evaluate it, drop it."""
-        saved_rng = budgets.rng_state(device)
+        saved_rng = rng_state(device)
         b_model, b_opt, b_sched = budgets.fork(model, opt, sched, run, br.budget)
         b_train = distributed.wrap_model(b_model, run, dctx, device)
         b_health = copy.deepcopy(health)
@@ -274,7 +272,7 @@ def train_run(
         budget_metrics.update({budgets.budget_name(k, br.budget): v for k, v in got.items()})
         log(f"[{run.router} seed {run.seed}] budget {br.budget}: {adapter.primary_metric} "
             f"{got[adapter.primary_metric]:.4f}")
-        budgets.set_rng_state(saved_rng, device)  # the trunk goes on as if no branch had run
+        set_rng_state(saved_rng, device)  # the trunk goes on as if no branch had run
 
     bar = None
     try:
@@ -334,9 +332,7 @@ def train_run(
                         "version": CKPT_VERSION, "run_id": run_id, "step": done, "model": model_sd,
                         **opt_sd, "scheduler": sched.state_dict(), "health": health.state_dict(), "stat_acc": stat_acc,
                         "budget_metrics": budget_metrics, "budget_health": budget_health,
-                        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                                "python": random.getstate(),
-                                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
+                        "rng": rng_state(device),
                         "spec": run.to_dict(),
                     })
                 dctx.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
