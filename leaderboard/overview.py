@@ -57,6 +57,7 @@ def per_run_table(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFram
 OVERVIEW_SCHEMA = {
     "rank": pl.Int64, "router": pl.Utf8, "n": pl.Int64,
     "quality_mean": pl.Float64, "quality_ci": pl.Float64, "test_mean": pl.Float64, "test_ci": pl.Float64,
+    "extra_mean": pl.Float64, "extra_ci": pl.Float64,  # the suite's first extra metric (vision: val_top5)
     "throughput": pl.Float64, "throughput_ci": pl.Float64, "vs_dense": pl.Float64, "vs_smoe": pl.Float64,
     "peak_mem_mb": pl.Float64, "params": pl.Float64,
     "dead_experts": pl.Float64, "load_entropy": pl.Float64, "max_over_mean_load": pl.Float64,
@@ -111,13 +112,14 @@ def overview(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame, me
     for r, df in by_router.items():
         q_mean, q_ci, n = mean_ci(vals(r, meta.quality))
         t_mean, t_ci, _ = mean_ci(vals(r, meta.test))
+        x_mean, x_ci, _ = mean_ci(vals(r, meta.extra[0])) if meta.extra else (None, None, 0)
         tp_mean, tp_ci, _ = mean_ci(vals(r, meta.throughput))
         v = verdicts.get(r)
         label = "baseline" if r == baseline and have_base else "no SMoE" if v is None else v.direction
         c = counts.get(r, {})
         rows.append({
             "router": r, "n": n, "quality_mean": q_mean, "quality_ci": q_ci, "test_mean": t_mean, "test_ci": t_ci,
-            "throughput": tp_mean, "throughput_ci": tp_ci,
+            "extra_mean": x_mean, "extra_ci": x_ci, "throughput": tp_mean, "throughput_ci": tp_ci,
             "vs_dense": tp_mean / dense_tp if tp_mean is not None and dense_tp else None,
             "vs_smoe": tp_mean / base_tp if tp_mean is not None and base_tp else None,
             "peak_mem_mb": mean(vals(r, "peak_mem_mb")), "params": mean(vals(r, "params_total")),
@@ -160,14 +162,15 @@ BEST_DIRECTION = {  # column -> True if higher is better
 
 def best_rows(ov: pl.DataFrame, meta: SuiteMeta) -> dict[str, list[int]]:
     """Column -> row indices holding its best value (ties all count)."""
-    direction = {"quality_mean": meta.higher_better, "test_mean": meta.higher_better, **BEST_DIRECTION}
+    direction = {"quality_mean": meta.higher_better, "test_mean": meta.higher_better,
+                 "extra_mean": meta.higher_better, **BEST_DIRECTION}
     out: dict[str, list[int]] = {}
     for col, higher in direction.items():
         if col not in ov.columns:
             continue
         vs = ov[col].to_list()
         finite = [v for v in vs if v is not None and math.isfinite(v)]
-        if len(finite) < 2 and col not in ("quality_mean", "test_mean"):
+        if len(finite) < 2 and col not in ("quality_mean", "test_mean", "extra_mean"):
             continue
         if not finite:
             continue
@@ -209,6 +212,8 @@ def display_overview(ov: pl.DataFrame, meta: SuiteMeta) -> pl.DataFrame:
             "test": test_cell(r["test"], r["n_pairs"]),
             "resolution": r["resolution"] or "",
             meta.test_header(): fmt_ci(meta.shown(r["test_mean"]), meta.shown(r["test_ci"]), r["n"]),
+            **({meta.extra_header(): fmt_ci(meta.shown(r["extra_mean"]), meta.shown(r["extra_ci"]), r["n"])}
+               if meta.extra else {}),
             f"{unit}/s": fmt_si(r["throughput"]),
             "× dense": fmt_num(r["vs_dense"], 2, "×"),
             "× SMoE": fmt_num(r["vs_smoe"], 2, "×"),
@@ -220,7 +225,7 @@ def display_overview(ov: pl.DataFrame, meta: SuiteMeta) -> pl.DataFrame:
             "excluded": ", ".join(notes) if notes else "",
         })
     cols = ["#", "router", "n", meta.quality_header(), "vs SMoE", "Δ vs SMoE", "test", "resolution",
-            meta.test_header(),
+            meta.test_header(), *([meta.extra_header()] if meta.extra else []),
             f"{unit}/s", "× dense", "× SMoE", "peak MB", "params", "dead", "entropy", "max/mean",
             "excluded"]
     if not rows:
@@ -232,6 +237,7 @@ def display_best_cells(ov: pl.DataFrame, meta: SuiteMeta) -> dict[str, list[int]
     """Display column name -> rows to highlight as best."""
     best = best_rows(ov, meta)
     name = {"quality_mean": meta.quality_header(), "test_mean": meta.test_header(),
+            **({"extra_mean": meta.extra_header()} if meta.extra else {}),
             "throughput": f"{meta.unit}/s", "vs_dense": "× dense", "vs_smoe": "× SMoE", "peak_mem_mb": "peak MB",
             "dead_experts": "dead", "load_entropy": "entropy", "max_over_mean_load": "max/mean"}
     return {name[k]: v for k, v in best.items() if k in name}

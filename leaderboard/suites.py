@@ -32,6 +32,10 @@ class SuiteMeta:
     def test_header(self) -> str:
         return f"{self.test_name}{' %' if self.percent else ''} {self.arrow}"
 
+    def extra_header(self) -> str:
+        """Header of the first extra metric's column (vision: ``val top-5 % ↑``)."""
+        return f"{self.extra[0].replace('_', ' ').replace('top5', 'top-5')}{' %' if self.percent else ''} {self.arrow}"
+
     @property
     def arrow(self) -> str:
         return "↑" if self.higher_better else "↓"

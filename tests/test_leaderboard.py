@@ -313,6 +313,22 @@ def test_overview_vision_is_higher_better_and_no_smoe():
     assert ov["vs_smoe"].null_count() == 2
 
 
+def test_overview_vision_shows_top5_beside_top1():
+    runs, metrics = synthetic({"dense": [0.50, 0.52], "smoe": [0.60, 0.62]}, suite="vision")
+    top5 = pl.DataFrame([{"run_id": r, "name": "val_top5", "value": v}
+                         for r, v in (("dense-0", 0.90), ("dense-1", 0.92), ("smoe-0", 0.95), ("smoe-1", 0.97))])
+    meta = SUITES["vision"]
+    ov = overview(runs, pl.concat([metrics, top5]), pl.DataFrame(schema=HEALTH_COLUMNS), meta)
+    row = {r["router"]: r for r in ov.iter_rows(named=True)}
+    assert row["smoe"]["extra_mean"] == pytest.approx(0.96) and row["dense"]["extra_mean"] == pytest.approx(0.91)
+    disp = display_overview(ov, meta)
+    assert meta.extra_header() == "val top-5 % ↑" and meta.extra_header() in disp.columns
+    assert disp[meta.extra_header()].to_list()[0].startswith("96.0")  # percentage, smoe (ranked first)
+    assert display_best_cells(ov, meta)[meta.extra_header()] == [0]
+    assert "val top-5" not in " ".join(display_overview(overview(*synthetic({"smoe": [1.0]}), pl.DataFrame(
+        schema=HEALTH_COLUMNS), SUITES["lm"]), SUITES["lm"]).columns)  # lm has no extra column
+
+
 def test_filter_runs():
     runs, _ = synthetic({"dense": [1.0, 1.1], "smoe": [1.0]})
     runs = runs.with_columns(pl.lit(None, dtype=pl.Datetime("us")).alias("started_at"))

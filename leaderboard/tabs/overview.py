@@ -66,6 +66,9 @@ def overview_tab(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame
                                    "with 80% power at α = 0.05 for its n and the observed spread, and the seeds "
                                    "a 0.01 difference would need"),
             tcol: st.column_config.TextColumn(tcol, help="test split, mean ± 95% CI"),
+            **({meta.extra_header(): st.column_config.TextColumn(
+                meta.extra_header(), help=f"{meta.extra[0]} on the whole validation split, mean ± 95% CI")}
+               if meta.extra else {}),
             f"{meta.unit}/s": st.column_config.TextColumn(f"{meta.unit}/s", help="training throughput, mean"),
             "× dense": st.column_config.TextColumn("× dense", help="throughput relative to the dense baseline"),
             "× SMoE": st.column_config.TextColumn(
