@@ -138,6 +138,12 @@ class MoGERouter(Router):
             "reduction": "sum_window", "group_weight": 3e-5, "keep_balance_loss": True, "balance_weight": 0.01,
             "balance_loss": "load_importance", "gate_noise": 1.0, "gate_bias": False,
         },
+        # the ViT code's MoE counterpart (configs/vitmoe/vit_moe_small_patch16_224_32expert_4gpu_1k_last2_C4.yaml:
+        # the same Tutel gate, noise and load-importance loss, no group sparsity): MoGE's own baseline
+        "vitmoe": {
+            "reduction": "sum_window", "group_weight": 0.0, "keep_balance_loss": True, "balance_weight": 0.01,
+            "balance_loss": "load_importance", "gate_noise": 1.0, "gate_bias": False,
+        },
         "paper": {  # this harness's earlier reading of the design notes' summary (unverified against the paper)
             "penalize": "logits", "padding": "same", "reduction": "mean", "sigma_schedule": "cosine",
             "sigma_max": 2.0, "sigma_min": 1.0, "group_weight": 3e-3, "eps": 1e-6, "kernel_size": 3,

@@ -67,6 +67,9 @@ class ModelSpec:
     num_experts: int = 8
     top_k: int = 2
     moe_every: int = 1               # 1: every block is MoE; 2: every other block (others dense d_ff*k)
+    # MoE only in the last N blocks (0: no limit), with moe_every inside them: MoGE's and V-MoE's "Last2"
+    # (wangyuankl123/MoGE, configs/vitmoe/*_last2_C4.yaml: MODE 'Last2')
+    moe_last: int = field(default=0, metadata=HASHED_IF_SET)
     capacity_factor: float | None = None  # None: router's default (StableMoE: 2.0), else no dropping
     dropout: float = 0.0
     context: int = 128               # tokens per sequence (lm)
@@ -313,6 +316,7 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
         ("model.img_size", m.img_size, 1, None, False), ("model.patch_size", m.patch_size, 1, None, False),
         ("model.num_classes", m.num_classes, 1, None, False),
         ("model.shared_experts", m.shared_experts, 0, None, False),
+        ("model.moe_last", m.moe_last, 0, m.n_layers, False),
         ("train.lr", t.lr, 0.0, None, True), ("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0, False),
         ("train.warmup_steps", t.warmup_steps, 0, None, False), ("train.weight_decay", t.weight_decay, 0.0, None, False),
         ("train.beta1", t.beta1, 0.0, 0.999999, False), ("train.beta2", t.beta2, 0.0, 0.999999, False),

@@ -1,4 +1,5 @@
-"""``build_ffn``: the FFN of one block for a router name, the one place models get their FFNs from."""
+"""``build_ffn``: the FFN of one block for a router name, the one place models get their FFNs from;
+``is_moe_block``: which blocks route, the one rule both models follow."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +14,14 @@ from .expert_parallel import ExpertParallelMoELayer
 from .kernels import DEFAULT_IMPL, check_impl
 from .moe_layer import MoELayer
 from .streams import rng_stream
+
+
+def is_moe_block(i: int, depth: int, moe_every: int = 1, moe_last: int = 0) -> bool:
+    """Block ``i`` (0-based, of ``depth``) routes when it is a ``moe_every``-th block counted from the last
+    (the last block always routes) and, with ``moe_last`` > 0, one of the last ``moe_last`` blocks (MoGE's
+    and V-MoE's "Last2": ``moe_last=2``); every other block gets the equal-active-FLOP dense FFN."""
+    from_last = depth - 1 - i
+    return from_last % moe_every == 0 and (moe_last <= 0 or from_last < moe_last)
 
 
 def build_ffn(

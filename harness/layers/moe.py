@@ -8,10 +8,11 @@ import all of them.
 """
 from __future__ import annotations
 
-from .build import build_ffn
+from .build import build_ffn, is_moe_block
 from .dense import DenseFFN
 from .experts import ExpertBank
 from .ffn import activation_fn, ffn_init_
 from .moe_layer import STEPS, Dispatch, MoELayer
 
-__all__ = ["STEPS", "DenseFFN", "Dispatch", "ExpertBank", "MoELayer", "activation_fn", "build_ffn", "ffn_init_"]
+__all__ = ["STEPS", "DenseFFN", "Dispatch", "ExpertBank", "MoELayer", "activation_fn", "build_ffn", "ffn_init_",
+           "is_moe_block"]

@@ -4,7 +4,7 @@ Pre-LN blocks, causal attention through ``scaled_dot_product_attention``,
 learned positions, tied input/output embeddings (nanoGPT's shape). Every
 ``moe_every``-th block (counting from the last one) uses the router; the others use
 the dense equal-FLOP FFN, so "MoE in every other block" matches the CompeteSMoE
-large setting.
+large setting; ``moe_last`` keeps MoE to the last blocks only (``harness.layers.build.is_moe_block``).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.kernels import DEFAULT_IMPL
-from ..layers.moe import build_ffn
+from ..layers.moe import build_ffn, is_moe_block
 from ..layers.streams import base_seed
 from ..routing.router import RouteContext, Routing
 
@@ -64,6 +64,7 @@ class MoEDecoderLM(nn.Module):
         num_experts: int = 8,
         top_k: int = 2,
         moe_every: int = 1,
+        moe_last: int = 0,
         context: int = 128,
         dropout: float = 0.0,
         capacity_factor: float | None = None,
@@ -81,7 +82,7 @@ class MoEDecoderLM(nn.Module):
         self.drop = nn.Dropout(dropout)
         blocks = []
         for i in range(n_layers):
-            is_moe = (n_layers - 1 - i) % moe_every == 0
+            is_moe = is_moe_block(i, n_layers, moe_every, moe_last)
             name = router if is_moe else "dense"
             ffn = build_ffn(name, d_model, d_ff, num_experts, top_k, router_kwargs if is_moe else None,
                             capacity_factor=capacity_factor, activation=activation, shared_experts=shared_experts,

@@ -30,7 +30,7 @@ def build_lm(spec: dict | RunSpec) -> MoEDecoderLM:
     return MoEDecoderLM(
         router=d["router"], vocab_size=256, d_model=m["d_model"], n_layers=m["n_layers"], n_heads=m["n_heads"],
         d_ff=m["d_ff"], num_experts=m["num_experts"], top_k=m["top_k"], moe_every=m["moe_every"],
-        context=m["context"], dropout=m["dropout"], capacity_factor=m["capacity_factor"],
+        moe_last=m.get("moe_last", 0), context=m["context"], dropout=m["dropout"], capacity_factor=m["capacity_factor"],
         activation=m["activation"], router_kwargs=d.get("router_args") or {},
         shared_experts=m.get("shared_experts", 0),  # absent in runs stored before issue 18
         experts_impl=m.get("experts_impl", DEFAULT_IMPL),  # absent in runs stored before issue 17
