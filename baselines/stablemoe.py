@@ -36,25 +36,55 @@ Other choices:
 
 * Capacity factor 2 (class attribute), as in the paper; the layer drops overflow.
 * Centroids (both) are initialised orthogonally with gain 0.1, as in the code.
-  The distilled word embedding keeps ``nn.Embedding``'s N(0, 1) init (issue 16
-  reports that the fairseq code keeps N(0, 1); we could not open
-  ``Hunter-DDM/stablemoe`` to re-check it); the harness models must not
-  re-initialise router parameters (``harness.conformance`` checks it).
+  D's init depends on what it embeds (the harness models must not re-initialise
+  router parameters; ``harness.conformance`` checks it):
+  - token ids (LM) and positions: ``nn.Embedding``'s N(0, 1) (issue 16 reports that
+    the fairseq code keeps N(0, 1); we could not open ``Hunter-DDM/stablemoe`` to
+    re-check it);
+  - patch pixels (vision): ``nn.Linear``'s default, U(+-1/sqrt(f)) for weight and
+    bias (f = ``patch_dim``). There is no reference to copy; the default keeps
+    D(x)'s scale independent of the patch size (about 1/3 of the pixels' variance
+    per entry, the order of the word embedding's N(0, 1)), where N(0, 1) weights
+    would give entries of variance ~f (48 at 4x4x3, 768 at 16x16x3) and a
+    distillation cross-entropy saturated from the first step.
 * Evaluation in stage 1: the code routes with the (still training) distilled
   router whenever it is not training; the paper only uses the distilled router at
   inference after training. Default ``eval_with_distilled=False`` keeps stage-1
   evaluation consistent with stage-1 training (argmax of s); ``True`` is the code.
   In stage 2 the distilled router always decides, in training and evaluation.
-* Token ids: ``ctx.token_ids`` (flattened to [T]); when absent (vision) we fall
-  back to ``ctx.positions`` (patch index), so ``vocab_size`` must cover it.
+* What D embeds: ``distill_input="token"`` (default) embeds the token itself --
+  ``ctx.token_ids`` (flattened to [T], ``nn.Embedding(vocab_size, distill_dim)``)
+  when ``patch_dim == 0`` (the LM), its patch pixels when ``patch_dim > 0`` (vision,
+  below); ``"position"`` embeds ``ctx.positions`` with ``nn.Embedding(vocab_size,
+  distill_dim)`` (``stablemoe@position``; in the LM an ablation that routes on the
+  position in the sequence). ``patch_dim`` is ignored by the position reading.
 * ``Routing.logits`` are the scores that decided the assignment: s in stage 1,
   s^ in stage 2 (so ``indices == logits.argmax(-1)`` always holds).
+
+Vision. An image has no vocabulary: the token of an image is its patch, so the
+distilled router embeds the patch's pixels (``ctx.patches``, [T, patch_dim], zero
+rows for the class/register tokens) with its own linear patch embedding
+``nn.Linear(patch_dim, distill_dim)`` -- the analogue of the paper's own word
+embedding D (separate from the model's patch embedding, as D is from the model's
+word embedding), frozen in stage 2 like D, so stage-2 routing is a fixed function of
+the patch's pixels wherever the patch sits. The bias is on, so the class token's zero
+pixels map to a learned vector: the class token has its own embedding, as a word
+does. ``harness.models.vit`` sets ``patch_dim = in_chans * patch_size**2`` unless the
+spec sets it, and hands ``ctx.patches`` to the routers whose ``reads_patches`` is
+true (False for the position reading, which never looks at pixels). This is the
+harness' reading, not the paper's (the paper is text-only). The earlier vision
+reading, D over the patch *index* (``ctx.positions``), stays available as
+``stablemoe@position``: its stage-2 routing is a fixed map from position to
+expert, a positional inductive bias the learned routers do not get (on the vision
+default it scored 0.700 top-1 against ~0.57 for the others, one seed; the hash
+router's vision reading is the same kind of map, fixed from step 0).
 
 Freezing. ``on_step`` switches to stage 2 once ``step >= stage1_fraction * total_steps``
 and sets ``requires_grad=False`` **and** ``grad=None`` on the distilled router's
 parameters. An optimiser built earlier still holds them, but AdamW skips every
 parameter whose ``.grad`` is None, so neither the update nor the weight decay
-touches them (pinned by ``tests/test_router_formulas.py``).
+touches them (pinned by ``tests/test_router_formulas.py`` and, for the patch
+embedding, ``tests/test_stablemoe_vision.py``).
 """
 from __future__ import annotations
 
@@ -70,12 +100,15 @@ _NAME = "stablemoe"
 
 @register_router(_NAME)
 class StableMoERouter(Router):
-    """Top-1 centroid routing with a sigmoid gate; a distilled token-id router takes over and freezes."""
+    """Top-1 centroid routing with a sigmoid gate; a distilled token router takes over and freezes."""
 
     description = "StableMoE: top-1, sigmoid gate, balance 0.3 + distillation 0.3, frozen distilled router after 10%"
     supports_top_k = (1,)
     capacity_factor = 2.0
-    variants = {"code": {"eval_with_distilled": True}}  # the official code routes eval with the distilled router
+    variants = {
+        "code": {"eval_with_distilled": True},  # the official code routes eval with the distilled router
+        "position": {"distill_input": "position"},  # D over the position (vision: patch index), not the token
+    }
 
     def __init__(
         self,
@@ -89,6 +122,8 @@ class StableMoERouter(Router):
         stage1_fraction: float = 0.1,
         loss_reduction: str = "mean",
         eval_with_distilled: bool = False,
+        distill_input: str = "token",
+        patch_dim: int = 0,
     ) -> None:
         super().__init__(d_model, num_experts, top_k)
         check_range(_NAME, "vocab_size", vocab_size, 1, integer=True)
@@ -98,7 +133,13 @@ class StableMoERouter(Router):
         check_range(_NAME, "stage1_fraction", stage1_fraction, 0, 1)
         check_choice(_NAME, "loss_reduction", loss_reduction, ("mean", "sum"))
         check_choice(_NAME, "eval_with_distilled", eval_with_distilled, (True, False))
+        check_choice(_NAME, "distill_input", distill_input, ("token", "position"))
+        check_range(_NAME, "patch_dim", patch_dim, 0, integer=True,
+                    note="(0: embed token ids; > 0: embed patch pixels, in_chans * patch_size**2)")
         self.vocab_size = vocab_size
+        self.distill_input = distill_input
+        self.patch_dim = patch_dim
+        self.reads_patches = distill_input == "token" and patch_dim > 0
         self.balance_weight = balance_weight
         self.distill_weight = distill_weight
         self.stage1_fraction = stage1_fraction
@@ -108,7 +149,11 @@ class StableMoERouter(Router):
         cent = torch.empty(num_experts, d_model)
         nn.init.orthogonal_(cent, gain=0.1)
         self.centroids = nn.Parameter(cent)  # E, trained in both stages (the gate)
-        self.distill_embedding = nn.Embedding(vocab_size, distill_dim)  # D(x)
+        # D(x), built between the two centroid draws as it always was (the LM's draws are unchanged)
+        if self.reads_patches:
+            self.distill_patch_embedding = nn.Linear(patch_dim, distill_dim)  # D over patch pixels (vision)
+        else:
+            self.distill_embedding = nn.Embedding(vocab_size, distill_dim)  # D over token ids or positions
         dcent = torch.empty(num_experts, distill_dim)
         nn.init.orthogonal_(dcent, gain=0.1)
         self.distill_centroids = nn.Parameter(dcent)  # E^
@@ -121,7 +166,9 @@ class StableMoERouter(Router):
         return int(self.stage) == 2
 
     def distilled_parameters(self) -> list[nn.Parameter]:
-        return [self.distill_embedding.weight, self.distill_centroids]
+        """D (whichever embedding this reading built) and E^: what stage 2 freezes."""
+        embedding = self.distill_patch_embedding if self.reads_patches else self.distill_embedding
+        return [*embedding.parameters(), self.distill_centroids]
 
     def _freeze_distilled(self) -> None:
         for p in self.distilled_parameters():
@@ -135,26 +182,50 @@ class StableMoERouter(Router):
             self._freeze_distilled()
 
     # -- routing -------------------------------------------------------------
-    def _routing_ids(self, ctx: RouteContext, num_tokens: int) -> Tensor:
-        ids = ctx.token_ids if ctx.token_ids is not None else ctx.positions
+    def _ids(self, ids: Tensor | None, what: str, num_tokens: int) -> Tensor:
+        """[T] long ids in [0, vocab_size) for ``nn.Embedding``; ``what`` is "token" or "position"."""
         if ids is None:
-            raise ValueError(
-                "router 'stablemoe' needs token ids: its distilled router embeds the token id "
-                "(pass token_ids=..., or positions=... for vision) through the RouteContext"
-            )
+            fix = ("the LM passes them; for images set patch_dim (the ViT does) or use stablemoe@position"
+                   if what == "token" else "the LM and the ViT pass them")
+            field = "token_ids" if what == "token" else "positions"
+            raise ValueError(f"router 'stablemoe': distill_input={self.distill_input!r} needs ctx.{field} "
+                             f"(its distilled router embeds the {what} id); {fix}")
         ids = ids.reshape(-1).long()
         if ids.numel() != num_tokens:
-            raise ValueError(f"router 'stablemoe': got {ids.numel()} token ids for {num_tokens} tokens")
+            raise ValueError(f"router 'stablemoe': got {ids.numel()} {what} ids for {num_tokens} tokens")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ValueError(
-                f"router 'stablemoe': token id out of range [0, vocab_size={self.vocab_size}); "
-                f"set the vocab_size hyper-parameter to the tokenizer's (or number of patches for vision)"
-            )
+            fix = ("the tokenizer's" if what == "token" else
+                   "at least the sequence length (the ViT sets it to its tokens per image; a larger image has more)")
+            raise ValueError(f"router 'stablemoe': {what} id out of range [0, vocab_size={self.vocab_size}); "
+                             f"set the vocab_size hyper-parameter to {fix}")
         return ids
+
+    def _patch_pixels(self, ctx: RouteContext, num_tokens: int) -> Tensor:
+        """[T, patch_dim] pixels of each token's patch (``ctx.patches``)."""
+        p = ctx.patches
+        if p is None:
+            raise ValueError(f"router 'stablemoe': patch_dim={self.patch_dim} routes on each token's patch pixels "
+                             "(ctx.patches), which this context lacks: call the ViT itself (model(images)), not "
+                             "forward_features; in the LM leave patch_dim at 0")
+        if p.dim() != 2 or p.shape[1] != self.patch_dim:
+            raise ValueError(f"router 'stablemoe': ctx.patches has shape {tuple(p.shape)}, expected [T, "
+                             f"patch_dim={self.patch_dim}]; set patch_dim to in_chans * patch_size**2 (or leave it "
+                             "unset: the ViT sets it)")
+        if p.shape[0] != num_tokens:
+            raise ValueError(f"router 'stablemoe': got {p.shape[0]} patch rows for {num_tokens} tokens")
+        return p
+
+    def _distill_features(self, ctx: RouteContext, num_tokens: int) -> Tensor:
+        """D(x_t), [T, distill_dim] fp32: the distilled router's view of each token (Eq. 4)."""
+        if self.reads_patches:
+            lin = self.distill_patch_embedding
+            return F.linear(self._patch_pixels(ctx, num_tokens).float(), lin.weight.float(), lin.bias.float())
+        what = "position" if self.distill_input == "position" else "token"
+        ids = self._ids(ctx.positions if what == "position" else ctx.token_ids, what, num_tokens)
+        return self.distill_embedding(ids).float()
 
     def forward(self, x: Tensor, ctx: RouteContext) -> Routing:
         T = x.shape[0]
-        ids = self._routing_ids(ctx, T)
         if self.in_stage2 and self.distill_centroids.requires_grad:
             self._freeze_distilled()  # e.g. resumed from a stage-2 checkpoint before on_step ran
         training = ctx.training
@@ -164,7 +235,7 @@ class StableMoERouter(Router):
         with torch.autocast(device_type=x.device.type, enabled=False):
             s = x.float() @ self.centroids.float().t()  # eq. 1, [T, E]
             with torch.set_grad_enabled(torch.is_grad_enabled() and stage1_losses):
-                s_hat = self.distill_embedding(ids).float() @ self.distill_centroids.float().t()  # eq. 4
+                s_hat = self._distill_features(ctx, T) @ self.distill_centroids.float().t()  # eq. 4
             decide = s_hat if use_distilled else s
             idx = decide.detach().argmax(-1, keepdim=True)  # [T, 1]
             weights = torch.sigmoid(s.gather(1, idx))  # eq. 2 / 6: gate on the trainable centroids

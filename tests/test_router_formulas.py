@@ -164,15 +164,17 @@ def test_stablemoe_stage2_freezes_distilled_router_under_adamw_weight_decay():
     assert out.stats["stage"] == 2.0
 
 
-def test_stablemoe_token_id_fallback_and_errors():
+def test_stablemoe_distill_inputs_and_errors():
     r = StableMoERouter(4, 2, 1, vocab_size=10)
     x = torch.randn(3, 4)
-    out = r(x, RouteContext(positions=torch.tensor([0, 1, 2])))  # vision: patch positions
-    assert out.indices.shape == (3, 1)
-    with pytest.raises(ValueError, match="token ids"):
-        r(x, RouteContext())
+    assert r(x, RouteContext(token_ids=torch.tensor([0, 1, 2]))).indices.shape == (3, 1)
+    # no fallback to positions any more: the token reading embeds the token (tests/test_stablemoe_vision.py)
+    with pytest.raises(ValueError, match="needs ctx.token_ids"):
+        r(x, RouteContext(positions=torch.tensor([0, 1, 2])))
     with pytest.raises(ValueError, match="vocab_size"):
         r(x, RouteContext(token_ids=torch.tensor([0, 1, 10])))
+    pos = StableMoERouter(4, 2, 1, vocab_size=10, distill_input="position")
+    assert pos(x, RouteContext(positions=torch.tensor([0, 1, 2]))).indices.shape == (3, 1)
     with pytest.raises(ValueError, match="stablemoe"):
         StableMoERouter(4, 2, 2)  # top-1 only
     assert StableMoERouter.capacity_factor == 2.0
@@ -415,6 +417,8 @@ BAD = [
     ("stablemoe", {"vocab_size": 0}, "vocab_size"),
     ("stablemoe", {"distill_weight": -1.0}, "distill_weight"),
     ("stablemoe", {"loss_reduction": "max"}, "loss_reduction"),
+    ("stablemoe", {"distill_input": "pixels"}, "distill_input"),
+    ("stablemoe", {"patch_dim": -1}, "patch_dim"),
     ("competesmoe", {"competition_prob": 1.5}, "competition_prob"),
     ("competesmoe", {"warmup_fraction": -0.1}, "warmup_fraction"),
     ("competesmoe", {"version": 3}, "version"),

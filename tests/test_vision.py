@@ -92,9 +92,11 @@ def test_create_model_kwargs_and_layout():
     assert [m.is_moe for m in model.harness_mlps()] == [True] * 4
     every_other = timm.create_model("vit_moe_tiny_patch4_32", router="smoe", moe_every=2)
     assert [m.is_moe for m in every_other.harness_mlps()] == [False, True, False, True]  # counted from the last
-    # StableMoE is top-1 only; it routes on the token position with one id per position
+    # StableMoE is top-1 only; its distilled router embeds each patch's 4*4*3 pixels (stablemoe@position: one id
+    # per position, 64 patches + class token)
     stable = timm.create_model("vit_moe_tiny_patch4_32", router="stablemoe", top_k=2)
-    assert stable.top_k == 1 and stable.moe_layers()[0].router.vocab_size == 65
+    assert stable.top_k == 1 and stable.moe_layers()[0].router.patch_dim == 48
+    assert stable.moe_layers()[0].router.vocab_size == 65
     small = timm.create_model("vit_moe_small_patch16_224", router="smoe", num_experts=2)
     assert small.embed_dim == 384 and len(small.blocks) == 12 and small.num_classes == 1000
     with pytest.raises(ValueError, match="no pretrained weights"):

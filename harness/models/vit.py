@@ -17,19 +17,35 @@ token, attention, LayerScale, drop-path, the head -- is timm's unchanged.
 
 Per-forward routing context. ``forward(x, step, total_steps)`` opens a *routing
 scope* shared by all blocks: one ``shared`` dict per forward pass (CompeteSMoE's
-"at most n competing layers per step"), the step numbers, the token positions,
-and a list that collects each MoE layer's :class:`~harness.routing.router.Routing`;
+"at most n competing layers per step"), the step numbers, the input images, the
+token positions, and a list that collects each MoE layer's :class:`~harness.routing.router.Routing`;
 the forward returns ``(logits, routings)`` like ``MoEDecoderLM``. Called through
 timm's own entry points outside that scope (``forward_features``,
 ``forward_intermediates``), layers still route -- with step 0, a fresh ``shared``
-dict each and nothing collected.
+dict each, nothing collected and no ``ctx.patches`` (a router that reads them, as the
+default StableMoE does, raises a ValueError saying to call the model itself).
 
-Token ids for routers that route on the token (StableMoE's distilled router).
-An image has no vocabulary; the id of a token is its *position in the sequence*:
-0 for the class token (and 1..r for register tokens), then the patches in
-row-major order. They are passed as ``ctx.positions`` ([B*N] long, matching the
-layer's flattening of ``[B, N, d]``); ``token_ids`` stays None. A router with a
+What a router sees of each token. An image has no vocabulary: ``token_ids`` stays
+None. ``ctx.positions`` ([B*N] long, matching the layer's flattening of ``[B, N, d]``)
+is each token's *position in the sequence*: 0 for the class token (and 1..r for
+register tokens), then the patches in row-major order; a router with a
 ``vocab_size`` hyper-parameter gets ``vocab_size = N`` unless the spec sets it.
+
+``ctx.patches`` ([B*N, C*p*p]) is each token's *content*, the pixels its patch
+embedding saw: ``F.unfold(images, p, stride=p)`` -- within a patch channel, then
+row, then column (the order of the conv weight, so ``patches @ proj.weight.flatten(1).T
++ proj.bias`` is timm's patch embedding), patches in the row-major order of the conv
+output's flatten -- with zero rows for the class and register tokens. Routers that
+read it (StableMoE's distilled router: the token of an image is its patch) declare a
+``patch_dim`` hyper-parameter; the model sets ``patch_dim = in_chans * p * p`` unless
+the spec sets it. Only their layers get ``ctx.patches`` (a router that declares
+``patch_dim`` without reading the pixels sets ``reads_patches = False``; see
+:class:`HarnessMlp`); the others get None, so they cost no unfold. The scope unfolds
+once per forward, at the first layer that asks, from that forward's images; outside
+the scope (``forward_features`` called directly) ``patches`` is None. timm's dynamic
+image size (``dynamic_img_size``, with or without ``dynamic_img_pad``) keeps every
+patch a token, in order, and works; patch dropout (``patch_drop_rate > 0``) does not,
+and is a ValueError for a layer that reads patches.
 
 Which blocks route: ``moe_every`` as in the LM -- block i (0-based, of ``depth``)
 is MoE when ``(depth - 1 - i) % moe_every == 0``, so the last block always routes;
@@ -53,6 +69,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.models import register_model
 from timm.models._builder import build_model_with_cfg
 from timm.models._registry import generate_default_cfgs
@@ -75,23 +92,34 @@ def effective_top_k(router_cls: type[Router], top_k: int) -> int:
 
 
 class _RoutingScope:
-    """State of one ``MoEVisionTransformer.forward``, read by every :class:`HarnessMlp`."""
+    """State of one ``MoEVisionTransformer.forward``, read by every :class:`HarnessMlp`.
+
+    The patch geometry (``patch_size``, ``num_prefix_tokens``, ``dynamic_img_pad``) is set by the
+    model once timm has built its patch embedding.
+    """
 
     def __init__(self) -> None:
         self.active = False
         self.step, self.total_steps = 0, 1
         self.shared: dict[str, Any] = {}
         self.routings: list[Routing] = []
+        self.images: Tensor | None = None
+        self.patch_size: tuple[int, int] = (1, 1)
+        self.num_prefix_tokens = 0
+        self.dynamic_img_pad = False
         self._positions: tuple[tuple, Tensor] | None = None
+        self._patches: tuple[tuple, Tensor] | None = None
 
-    def begin(self, step: int, total_steps: int) -> None:
+    def begin(self, step: int, total_steps: int, images: Tensor | None = None) -> None:
         self.active = True
         self.step, self.total_steps = step, total_steps
-        self.shared, self.routings, self._positions = {}, [], None
+        self.shared, self.routings, self._positions, self._patches = {}, [], None, None
+        self.images = images
 
     def end(self) -> list[Routing]:
         routings = self.routings
-        self.active, self.shared, self.routings, self._positions = False, {}, [], None
+        self.active, self.shared, self.routings, self._positions, self._patches = False, {}, [], None, None
+        self.images = None  # the scope must not keep a batch alive (nor hand it to a later forward)
         return routings
 
     def positions(self, x: Tensor) -> Tensor:
@@ -102,14 +130,51 @@ class _RoutingScope:
             self._positions = (key, torch.arange(N, device=x.device).repeat(B))
         return self._positions[1]
 
+    def patches(self, x: Tensor) -> Tensor | None:
+        """[B*N, C*ph*pw] pixels of each token's patch (zeros for prefix tokens); None outside a forward's scope.
+
+        Computed once per forward from that forward's images (the first layer that asks pays for the unfold).
+        Detached: like a token id, the raw input carries no gradient back from the router.
+        """
+        if not self.active or self.images is None:
+            return None
+        B, N = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
+        key = (B, N, x.device)
+        if self._patches is None or self._patches[0] != key:
+            self._patches = (key, self._unfold(B, N, x.device))
+        return self._patches[1]
+
+    def _unfold(self, B: int, N: int, device: torch.device) -> Tensor:
+        images = self.images.detach()
+        ph, pw = self.patch_size
+        if self.dynamic_img_pad:  # timm's PatchEmbed pads right and bottom with zeros to whole patches
+            H, W = images.shape[-2:]
+            images = F.pad(images, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
+        cols = F.unfold(images, kernel_size=(ph, pw), stride=(ph, pw)).transpose(1, 2)  # [B, L, C*ph*pw]
+        P, L = self.num_prefix_tokens, cols.shape[1]
+        if cols.shape[0] != B or P + L != N:
+            raise ValueError(
+                f"ViT routing on patch pixels: the layer has {B} x {N} tokens but the images give {cols.shape[0]} x "
+                f"({P} prefix + {L} patches); every patch must stay a token, in order (set patch_drop_rate=0)")
+        out = torch.cat([cols.new_zeros(B, P, cols.shape[2]), cols], dim=1)
+        return out.reshape(B * N, -1).to(device)
+
 
 class HarnessMlp(nn.Module):
-    """timm ``mlp_layer`` adapter: ``y = drop(ffn(x, ctx)[0])``; the routing goes to the scope."""
+    """timm ``mlp_layer`` adapter: ``y = drop(ffn(x, ctx)[0])``; the routing goes to the scope.
 
-    def __init__(self, ffn: nn.Module, layer_index: int, scope: _RoutingScope, drop: float = 0.0) -> None:
+    ``reads_patches``: the layer's router routes on patch pixels -- it declares a ``patch_dim``
+    hyper-parameter and does not set its own ``reads_patches`` attribute to False (StableMoE's
+    position reading does) -- so the layer asks the scope for ``ctx.patches``; other layers pass
+    None and cost no unfold.
+    """
+
+    def __init__(self, ffn: nn.Module, layer_index: int, scope: _RoutingScope, drop: float = 0.0,
+                 reads_patches: bool = False) -> None:
         super().__init__()
         self.ffn = ffn
         self.layer_index = layer_index
+        self.reads_patches = reads_patches
         self.drop = nn.Dropout(drop)
         object.__setattr__(self, "_scope", scope)  # plain reference: not a submodule, not in the state dict
 
@@ -121,6 +186,7 @@ class HarnessMlp(nn.Module):
         scope = self._scope
         ctx = RouteContext(training=self.training, step=scope.step if scope.active else 0,
                            total_steps=scope.total_steps if scope.active else 1, positions=scope.positions(x),
+                           patches=scope.patches(x) if self.reads_patches else None,
                            layer_index=self.layer_index, shared=scope.shared if scope.active else {})
         y, routing = self.ffn(x, ctx)
         if routing is not None and scope.active:
@@ -175,15 +241,24 @@ class MoEVisionTransformer(VisionTransformer):
             is_moe = (depth - 1 - i) % moe_every == 0
             width = d_ff or hidden_features or 4 * in_features
             kwargs = dict(router_kwargs or {}) if is_moe else None
-            if kwargs is not None and "vocab_size" in router_cls.hparam_names() and "vocab_size" not in kwargs:
+            hparams = router_cls.hparam_names()
+            if kwargs is not None and "vocab_size" in hparams and "vocab_size" not in kwargs:
                 kwargs["vocab_size"] = self.patch_embed.num_patches + self.num_prefix_tokens
+            if kwargs is not None and "patch_dim" in hparams and "patch_dim" not in kwargs:
+                ph, pw = self.patch_embed.patch_size
+                kwargs["patch_dim"] = vit_kwargs.get("in_chans", 3) * ph * pw  # timm's in_chans default: 3
             ffn = build_ffn(router if is_moe else "dense", in_features, width, num_experts, k, kwargs,
                             capacity_factor=capacity_factor, activation=activation, shared_experts=shared_experts,
                             experts_impl=experts_impl, init_stream=(seed, f"blocks.{i}.mlp"))
-            built.append(HarnessMlp(ffn, i, scope, drop))
+            # a router declaring patch_dim reads ctx.patches unless it says otherwise (StableMoE's position reading)
+            reads = is_moe and bool(getattr(getattr(ffn, "router", None), "reads_patches", "patch_dim" in hparams))
+            built.append(HarnessMlp(ffn, i, scope, drop, reads_patches=reads))
             return built[-1]
 
         super().__init__(depth=depth, mlp_layer=mlp_layer, **vit_kwargs)
+        scope.patch_size = tuple(self.patch_embed.patch_size)
+        scope.num_prefix_tokens = self.num_prefix_tokens
+        scope.dynamic_img_pad = bool(getattr(self.patch_embed, "dynamic_img_pad", False))
         self._scope = scope
         self.router_name = router
         self.num_experts, self.top_k, self.moe_every = num_experts, k, moe_every
@@ -201,7 +276,7 @@ class MoEVisionTransformer(VisionTransformer):
             layer.router.on_step(step, total_steps)
 
     def forward(self, x: Tensor, step: int = 0, total_steps: int = 1, **kwargs: Any) -> tuple[Tensor, list[Routing]]:
-        self._scope.begin(step, total_steps)
+        self._scope.begin(step, total_steps, x)  # the images: ctx.patches is unfolded from them
         try:
             logits = super().forward(x, **kwargs)
         finally:

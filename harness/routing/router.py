@@ -51,9 +51,16 @@ class RouteContext:
     ``token_ids`` ([T] long) and ``embeddings`` ([T, d], the model's input
     embeddings) let routers such as StableMoE route on the token itself;
     ``positions`` ([T] long) is each token's position in its sequence (0 starts a
-    sequence; patch index for vision). ``causal`` is True in a causal (decoder) LM: a
-    token's routing must then not depend on later tokens of its sequence, so a router that
-    pools over the batch (expert choice) picks a causal rule; set by
+    sequence; patch index for vision). ``patches`` ([T, f] float) is the raw input each
+    token was embedded from -- in vision the pixels of its patch, flattened in the patch
+    embedding's order (``F.unfold``: channel, then row, then column; f = C * p * p), zero
+    rows for the class and register tokens; set by ``harness.models.vit`` inside the model's
+    forward, None in the LM (whose raw input is ``token_ids``): the content a router can
+    route on when there is no vocabulary (StableMoE's distilled router).
+
+    ``causal`` is True in a causal (decoder) LM: a token's routing must then not depend on
+    later tokens of its sequence, so a router that pools over the batch (expert choice)
+    picks a causal rule; set by
     ``harness.models.lm.MoEDecoderLM``, False elsewhere (vision). ``shared`` is one dict per
     model forward pass, seen by every layer: routers that coordinate across
     layers (CompeteSMoE's "at most n competing layers per step") keep counters in it.
@@ -73,6 +80,7 @@ class RouteContext:
         token_ids: Tensor | None = None,
         embeddings: Tensor | None = None,
         positions: Tensor | None = None,
+        patches: Tensor | None = None,
         layer_index: int = 0,
         shared: dict[str, Any] | None = None,
         expert_fn: Callable[[], Tensor] | None = None,
@@ -84,6 +92,7 @@ class RouteContext:
         self.token_ids = token_ids
         self.embeddings = embeddings
         self.positions = positions
+        self.patches = patches
         self.layer_index = layer_index
         self.causal = causal
         self.shared = shared if shared is not None else {}
