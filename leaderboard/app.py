@@ -28,7 +28,7 @@ except ImportError:  # run as a bare script from a checkout that is not installe
 
 from harness.store import DEFAULT_STORE
 from leaderboard.formatting import setup_summary
-from leaderboard.runs import status_counts
+from leaderboard.runs import filter_runs, status_counts
 from leaderboard.sidebar import ALL_PRESETS, sidebar_filters
 from leaderboard.stats import distinct_seeds
 from leaderboard.store import (FILL_COMMAND, StoreBusy, StoreError, load_health, load_metrics,
@@ -172,8 +172,9 @@ def main() -> None:
         routing_tab(path, stamp, runs, health)
     with tabs[3]:
         lmeval_tab(runs, metrics)
-    with tabs[4]:
-        claims_tab(runs, metrics, meta)
+    with tabs[4]:  # each claim on its paper's suite: every suite's runs, the sidebar's cross-suite filters only
+        claims_tab(filter_runs(runs_all, routers=filt["routers"], machines=filt["machines"], git_shas=filt["shas"]),
+                   metrics)
     with tabs[5]:
         along_tab(runs, metrics, meta)
     with tabs[6]:

@@ -1,6 +1,6 @@
-"""The papers' claims beside the harness' verdict (issue 21, part 6; issue 27): ``leaderboard.claims``,
-``harness claims``, ``harness compare`` and the leaderboard's Claims tab, on hand-written stores whose p-values
-are computed by hand.
+"""The papers' claims beside the harness' verdict (issue 21, part 6; issue 27; issue 29: claims per suite):
+``leaderboard.claims``, ``harness claims``, ``harness compare`` and the leaderboard's Claims tab, on hand-written
+stores whose p-values are computed by hand.
 
 With two seeds a side and equal sample variances Welch's t-test has exactly 2 degrees of freedom, and so has
 the paired t-test on three pairs: there Student's t has a closed form, two-sided p = 1 - |t| / sqrt(2 + t^2).
@@ -73,7 +73,19 @@ def test_shipped_claims_table():
                      "expert_choice": "2202.09368"}
     for c in claims.values():
         assert c.claim and c.setting and c.paper and c.figure
-        assert "not verified" in c.figure  # nothing here was read from a paper's table
+    # each claim names the suite its paper's evidence comes from: MoGE's is ImageNet classification
+    assert {c.router: c.suite for c in claims.values()} == {r: "vision" if r == "moge" else "lm" for r in arxiv}
+    assert all(c.preset is None for c in claims.values())  # the most-run preset: the calibrated benchmark
+    assert "32 experts" in claims["moge-beats-moe"].setting and "capacity factor 4" in claims["moge-beats-moe"].setting
+    # figures read in the paper or its official repository are quoted with where; the rest stay unverified
+    unverified = {c.router for c in claims.values() if "not verified" in c.figure}
+    assert unverified == {"competesmoe", "moge"}
+    fig = {c.router: c.figure for c in claims.values()}
+    assert "19.20 vs 18.93" in fig["stablemoe"] and "Table 2" in fig["stablemoe"]
+    assert "63.8 vs X-MoE 65.3" in fig["xmoe"] and "19.02" in fig["xmoe"] and "Tables 1-2" in fig["xmoe"]
+    assert "9.56 / 0.72 vs 9.50 / 0.04" in fig["auxfree"] and "OpenReview" in fig["auxfree"]
+    assert "23.65" in fig["hash"] and "read off a plot" in fig["hash"]
+    assert "2x faster" in fig["expert_choice"] and "83.5 vs 85.0" in fig["expert_choice"]
     from harness.routing.registry import get_router
 
     for c in claims.values():  # every claim names registered routers
@@ -93,9 +105,10 @@ def test_bad_claims_file_is_one_line_error(tmp_path, capsys):
 
 
 def _store(path, suite: str = "lm", values: dict[str, list[float]] = VALUES, duplicate: bool = True,
-           config=lambda router, seed: {}):
+           config=lambda router, seed: {}, preset: str = "default"):
     """A store with finished runs of the given values (no training); metric = the suite's primary;
-    ``config(router, seed)``: the resolved spec stored with each run (default none: such runs never pair)."""
+    ``config(router, seed)``: the resolved spec stored with each run (default none: such runs never pair).
+    Called again on the same path it adds runs (another suite or preset) to the store."""
     store = Store(path)
     metric = SUITES[suite].quality
     i = 0
@@ -104,9 +117,9 @@ def _store(path, suite: str = "lm", values: dict[str, list[float]] = VALUES, dup
         rows.insert(0, ("competesmoe", 0, values["competesmoe"][0]))
     for router, seed, v in rows:
         i += 1
-        rid = f"{suite}-{router}-s{seed}-{i}"
-        store.start_run({"run_id": rid, "suite": suite, "router": router, "spec_hash": f"h-{router}", "seed": seed,
-                         "preset": "default", "status": "running", "step": 0, "total_steps": 10,
+        rid = f"{suite}-{preset}-{router}-s{seed}-{i}"
+        store.start_run({"run_id": rid, "suite": suite, "router": router, "spec_hash": f"h-{suite}-{preset}-{router}",
+                         "seed": seed, "preset": preset, "status": "running", "step": 0, "total_steps": 10,
                          "started_at": T0 + timedelta(minutes=i), "config": json.dumps(config(router, seed)),
                          "versions": "{}"})
         store.finish_run(rid, "finished", 10, metrics=[{"name": metric, "value": v, "split": "val"},
@@ -118,8 +131,8 @@ def test_claims_table_on_stored_runs(tmp_path):
     path = _store(tmp_path / "h.duckdb")
     runs, metrics = load_runs(path), load_metrics(path)
     assert distinct_seeds(runs)[1] == 1
-    t = {r["router"]: r for r in claims_table(runs, metrics, SUITES["lm"]).iter_rows(named=True)}
-    # three claims tested (competesmoe, xmoe, moge): Holm multiplies the smallest p by 3
+    t = {r["router"]: r for r in claims_table(runs, metrics, suite="lm").iter_rows(named=True)}
+    # --suite lm: every claim on lm; three claims tested (competesmoe, xmoe, moge): Holm multiplies the smallest p by 3
     assert t["competesmoe"]["verdict"] == "holds (Welch p=0.005, Holm p=0.015)" and t["competesmoe"]["n_router"] == 2
     assert t["competesmoe"]["p"] == pytest.approx(P_ONE, rel=1e-9)  # the duplicate seed 0 is not a third sample
     assert t["competesmoe"]["p_holm"] == pytest.approx(3 * P_ONE, rel=1e-9)
@@ -135,19 +148,20 @@ def test_claims_table_on_stored_runs(tmp_path):
     # the same claims on a vision store: top-1 is higher-is-better, so the directions flip
     vpath = _store(tmp_path / "v.duckdb", suite="vision")
     vt = {r["router"]: r["label"] for r in claims_table(load_runs(vpath), load_metrics(vpath),
-                                                        SUITES["vision"]).iter_rows(named=True)}
+                                                        suite="vision").iter_rows(named=True)}
     assert vt == {"competesmoe": "reversed", "xmoe": "holds", "moge": "within noise", "stablemoe": "n<2",
                   "auxfree": "n<2", "hash": "n<2", "expert_choice": "n<2"}  # no runs of these in the fixture
     # a custom claim about a router that never ran
-    t = claims_table(runs, metrics, SUITES["lm"], [Claim("a", "nosuch", "smoe", "nosuch beats SMoE")])
+    t = claims_table(runs, metrics, [Claim("a", "nosuch", "smoe", "nosuch beats SMoE")])  # suite lm
     assert t["verdict"].to_list() == ["n<2 (n=0 vs 2)"]
 
 
 def test_harness_claims_prints_each_verdict(tmp_path, capsys):
     path = _store(tmp_path / "h.duckdb")
-    assert main(["claims", "--store", str(path)]) == 0
+    assert main(["claims", "--store", str(path), "--suite", "lm"]) == 0  # every claim on lm, MoGE's too
     out = capsys.readouterr().out
-    assert "suite lm, preset default, 9 distinct finished runs (1 duplicate set aside)" in out
+    assert out.splitlines()[0] == f"claims on {path}: suite lm, preset default, 9 distinct finished runs " \
+                                  f"(1 duplicate set aside) for every claim (--suite lm)"
     assert "val_bpb (lower is better)" in out and "Holm-adjusted over the 3 claims tested" in out
     lines = out.splitlines()
     assert "CompeteSMoE beats SMoE: holds (Welch p=0.005, Holm p=0.015)" in lines
@@ -159,12 +173,166 @@ def test_harness_claims_prints_each_verdict(tmp_path, capsys):
     assert "StableMoE beats Switch (SMoE top-1): n<2 (n=1 vs 2)" in lines
     assert "  harness: competesmoe 1.05 ± 0.64 (n=2) vs smoe 2.05 ± 0.64 (n=2) (val_bpb, mean ± 95% CI)" in lines
     assert any(ln.startswith("  paper:   arXiv 2402.02526") for ln in lines)
-    assert main(["claims", "--store", str(path), "--preset", "tiny"]) == 0  # nothing under that preset
-    assert "no claim can be tested yet" in capsys.readouterr().out
+    assert "  judged on: suite lm, preset default (9 distinct finished runs)" in lines
+    assert main(["claims", "--store", str(path), "--suite", "lm", "--preset", "tiny"]) == 0  # nothing there
+    out = capsys.readouterr().out
+    assert "no claim can be tested yet" in out and "harness run --suite lm --preset tiny --seeds 0,1,2" in out
+    assert "  note:    no runs of suite lm, preset tiny in this store: harness run --suite lm --preset tiny" in out
     assert main(["claims", "--store", str(path), "--alpha", "2"]) == 2
 
 
-def test_claims_tab(tmp_path, monkeypatch):
+# -- each claim on its own suite (issue 29) --------------------------------------------------------------------
+
+# val_top1 (vision: higher is better) of seeds 0, 1: the default preset has most runs (6), `moge` fewer (4)
+VISION = {"smoe": [0.50, 0.51], "moge": [0.60, 0.61], "xmoe": [0.55, 0.56]}
+VISION_MOGE = {"smoe": [0.40, 0.41], "moge": [0.30, 0.31]}
+
+
+def _mixed_store(path):
+    """lm runs (:data:`VALUES`, one duplicate) and vision runs of two presets, in one store."""
+    _store(path)
+    _store(path, suite="vision", values=VISION, duplicate=False)
+    return _store(path, suite="vision", values=VISION_MOGE, duplicate=False, preset="moge")
+
+
+def test_each_claim_is_judged_on_its_suite(tmp_path):
+    path = _mixed_store(tmp_path / "m.duckdb")
+    runs, metrics = load_runs(path), load_metrics(path)
+    t = {r["router"]: r for r in claims_table(runs, metrics).iter_rows(named=True)}
+    m = t["moge"]
+    assert (m["suite"], m["preset"], m["metric"], m["higher_better"], m["n_runs"], m["other_presets"]) == \
+        ("vision", "default", "val_top1", True, 6, "moge")
+    # top-1 0.605 vs 0.505: higher is better, so it holds (read as lower-is-better, the same p would be "reversed")
+    assert m["label"] == "holds" and m["diff"] == pytest.approx(0.1) and m["p"] == pytest.approx(P_ONE, rel=1e-6)
+    assert m["router_mean"] == pytest.approx(0.605) and m["note"] == "run configs unknown or mixed"
+    for r in ("competesmoe", "stablemoe", "xmoe", "auxfree", "hash", "expert_choice"):
+        assert (t[r]["suite"], t[r]["preset"], t[r]["metric"], t[r]["higher_better"]) == \
+            ("lm", "default", "val_bpb", False)
+        assert (t[r]["n_runs"], t[r]["n_dupes"], t[r]["other_presets"]) == (9, 1, "")
+    assert t["competesmoe"]["label"] == "holds" and t["xmoe"]["label"] == "reversed"
+    # one Holm family across the suites: three claims tested, all at p = P_ONE
+    for r in ("competesmoe", "xmoe", "moge"):
+        assert t[r]["p_holm"] == pytest.approx(3 * P_ONE, rel=1e-6)
+    assert t["stablemoe"]["label"] == "n<2" and t["stablemoe"]["note"] == ""  # lm has runs, just one stablemoe seed
+    # suite="lm" (--suite lm): every claim on lm; MoGE's lm runs are within noise there
+    lm = {r["router"]: r for r in claims_table(runs, metrics, suite="lm").iter_rows(named=True)}
+    assert {r["suite"] for r in lm.values()} == {"lm"} and lm["moge"]["metric"] == "val_bpb"
+    assert lm["moge"]["verdict"] == "within noise (Welch p=0.553, Holm p=0.553, n=2)"
+    # suite="vision", preset="moge": MoGE's top-1 is below SMoE's there
+    vm = {r["router"]: r for r in claims_table(runs, metrics, suite="vision", preset="moge").iter_rows(named=True)}
+    assert vm["moge"]["label"] == "reversed" and vm["moge"]["preset"] == "moge" and vm["moge"]["n_runs"] == 4
+    assert vm["competesmoe"]["verdict"] == "n<2 (n=0 vs 2)"
+
+
+def test_a_suite_without_runs_is_n2_and_says_so(tmp_path, capsys):
+    path = _store(tmp_path / "h.duckdb")  # lm runs only
+    t = {r["router"]: r for r in claims_table(load_runs(path), load_metrics(path)).iter_rows(named=True)}
+    m = t["moge"]
+    assert (m["label"], m["suite"], m["preset"], m["n_runs"], m["metric"], m["higher_better"]) == \
+        ("n<2", "vision", None, 0, "val_top1", True)
+    assert m["note"] == "no runs of suite vision in this store: harness run --suite vision"
+    assert t["competesmoe"]["verdict"] == "holds (Welch p=0.005, Holm p=0.010)"  # two claims tested, not three
+    assert t["xmoe"]["label"] == "reversed" and t["xmoe"]["suite"] == "lm"
+    assert main(["claims", "--store", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"claims on {path}: suite lm, preset default, 9 distinct finished runs (1 duplicate set " \
+                       f"aside) for 6 claims; suite vision, no finished runs, for 1 claim"
+    assert lines[1].startswith("verdict: each claim on its suite's metric (lm: val_bpb, lower is better; vision: "
+                               "val_top1, higher is better) over distinct seeds")
+    assert "Holm-adjusted over the 2 claims tested (one family across suites)" in lines[1]
+    i = lines.index("MoGE beats MoE (SMoE): n<2 (n=0 vs 0)")
+    assert lines[i + 1] == "  judged on: suite vision (no finished runs)"
+    assert lines[i + 3] == "  note:    no runs of suite vision in this store: harness run --suite vision"
+    assert "CompeteSMoE beats SMoE: holds (Welch p=0.005, Holm p=0.010)" in lines
+    # a vision run still running is no finished run, and the note says so
+    Store(path).start_run({"run_id": "v-running", "suite": "vision", "router": "moge", "spec_hash": "hv", "seed": 0,
+                           "preset": "default", "status": "running", "step": 0, "total_steps": 10,
+                           "started_at": T0, "config": "{}", "versions": "{}"})
+    t = {r["router"]: r for r in claims_table(load_runs(path), load_metrics(path)).iter_rows(named=True)}
+    assert t["moge"]["note"] == "no finished runs of suite vision, preset default in this store (1 unfinished): " \
+                                "harness run --suite vision --preset default"
+
+
+def test_harness_claims_names_the_suite_of_each_claim(tmp_path, capsys):
+    path = _mixed_store(tmp_path / "m.duckdb")
+    assert main(["claims", "--store", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"claims on {path}: suite lm, preset default, 9 distinct finished runs (1 duplicate set " \
+                       f"aside) for 6 claims; suite vision, preset default, 6 distinct finished runs (other presets: " \
+                       f"moge) for 1 claim"
+    assert "Holm-adjusted over the 3 claims tested (one family across suites)" in lines[1]
+    i = lines.index("MoGE beats MoE (SMoE): holds (Welch p=0.005, Holm p=0.015)")
+    assert lines[i + 1] == "  judged on: suite vision, preset default (6 distinct finished runs)"
+    # top-1 in percent, as the board shows it
+    assert lines[i + 2].startswith("  harness: moge 60.5 ± ") and "% (n=2) vs smoe 50.5 ± " in lines[i + 2]
+    assert lines[i + 2].endswith("(val_top1, mean ± 95% CI)")
+    assert lines[i + 3].startswith("  test:    Welch (run configs unknown or mixed); moge - smoe = +10.0 ± ")
+    assert lines[i + 4].startswith("  power:   effects under ") and " pp undetectable at n = 2; 1 pp needs" in lines[i + 4]
+    j = lines.index("CompeteSMoE beats SMoE: holds (Welch p=0.005, Holm p=0.015)")
+    assert lines[j + 1] == "  judged on: suite lm, preset default (9 distinct finished runs)"
+    # --suite lm judges every claim on lm
+    assert main(["claims", "--store", str(path), "--suite", "lm"]) == 0
+    out = capsys.readouterr().out
+    assert "MoGE beats MoE (SMoE): within noise (Welch p=0.553, Holm p=0.553, n=2)" in out
+    assert out.count("  judged on: suite lm, preset default (9 distinct finished runs)") == 7
+    assert "judged on: suite vision" not in out
+    # --suite vision --preset moge: every claim on that preset
+    assert main(["claims", "--store", str(path), "--suite", "vision", "--preset", "moge"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"claims on {path}: suite vision, preset moge, 4 distinct finished runs (other " \
+                                  f"presets: default) for every claim (--suite vision)"
+    assert "MoGE beats MoE (SMoE): reversed (Welch p=0.005, Holm p=0.005)" in out
+    # a preset belongs to one suite, and the claims span two
+    assert main(["claims", "--store", str(path), "--preset", "moge"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("harness: error: --preset picks a preset of --suite") and "\n" not in err
+
+
+def test_a_claim_may_name_its_preset(tmp_path, capsys):
+    path = _mixed_store(tmp_path / "m.duckdb")
+    f = tmp_path / "c.yaml"
+    f.write_text("claims:\n"
+                 "  - {id: a, router: moge, baseline: smoe, claim: MoGE at its scale, suite: vision, preset: moge}\n"
+                 "  - {id: b, router: moge, baseline: smoe, claim: MoGE on the benchmark, suite: vision}\n"
+                 "  - {id: c, router: moge, baseline: smoe, claim: MoGE unrun, suite: vision, preset: big}\n"
+                 "  - {id: d, router: moge, baseline: smoe, claim: MoGE on speech, suite: speech}\n")
+    claims = load_claims(f)  # an unknown suite or preset is a verdict, not an error
+    assert [(c.suite, c.preset) for c in claims] == [("vision", "moge"), ("vision", None), ("vision", "big"),
+                                                     ("speech", None)]
+    rows = {r["id"]: r for r in claims_table(load_runs(path), load_metrics(path), claims).iter_rows(named=True)}
+    assert (rows["a"]["preset"], rows["a"]["label"], rows["a"]["n_runs"]) == ("moge", "reversed", 4)
+    assert (rows["b"]["preset"], rows["b"]["label"], rows["b"]["n_runs"]) == ("default", "holds", 6)
+    assert rows["c"]["label"] == "n<2" and rows["c"]["note"] == \
+        "no runs of suite vision, preset big in this store: harness run --suite vision --preset big"
+    assert rows["d"]["note"] == "no runs of suite speech in this store: harness run --suite speech"
+    assert main(["claims", "--store", str(path), "--claims", str(f)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "suite vision, preset moge, 4 distinct finished runs (other presets: default) for 1 claim" in first
+    assert "suite vision, preset big, no finished runs (other presets: default, moge), for 1 claim" in first
+    assert "suite speech, no finished runs, for 1 claim" in first
+
+
+@pytest.mark.parametrize("entry, says", [
+    ("suite: [lm]", "claims[0]: 'suite' must be a suite name such as lm or vision, got ['lm']"),
+    ("suite: 3", "'suite' must be a suite name such as lm or vision, got 3"),
+    ("suite: 'lm vision'", "'suite' must be a suite name"),
+    ("suite: lm, preset: {a: 1}", "'preset' must be a preset name such as default, got {'a': 1}"),
+    ("suite: lm, presets: moge", "claims[0]: unknown key 'presets'"),
+    ("preset: default", "claims[0]: missing 'suite'"),
+])
+def test_claims_loader_rejects_a_bad_suite_in_one_line(tmp_path, capsys, entry, says):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("claims:\n  - {id: x, router: moge, baseline: smoe, claim: y, " + entry + "}\n")
+    with pytest.raises(ClaimsError) as exc:
+        load_claims(bad)
+    assert says in str(exc.value) and "\n" not in str(exc.value)
+    assert main(["claims", "--store", str(tmp_path / "none.duckdb"), "--claims", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("harness: error:") and "\n" not in err
+
+
+def _app(monkeypatch, path):
+    """The board on ``path`` (AppTest), run once."""
     from streamlit.testing.v1 import AppTest
 
     try:  # skip AppTest's scan of every installed distribution for components (the page uses none)
@@ -175,24 +343,40 @@ def test_claims_tab(tmp_path, monkeypatch):
         pass
     from test_leaderboard import APP
 
-    path = _store(tmp_path / "h.duckdb")
     monkeypatch.setenv("HARNESS_STORE", str(path))
     at = AppTest.from_file(str(APP), default_timeout=60).run()
     assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _claims_frame(at):
     frames = [df.value for df in at.dataframe if "harness verdict" in list(df.value.columns)]
     assert frames, "claims table not rendered"
-    tab = frames[0].set_index("claim")
-    expected = {r["claim"]: r["verdict"] for r in claims_table(load_runs(path), load_metrics(path),
-                                                                 SUITES["lm"]).iter_rows(named=True)}
+    return frames[0].set_index("claim")
+
+
+def test_claims_tab(tmp_path, monkeypatch):
+    path = _store(tmp_path / "h.duckdb")
+    at = _app(monkeypatch, path)
+    tab = _claims_frame(at)
+    expected = {r["claim"]: r["verdict"] for r in claims_table(load_runs(path), load_metrics(path)).iter_rows(named=True)}
     assert tab["harness verdict"].to_dict() == expected
-    assert tab.loc["CompeteSMoE beats SMoE", "harness verdict"] == "holds (Welch p=0.005, Holm p=0.015)"
+    # an lm-only store: MoGE's claim (vision) has nothing to judge on, so two claims form the Holm family
+    assert tab.loc["CompeteSMoE beats SMoE", "harness verdict"] == "holds (Welch p=0.005, Holm p=0.010)"
     assert tab.loc["CompeteSMoE beats SMoE", "test"] == "Welch (run configs unknown or mixed)"
-    assert tab.loc["CompeteSMoE beats SMoE", "p (Holm)"] == "p=0.015"
-    assert tab.loc["MoGE beats MoE (SMoE)", "resolution"].startswith("within noise: effects under")
+    assert tab.loc["CompeteSMoE beats SMoE", "p (Holm)"] == "p=0.010"
+    assert tab.loc["CompeteSMoE beats SMoE", "judged on"] == "lm · default"
+    assert tab.loc["CompeteSMoE beats SMoE", "metric"] == "val_bpb ↓"
+    assert tab.loc["MoGE beats MoE (SMoE)", "judged on"] == "vision (no runs)"
+    assert tab.loc["MoGE beats MoE (SMoE)", "harness verdict"] == "n<2 (n=0 vs 0)"
+    assert tab.loc["MoGE beats MoE (SMoE)", "test"] == "no runs of suite vision among the runs selected: " \
+                                                        "harness run --suite vision"
     assert "arXiv 2402.02526" in tab.loc["CompeteSMoE beats SMoE", "paper"]
     assert "not verified" in tab.loc["MoGE beats MoE (SMoE)", "paper's figure"]
+    assert "read in the paper, Table 2" in tab.loc["StableMoE beats Switch (SMoE top-1)", "paper's figure"]
     captions = "\n".join(str(c.value) for c in at.caption)
     assert "1 duplicate run set aside" in captions
+    assert "judged on" in captions and "one family across suites" in captions
     # the overview counts distinct seeds too
     ov = [df.value for df in at.dataframe if "vs SMoE" in list(df.value.columns)][0]
     assert ov.loc[ov["router"] == "competesmoe", "n"].iloc[0] == 2
@@ -200,8 +384,26 @@ def test_claims_tab(tmp_path, monkeypatch):
     # filtering routers in the sidebar feeds the tab: without SMoE nothing can be tested
     at.sidebar.multiselect(key="routers").set_value(["competesmoe", "xmoe"]).run()
     assert not at.exception
-    tab = [df.value for df in at.dataframe if "harness verdict" in list(df.value.columns)][0]
+    tab = _claims_frame(at)
     assert set(tab["harness verdict"]) == {"n<2 (n=2 vs 0)", "n<2 (n=0 vs 0)"}
+
+
+def test_claims_tab_judges_each_claim_on_its_suite(tmp_path, monkeypatch):
+    path = _mixed_store(tmp_path / "m.duckdb")
+    at = _app(monkeypatch, path)
+    tab = _claims_frame(at)
+    assert tab.loc["MoGE beats MoE (SMoE)", "judged on"] == "vision · default"
+    assert tab.loc["MoGE beats MoE (SMoE)", "metric"] == "val_top1 ↑"
+    assert tab.loc["MoGE beats MoE (SMoE)", "harness verdict"] == "holds (Welch p=0.005, Holm p=0.015)"
+    assert tab.loc["MoGE beats MoE (SMoE)", "harness (mean ± 95% CI)"].startswith("moge 60.5 ± ")  # x 100
+    assert tab.loc["MoGE beats MoE (SMoE)", "Δ (router − baseline)"].endswith(" pp")
+    assert tab.loc["X-MoE beats SMoE", "judged on"] == "lm · default"
+    before = tab.copy()
+    # the sidebar's suite picks what the other tabs show; the claims stay on their own suites
+    at.sidebar.selectbox(key="suite").set_value("vision").run()
+    assert not at.exception
+    after = _claims_frame(at)
+    assert after[["harness verdict", "judged on"]].equals(before[["harness verdict", "judged on"]])
 
 
 # -- paired by seed (issue 27) ---------------------------------------------------------------------------------
@@ -242,7 +444,7 @@ def paired_store(tmp_path):
 def test_claims_are_paired_where_the_runs_pair(paired_store):
     assert P_COMPETE == pytest.approx(0.0027, abs=1e-4) and P_XMOE == pytest.approx(0.0351, abs=1e-4)
     runs, metrics = load_runs(paired_store), load_metrics(paired_store)
-    t = {r["router"]: r for r in claims_table(runs, metrics, SUITES["lm"]).iter_rows(named=True)}
+    t = {r["router"]: r for r in claims_table(runs, metrics, suite="lm").iter_rows(named=True)}
     c = t["competesmoe"]
     assert c["test"] == "paired" and c["n_pairs"] == 3 and c["p"] == pytest.approx(P_COMPETE, rel=1e-6)
     assert c["diff"] == pytest.approx(-0.11) and c["diff_ci"] == pytest.approx(4.302653 * 0.01 / math.sqrt(3),
@@ -273,13 +475,13 @@ def test_claims_are_paired_where_the_runs_pair(paired_store):
 
 
 def test_harness_claims_prints_the_test_and_the_power(paired_store, capsys):
-    assert main(["claims", "--store", str(paired_store)]) == 0
+    assert main(["claims", "--store", str(paired_store), "--suite", "lm"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "CompeteSMoE beats SMoE: holds (paired p=0.003, Holm p=0.011)" in lines
     assert "  test:    paired over 3 seeds; competesmoe - smoe = -0.110 ± 0.025; p=0.003, Holm p=0.011" in lines
     assert "X-MoE beats SMoE: within noise (paired p=0.035, Holm p=0.070, n=3)" in lines
     i = lines.index("X-MoE beats SMoE: within noise (paired p=0.035, Holm p=0.070, n=3)")
-    assert lines[i + 3].startswith("  power:   effects under 0.33 bpb undetectable at n = 3; 0.01 bpb needs ≈ ")
+    assert lines[i + 4].startswith("  power:   effects under 0.33 bpb undetectable at n = 3; 0.01 bpb needs ≈ ")
     assert any(ln.startswith("  test:    Welch (specs differ outside the router); stablemoe - smoe") for ln in lines)
 
 
