@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,8 @@ from leaderboard.stats import ALPHA, distinct_seeds, finite, mean_ci
 from leaderboard.suites import SuiteMeta, suite_meta
 from leaderboard.verdicts import TARGET_EFFECT, Sample, Verdict, judge, resolution, samples
 
-CLAIM_KEYS = ("id", "router", "baseline", "claim", "suite", "preset", "paper", "arxiv", "setting", "figure")
+CLAIM_KEYS = ("id", "router", "baseline", "claim", "suite", "preset", "router_in", "paper", "arxiv", "setting",
+              "figure")
 REQUIRED = ("id", "router", "baseline", "claim", "suite")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a suite or preset name as the task files spell them
 
@@ -65,6 +66,12 @@ class Claim:
     figure: str = "figure/table not verified"
     suite: str = "lm"          # the suite whose runs judge it (the file must say; lm here only for code)
     preset: str | None = None  # that suite's preset; None: the one with most runs
+    # the router's name in a suite where its authors' code for that setting is a named variant (MoGE in
+    # vision: moge@vit, the Image_Classification/ reading); elsewhere ``router``
+    router_in: dict[str, str] = field(default_factory=dict)
+
+    def router_for(self, suite: str) -> str:
+        return self.router_in.get(suite, self.router)
 
 
 class ClaimsError(SpecError):
@@ -109,8 +116,15 @@ def load_claims(path: str | Path | None = None) -> list[Claim]:
                               f"{', '.join(REQUIRED)})")
         suite = _name(p, i, "suite", item["suite"], required=True)
         preset = _name(p, i, "preset", item.get("preset"), required=False)
-        text = {k: str(v).strip() for k, v in item.items() if k not in ("suite", "preset") and v is not None}
-        out.append(Claim(**text, suite=suite, preset=preset))
+        router_in = item.get("router_in") or {}
+        if not isinstance(router_in, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in router_in.items()):
+            raise ClaimsError(f"{p}: claims[{i}]: 'router_in' must map a suite to a router name, e.g. "
+                              f"{{vision: moge@vit}}, got {router_in!r}".replace("\n", " "))
+        text = {k: str(v).strip() for k, v in item.items()
+                if k not in ("suite", "preset", "router_in") and v is not None}
+        out.append(Claim(**text, suite=suite, preset=preset,
+                         router_in={k.strip(): v.strip() for k, v in router_in.items()}))
     return out
 
 
@@ -216,7 +230,7 @@ def claims_table(runs: pl.DataFrame, metrics: pl.DataFrame, claims: list[Claim] 
             by[key] = samples(groups[key].runs, metrics, groups[key].meta.quality)
         keys.append(key)
     none = Sample({})
-    pairs = [(by[k].get(c.router, none), by[k].get(c.baseline, none)) for c, k in zip(claims, keys)]
+    pairs = [(by[k].get(c.router_for(k[0]), none), by[k].get(c.baseline, none)) for c, k in zip(claims, keys)]
     verdicts = judge(pairs, True, alpha)
     rows = []
     for c, k, (a, b), v in zip(claims, keys, pairs, verdicts):
@@ -224,7 +238,7 @@ def claims_table(runs: pl.DataFrame, metrics: pl.DataFrame, claims: list[Claim] 
         v = _oriented(v, g.meta.higher_better)
         ra, rb = mean_ci(a.values.values()), mean_ci(b.values.values())
         res = resolution(v.comparison, g.meta, "within noise" if v.direction == "within noise" else "")
-        out = {"claim": c.claim, "router": c.router, "baseline": c.baseline, **judged(v), "resolution": res,
+        out = {"claim": c.claim, "router": c.router_for(g.suite), "baseline": c.baseline, **judged(v), "resolution": res,
                "router_mean": ra[0], "router_ci": ra[1], "baseline_mean": rb[0], "baseline_ci": rb[1],
                "suite": g.suite, "preset": g.preset, "metric": g.meta.quality, "higher_better": g.meta.higher_better,
                "n_runs": g.n_runs, "n_dupes": g.n_dupes, "other_presets": ", ".join(g.other_presets),

@@ -146,10 +146,11 @@ def test_claims_table_on_stored_runs(tmp_path):
     assert t["competesmoe"]["router_mean"] == pytest.approx(1.05)
     assert t["competesmoe"]["baseline_ci"] == pytest.approx(mean_ci([2.0, 2.1])[1])
     # the same claims on a vision store: top-1 is higher-is-better, so the directions flip
-    vpath = _store(tmp_path / "v.duckdb", suite="vision")
+    vpath = _store(tmp_path / "v.duckdb", suite="vision",
+                   values={("moge@vit" if r == "moge" else r): v for r, v in VALUES.items()})
     vt = {r["router"]: r["label"] for r in claims_table(load_runs(vpath), load_metrics(vpath),
                                                         suite="vision").iter_rows(named=True)}
-    assert vt == {"competesmoe": "reversed", "xmoe": "holds", "moge": "within noise", "stablemoe": "n<2",
+    assert vt == {"competesmoe": "reversed", "xmoe": "holds", "moge@vit": "within noise", "stablemoe": "n<2",
                   "auxfree": "n<2", "hash": "n<2", "expert_choice": "n<2"}  # no runs of these in the fixture
     # a custom claim about a router that never ran
     t = claims_table(runs, metrics, [Claim("a", "nosuch", "smoe", "nosuch beats SMoE")])  # suite lm
@@ -184,8 +185,9 @@ def test_harness_claims_prints_each_verdict(tmp_path, capsys):
 # -- each claim on its own suite (issue 29) --------------------------------------------------------------------
 
 # val_top1 (vision: higher is better) of seeds 0, 1: the default preset has most runs (6), `moge` fewer (4)
-VISION = {"smoe": [0.50, 0.51], "moge": [0.60, 0.61], "xmoe": [0.55, 0.56]}
-VISION_MOGE = {"smoe": [0.40, 0.41], "moge": [0.30, 0.31]}
+# in vision MoGE's claim reads moge@vit, its authors' ViT code (papers.yaml: router_in)
+VISION = {"smoe": [0.50, 0.51], "moge@vit": [0.60, 0.61], "xmoe": [0.55, 0.56]}
+VISION_MOGE = {"smoe": [0.40, 0.41], "moge@vit": [0.30, 0.31]}
 
 
 def _mixed_store(path):
@@ -199,7 +201,7 @@ def test_each_claim_is_judged_on_its_suite(tmp_path):
     path = _mixed_store(tmp_path / "m.duckdb")
     runs, metrics = load_runs(path), load_metrics(path)
     t = {r["router"]: r for r in claims_table(runs, metrics).iter_rows(named=True)}
-    m = t["moge"]
+    m = t["moge@vit"]  # judged on vision, where the claim names the authors' ViT reading (router_in)
     assert (m["suite"], m["preset"], m["metric"], m["higher_better"], m["n_runs"], m["other_presets"]) == \
         ("vision", "default", "val_top1", True, 6, "moge")
     # top-1 0.605 vs 0.505: higher is better, so it holds (read as lower-is-better, the same p would be "reversed")
@@ -211,7 +213,7 @@ def test_each_claim_is_judged_on_its_suite(tmp_path):
         assert (t[r]["n_runs"], t[r]["n_dupes"], t[r]["other_presets"]) == (9, 1, "")
     assert t["competesmoe"]["label"] == "holds" and t["xmoe"]["label"] == "reversed"
     # one Holm family across the suites: three claims tested, all at p = P_ONE
-    for r in ("competesmoe", "xmoe", "moge"):
+    for r in ("competesmoe", "xmoe", "moge@vit"):
         assert t[r]["p_holm"] == pytest.approx(3 * P_ONE, rel=1e-6)
     assert t["stablemoe"]["label"] == "n<2" and t["stablemoe"]["note"] == ""  # lm has runs, just one stablemoe seed
     # suite="lm" (--suite lm): every claim on lm; MoGE's lm runs are within noise there
@@ -220,14 +222,15 @@ def test_each_claim_is_judged_on_its_suite(tmp_path):
     assert lm["moge"]["verdict"] == "within noise (Welch p=0.553, Holm p=0.553, n=2)"
     # suite="vision", preset="moge": MoGE's top-1 is below SMoE's there
     vm = {r["router"]: r for r in claims_table(runs, metrics, suite="vision", preset="moge").iter_rows(named=True)}
-    assert vm["moge"]["label"] == "reversed" and vm["moge"]["preset"] == "moge" and vm["moge"]["n_runs"] == 4
+    assert vm["moge@vit"]["label"] == "reversed" and vm["moge@vit"]["preset"] == "moge"
+    assert vm["moge@vit"]["n_runs"] == 4
     assert vm["competesmoe"]["verdict"] == "n<2 (n=0 vs 2)"
 
 
 def test_a_suite_without_runs_is_n2_and_says_so(tmp_path, capsys):
     path = _store(tmp_path / "h.duckdb")  # lm runs only
     t = {r["router"]: r for r in claims_table(load_runs(path), load_metrics(path)).iter_rows(named=True)}
-    m = t["moge"]
+    m = t["moge@vit"]
     assert (m["label"], m["suite"], m["preset"], m["n_runs"], m["metric"], m["higher_better"]) == \
         ("n<2", "vision", None, 0, "val_top1", True)
     assert m["note"] == "no runs of suite vision in this store: harness run --suite vision"
@@ -249,7 +252,7 @@ def test_a_suite_without_runs_is_n2_and_says_so(tmp_path, capsys):
                            "preset": "default", "status": "running", "step": 0, "total_steps": 10,
                            "started_at": T0, "config": "{}", "versions": "{}"})
     t = {r["router"]: r for r in claims_table(load_runs(path), load_metrics(path)).iter_rows(named=True)}
-    assert t["moge"]["note"] == "no finished runs of suite vision, preset default in this store (1 unfinished): " \
+    assert t["moge@vit"]["note"] == "no finished runs of suite vision, preset default in this store (1 unfinished): " \
                                 "harness run --suite vision --preset default"
 
 
@@ -264,9 +267,9 @@ def test_harness_claims_names_the_suite_of_each_claim(tmp_path, capsys):
     i = lines.index("MoGE beats MoE (SMoE): holds (Welch p=0.005, Holm p=0.015)")
     assert lines[i + 1] == "  judged on: suite vision, preset default (6 distinct finished runs)"
     # top-1 in percent, as the board shows it
-    assert lines[i + 2].startswith("  harness: moge 60.5 ± ") and "% (n=2) vs smoe 50.5 ± " in lines[i + 2]
+    assert lines[i + 2].startswith("  harness: moge@vit 60.5 ± ") and "% (n=2) vs smoe 50.5 ± " in lines[i + 2]
     assert lines[i + 2].endswith("(val_top1, mean ± 95% CI)")
-    assert lines[i + 3].startswith("  test:    Welch (run configs unknown or mixed); moge - smoe = +10.0 ± ")
+    assert lines[i + 3].startswith("  test:    Welch (run configs unknown or mixed); moge@vit - smoe = +10.0 ± ")
     assert lines[i + 4].startswith("  power:   effects under ") and " pp undetectable at n = 2; 1 pp needs" in lines[i + 4]
     j = lines.index("CompeteSMoE beats SMoE: holds (Welch p=0.005, Holm p=0.015)")
     assert lines[j + 1] == "  judged on: suite lm, preset default (9 distinct finished runs)"
@@ -292,8 +295,9 @@ def test_a_claim_may_name_its_preset(tmp_path, capsys):
     path = _mixed_store(tmp_path / "m.duckdb")
     f = tmp_path / "c.yaml"
     f.write_text("claims:\n"
-                 "  - {id: a, router: moge, baseline: smoe, claim: MoGE at its scale, suite: vision, preset: moge}\n"
-                 "  - {id: b, router: moge, baseline: smoe, claim: MoGE on the benchmark, suite: vision}\n"
+                 "  - {id: a, router: moge@vit, baseline: smoe, claim: MoGE at its scale, suite: vision, preset: moge}\n"
+                 "  - {id: b, router: moge, router_in: {vision: moge@vit}, baseline: smoe, claim: MoGE on the "
+                 "benchmark, suite: vision}\n"
                  "  - {id: c, router: moge, baseline: smoe, claim: MoGE unrun, suite: vision, preset: big}\n"
                  "  - {id: d, router: moge, baseline: smoe, claim: MoGE on speech, suite: speech}\n")
     claims = load_claims(f)  # an unknown suite or preset is a verdict, not an error
@@ -319,6 +323,8 @@ def test_a_claim_may_name_its_preset(tmp_path, capsys):
     ("suite: lm, preset: {a: 1}", "'preset' must be a preset name such as default, got {'a': 1}"),
     ("suite: lm, presets: moge", "claims[0]: unknown key 'presets'"),
     ("preset: default", "claims[0]: missing 'suite'"),
+    ("suite: vision, router_in: moge@vit", "'router_in' must map a suite to a router name, e.g. {vision: moge@vit}"),
+    ("suite: vision, router_in: {vision: ''}", "'router_in' must map a suite to a router name"),
 ])
 def test_claims_loader_rejects_a_bad_suite_in_one_line(tmp_path, capsys, entry, says):
     bad = tmp_path / "c.yaml"
@@ -395,7 +401,7 @@ def test_claims_tab_judges_each_claim_on_its_suite(tmp_path, monkeypatch):
     assert tab.loc["MoGE beats MoE (SMoE)", "judged on"] == "vision · default"
     assert tab.loc["MoGE beats MoE (SMoE)", "metric"] == "val_top1 ↑"
     assert tab.loc["MoGE beats MoE (SMoE)", "harness verdict"] == "holds (Welch p=0.005, Holm p=0.015)"
-    assert tab.loc["MoGE beats MoE (SMoE)", "harness (mean ± 95% CI)"].startswith("moge 60.5 ± ")  # x 100
+    assert tab.loc["MoGE beats MoE (SMoE)", "harness (mean ± 95% CI)"].startswith("moge@vit 60.5 ± ")  # x 100
     assert tab.loc["MoGE beats MoE (SMoE)", "Δ (router − baseline)"].endswith(" pp")
     assert tab.loc["X-MoE beats SMoE", "judged on"] == "lm · default"
     before = tab.copy()

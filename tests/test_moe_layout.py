@@ -51,3 +51,19 @@ def test_moe_last_leaves_earlier_spec_hashes_alone():
 def test_moe_last_out_of_range_is_a_spec_error(value):
     with pytest.raises(SpecError, match="model.moe_last"):
         load_suite("lm", preset="tiny", routers=["smoe"], overrides=["model.n_layers=2", f"model.moe_last={value}"])
+
+
+def test_vit_moe_last_keeps_moe_to_the_last_blocks():
+    """The moge preset's layout: 8 blocks, MoE (32 experts, top-1, capacity factor 4) in the last 2 only."""
+    import torch
+
+    from harness.suites.vision import build_vit
+
+    spec = load_suite("vision", preset="moge", routers=["moge@vit"], overrides=["model.d_model=16", "model.n_heads=2"])
+    run = spec.runs()[0]
+    m = run.model
+    assert (m.n_layers, m.num_experts, m.top_k, m.capacity_factor, m.moe_last) == (8, 32, 1, 4.0, 2)
+    model = build_vit(run)
+    assert _ffn_kinds(model) == ["dense"] * 6 + ["moe"] * 2
+    logits, routings = model(torch.randn(2, 1, 28, 28).expand(2, 3, 28, 28).contiguous(), step=0, total_steps=1)
+    assert logits.shape == (2, 10) and len(routings) == 2

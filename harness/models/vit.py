@@ -47,8 +47,10 @@ image size (``dynamic_img_size``, with or without ``dynamic_img_pad``) keeps eve
 patch a token, in order, and works; patch dropout (``patch_drop_rate > 0``) does not,
 and is a ValueError for a layer that reads patches.
 
-Which blocks route: ``moe_every`` as in the LM -- block i (0-based, of ``depth``)
-is MoE when ``(depth - 1 - i) % moe_every == 0``, so the last block always routes;
+Which blocks route: ``moe_every`` and ``moe_last`` as in the LM
+(:func:`harness.layers.build.is_moe_block`) -- block i (0-based, of ``depth``) is MoE when
+``(depth - 1 - i) % moe_every == 0``, so the last block always routes, and, with ``moe_last`` > 0,
+when it is one of the last ``moe_last`` blocks (MoGE's ViT-MoGE-S/16: ``moe_last=2`` of 8);
 the others get the equal-active-FLOP dense FFN (width ``d_ff * top_k``).
 
 Expert width: ``d_ff`` is the width of ONE expert; when not given it is timm's
@@ -77,7 +79,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ..layers.kernels import DEFAULT_IMPL
-from ..layers.moe import build_ffn
+from ..layers.moe import build_ffn, is_moe_block
 from ..layers.streams import base_seed
 from ..routing.registry import get_router
 from ..routing.router import RouteContext, Router, Routing
@@ -202,6 +204,7 @@ class MoEVisionTransformer(VisionTransformer):
       num_experts, top_k, capacity_factor, activation: as in ``harness.layers.moe.build_ffn``.
       d_ff:            width of one expert (default: timm's ``embed_dim * mlp_ratio``).
       moe_every:       MoE in every block (1) or every other block (2), counted from the last.
+      moe_last:        MoE only in the last ``moe_last`` blocks (0: no limit), MoGE's "Last2".
       router_kwargs:   the router's hyper-parameters (unknown keys are errors).
       shared_experts:  always-on experts of width d_ff per MoE layer (``harness.layers.moe.MoELayer``); dense: d_ff*(k+N).
       experts_impl:    the expert kernel (``harness.layers.kernels``); ``loop`` is the bit-identical default.
@@ -214,6 +217,7 @@ class MoEVisionTransformer(VisionTransformer):
         top_k: int = 2,
         d_ff: int | None = None,
         moe_every: int = 1,
+        moe_last: int = 0,
         capacity_factor: float | None = None,
         activation: str = "gelu",
         router_kwargs: dict[str, Any] | None = None,
@@ -238,7 +242,7 @@ class MoEVisionTransformer(VisionTransformer):
         def mlp_layer(in_features: int, hidden_features: int | None = None, drop: float = 0.0, **_: Any) -> HarnessMlp:
             # called by timm once per block, in block order, after the patch embedding exists
             i = len(built)
-            is_moe = (depth - 1 - i) % moe_every == 0
+            is_moe = is_moe_block(i, depth, moe_every, moe_last)
             width = d_ff or hidden_features or 4 * in_features
             kwargs = dict(router_kwargs or {}) if is_moe else None
             hparams = router_cls.hparam_names()
@@ -261,7 +265,7 @@ class MoEVisionTransformer(VisionTransformer):
         scope.dynamic_img_pad = bool(getattr(self.patch_embed, "dynamic_img_pad", False))
         self._scope = scope
         self.router_name = router
-        self.num_experts, self.top_k, self.moe_every = num_experts, k, moe_every
+        self.num_experts, self.top_k, self.moe_every, self.moe_last = num_experts, k, moe_every, moe_last
 
     # -- harness interface (same as MoEDecoderLM) ----------------------------------------
     def harness_mlps(self) -> list[HarnessMlp]:

@@ -64,6 +64,7 @@ def build_vit(spec: dict | RunSpec) -> nn.Module:
         return timm.create_model(
             m["arch"], router=d["router"], embed_dim=m["d_model"], depth=m["n_layers"], num_heads=m["n_heads"],
             d_ff=m["d_ff"], num_experts=m["num_experts"], top_k=m["top_k"], moe_every=m["moe_every"],
+            moe_last=m.get("moe_last", 0),
             capacity_factor=m["capacity_factor"], activation=m["activation"], img_size=m["img_size"],
             patch_size=m["patch_size"], num_classes=m["num_classes"], attn_drop_rate=m["dropout"],
             proj_drop_rate=m["dropout"], pos_drop_rate=m["dropout"], router_kwargs=d.get("router_args") or {},
