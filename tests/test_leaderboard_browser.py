@@ -65,6 +65,10 @@ def browser_store(tmp_path_factory) -> Path:
     rc = main(["run", "--suite", "lm", "--preset", "tiny", "--routers", "dense,smoe", "--seeds", "0,1",
                "--no-eval", "--quiet", "--store", str(path), "--runs-dir", str(d / "runs")])
     assert rc == 0
+    # the vision suite's view: two routers x two seeds, so its significance column has a test to show
+    rc = main(["run", "--suite", "vision", "--preset", "tiny", "--routers", "dense,smoe", "--seeds", "0,1",
+               "--quiet", "--store", str(path), "--runs-dir", str(d / "runs")])
+    assert rc == 0
     add_extra_rows(path)
     return path
 
@@ -139,6 +143,23 @@ def test_leaderboard_in_chromium(server, tmp_path):
                 page.get_by_role("tab", name=tab).click()
                 page.wait_for_timeout(700)
                 assert page.locator('[data-testid="stException"]').count() == 0, tab
+            # the vision view: top-1 / top-5 with the significance column, routing health, the claims
+            page.get_by_role("tab", name="Leaderboard").click()
+            page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
+            page.get_by_role("option", name="vision · image classification").click()
+            page.wait_for_selector("text=val top-1", timeout=60_000)
+            page.wait_for_selector('[data-testid="stDataFrame"]', timeout=30_000)
+            page.wait_for_timeout(1500)
+            assert page.locator('[data-testid="stException"]').count() == 0, \
+                page.locator('[data-testid="stException"]').first.inner_text()
+            body = page.inner_text("body")
+            assert "vs SMoE" in body and "val top-5" in body, body[:2000]
+            for shot in shots:
+                page.screenshot(path=str(shot.with_name("leaderboard_vision.png")), full_page=True)
+            for tab in ("Training curves", "Routing", "Claims", "Run detail"):
+                page.get_by_role("tab", name=tab).click()
+                page.wait_for_timeout(700)
+                assert page.locator('[data-testid="stException"]').count() == 0, f"vision {tab}"
         finally:
             browser.close()
     print(f"leaderboard screenshot: {shots[-1]}")

@@ -303,7 +303,9 @@ def test_ab_catches_a_25pct_slowdown_in_the_real_layer(tmp_path, capsys):
     capsys.readouterr()
     moe = repo / "harness" / "layers" / "moe_layer.py"
     moe.write_text(moe.read_text() + SLOWDOWN)              # the working tree is now 25% slower
-    assert main(common) == 1
+    # 8 vs 8 processes: p < 0.01 then survives 9 of 64 pairs out of order. At 5 vs 5 (1 of 25) a CI machine
+    # measured +21.6% with 3 out of order (p = 0.028) and the gate passed the slowdown.
+    assert main(common[:-2] + ["8", "--quiet"]) == 1
     out = capsys.readouterr().out
     assert "smoe/ratio_vs_dense FAIL" in out.strip().splitlines()[-1], out
 

@@ -36,7 +36,8 @@ MARKER = "REGRESS-RATIOS "  # the worker's output line (worker.py); not imported
                            # `python -m harness.tools.regress.worker` finds it unimported
 ALPHA = 0.01           # shared machines: p < 0.05 alone fired on unchanged code
 MIN_EFFECT = 0.10      # the smallest slowdown that counts
-ROUNDS = 5             # processes per tree; 5 vs 5 allows p down to 1/252 = 0.004
+ROUNDS = 7             # processes per tree: at 5 vs 5 only 1 of 25 pairs may be out of order for p < 0.01, and a
+                       # real +22% slowdown on a busy CI machine (3 out of order, p = 0.028) passed; 7 vs 7 allows 6 of 49
 MIN_ROUNDS = 5         # 4 vs 4 cannot go below p = 1/70 = 0.014 > ALPHA
 REPEATS = 5            # interleaved repeats inside one process (its sample is their median; bench minimum 5)
 BENCH = dict(tokens=2048, d_model=128, d_ff=256, num_experts=8, top_k=2)
