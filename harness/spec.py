@@ -90,6 +90,13 @@ class DataSpec:
     cache_dir: str | None = field(default=None, metadata=NOT_HASHED)
     augment: bool = False            # vision: RandAugment + mixup through timm
     workers: int = field(default=0, metadata=NOT_HASHED)
+    # lm (issue 30; harness.data.tokens): byte | bpe (a byte-level BPE of vocab_size trained on the train split) |
+    # the path of a tokenizer.json; corpus `files` reads text_field of local shards at data.path; max_tokens caps
+    # the train stream (val/test at max(max_tokens // 98, 65536))
+    tokenizer: str = field(default="byte", metadata=HASHED_UNLESS_DEFAULT)
+    vocab_size: int | None = field(default=None, metadata=HASHED_IF_SET)  # bpe only; None = 4096
+    text_field: str = field(default="text", metadata=HASHED_UNLESS_DEFAULT)  # files only
+    max_tokens: int | None = field(default=None, metadata=HASHED_IF_SET)
 
 
 @dataclass(frozen=True)
@@ -345,6 +352,7 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
         raise SpecError(f"{where}: routers {list(spec.routers)} list a router twice")
     if not spec.routers:
         raise SpecError(f"{where}: routers is empty")
+    _check_tokens(spec, where)
     if spec.train.dtype not in ("float32", "bfloat16"):
         raise SpecError(f"{where}: train.dtype={spec.train.dtype!r} must be float32 or bfloat16")
     if m.experts_impl not in EXPERTS_IMPLS:
@@ -356,6 +364,31 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
         get_router(name)  # UnknownRouterError with did-you-mean
     for name in spec.router_args:
         get_router(name)
+
+
+def _check_tokens(spec: SuiteSpec, where: str) -> None:
+    """The LM data keys of issue 30 (data.tokenizer, vocab_size, text_field, max_tokens)."""
+    d = spec.data
+    set_ = [k for k, v, off in (("tokenizer", d.tokenizer, "byte"), ("vocab_size", d.vocab_size, None),
+                                ("text_field", d.text_field, "text"), ("max_tokens", d.max_tokens, None))
+            if v != off]
+    if spec.suite != "lm" and set_:
+        raise SpecError(f"{where}: data.{set_[0]} applies to the lm suite, not {spec.suite}")
+    if not d.tokenizer.strip():
+        raise SpecError(f"{where}: data.tokenizer is empty; give byte, bpe or the path of a tokenizer.json")
+    if d.vocab_size is not None:
+        if d.tokenizer != "bpe":
+            raise SpecError(f"{where}: data.vocab_size applies to data.tokenizer=bpe (byte has 256 ids, a tokenizer "
+                            f"file its own); add --set data.tokenizer=bpe or drop it")
+        if not 257 <= d.vocab_size <= 2**24:
+            raise SpecError(f"{where}: data.vocab_size={d.vocab_size} must be >= 257 (a byte-level BPE's 256 byte "
+                            f"symbols and at least one merge) and <= {2**24}")
+    if not d.text_field.strip():
+        raise SpecError(f"{where}: data.text_field is empty; give the name of the text column (default text)")
+    if d.text_field != "text" and d.corpus != "files":
+        raise SpecError(f"{where}: data.text_field applies to data.corpus=files, not {d.corpus}")
+    if d.max_tokens is not None and d.max_tokens < 1:
+        raise SpecError(f"{where}: data.max_tokens={d.max_tokens} must be >= 1")
 
 
 SCHEDULES = ("cosine", "wsd")

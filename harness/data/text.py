@@ -2,7 +2,11 @@
 
 Every corpus is a sequence of raw bytes (tokens 0..255, ``vocab_size=256``)
 split into train / val / test.  Large corpora are memory-mapped read-only
-(``np.memmap``), never copied into RAM.
+(``np.memmap``), never copied into RAM.  Local shards (``data.corpus: files``,
+:mod:`harness.data.files`) and subword tokens (``data.tokenizer``,
+:mod:`harness.data.tokenizer`) go through the token cache of
+:mod:`harness.data.tokens`, whose ``load_lm_corpus`` is the suite's door to all of
+them; the batching below reads byte and token splits alike.
 
 Corpora
 -------
@@ -92,13 +96,18 @@ class DataError(UserError, ValueError):
 @dataclass
 class TextCorpus:
     name: str
-    train: np.ndarray  # uint8 1-D, np.memmap when the source is a file on disk
+    train: np.ndarray  # token ids 1-D (uint8 bytes here; uint16/uint32 from harness.data.tokens), np.memmap on disk
     val: np.ndarray
     test: np.ndarray
     words: dict[str, int]  # whitespace-separated words per split
     description: str = ""
     vocab_size: int = 256
     lines: dict[str, int] = field(default_factory=dict)  # b"\n" count per split
+    tokenizer: str = "byte"  # byte | bpe | a tokenizer.json path (harness.data.tokenizer)
+    # UTF-8 bytes each token id stands for ([vocab_size] int64); None: one byte per token (the byte tokenizer)
+    byte_lengths: np.ndarray | None = None
+    text_bytes: dict[str, int] = field(default_factory=dict)  # UTF-8 bytes of each split's text (token corpora)
+    cache_dir: str | None = None  # the token cache the splits are read from (harness.data.tokens)
 
     def split(self, name: str) -> np.ndarray:
         if name not in SPLITS:
@@ -107,6 +116,9 @@ class TextCorpus:
 
     @property
     def n_bytes(self) -> dict[str, int]:
+        """UTF-8 bytes of text per split (the number of tokens for the byte tokenizer)."""
+        if self.text_bytes:
+            return dict(self.text_bytes)
         return {s: int(len(getattr(self, s))) for s in SPLITS}
 
 
@@ -409,8 +421,8 @@ def load_corpus(
 
 
 def _check_data(data: np.ndarray, context: int) -> None:
-    if data.ndim != 1 or data.dtype != np.uint8:
-        raise ValueError(f"expected 1-D uint8 data, got shape {data.shape} dtype {data.dtype}")
+    if data.ndim != 1 or data.dtype not in (np.uint8, np.uint16, np.uint32):
+        raise ValueError(f"expected 1-D uint8/uint16/uint32 token ids, got shape {data.shape} dtype {data.dtype}")
     if context < 1:
         raise ValueError(f"context must be >= 1, got {context}")
     if len(data) < context + 1:

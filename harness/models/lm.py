@@ -1,4 +1,4 @@
-"""A small decoder-only transformer whose FFNs are MoE layers of any registered router.
+"""A small decoder-only transformer (bytes or subword tokens: ``vocab_size``) whose FFNs are MoE layers of any registered router.
 
 Pre-LN blocks, causal attention through ``scaled_dot_product_attention``,
 learned positions, tied input/output embeddings (nanoGPT's shape). Every
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..layers.kernels import DEFAULT_IMPL
 from ..layers.moe import build_ffn, is_moe_block
 from ..layers.streams import base_seed
+from ..routing.registry import get_router
 from ..routing.router import RouteContext, Routing
 
 
@@ -81,6 +82,11 @@ class MoEDecoderLM(nn.Module):
         self.pos_emb = nn.Embedding(context, d_model)
         self.drop = nn.Dropout(dropout)
         blocks = []
+        # a router that reads token ids through a table (hash's map, StableMoE's distilled embedding) declares a
+        # vocab_size hyper-parameter: it gets the model's vocabulary unless the spec sets it (the default 256 is
+        # the byte tokenizer's, so byte models build exactly as before)
+        if "vocab_size" in get_router(router).hparam_names() and "vocab_size" not in (router_kwargs or {}):
+            router_kwargs = {**(router_kwargs or {}), "vocab_size": vocab_size}
         for i in range(n_layers):
             is_moe = is_moe_block(i, n_layers, moe_every, moe_last)
             name = router if is_moe else "dense"

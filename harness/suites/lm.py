@@ -1,15 +1,19 @@
-"""The language-modelling suite: byte-level decoder LM pretraining, bits per byte.
+"""The language-modelling suite: decoder LM pretraining on bytes or subword tokens, bits per byte.
 
-Metrics (natural-log cross-entropy per byte ``nll``):
+Metrics, for every tokenizer (``data.tokenizer``; ``nll`` = the summed natural-log cross-entropy of the
+evaluated targets divided by the UTF-8 bytes they stand for, ``sum(byte_lengths[targets])``, which is the
+number of targets for the byte tokenizer, so byte numbers are unchanged):
   {split}_bpb       = nll / ln 2                     (bits per byte = BPC for enwik8/text8)
   {split}_byte_ppl  = exp(nll)
   {split}_word_ppl  = exp(nll * bytes / words)       (WikiText-103 convention: per whitespace word)
+  {split}_tok_ppl   = exp(summed nll / targets)      (per token; stored for subword tokenizers only)
 The word perplexity uses the split's bytes-per-word ratio; it is exact when the
 whole split is evaluated (the final test pass always is) and an estimate on
 the capped validation passes.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -17,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.text import TextCorpus, get_batch, iter_eval_batches, load_corpus
+from ..data.text import DataError, TextCorpus, get_batch, iter_eval_batches
+from ..data.tokens import load_lm_corpus, lm_vocab_size
 from ..layers.kernels import DEFAULT_IMPL
 from ..models.lm import MoEDecoderLM
 from ..spec import RunSpec
@@ -28,7 +33,7 @@ def build_lm(spec: dict | RunSpec) -> MoEDecoderLM:
     d = spec.to_dict() if isinstance(spec, RunSpec) else spec
     m = d["model"]
     return MoEDecoderLM(
-        router=d["router"], vocab_size=256, d_model=m["d_model"], n_layers=m["n_layers"], n_heads=m["n_heads"],
+        router=d["router"], vocab_size=lm_vocab_size(d.get("data") or {}), d_model=m["d_model"], n_layers=m["n_layers"], n_heads=m["n_heads"],
         d_ff=m["d_ff"], num_experts=m["num_experts"], top_k=m["top_k"], moe_every=m["moe_every"],
         moe_last=m.get("moe_last", 0), context=m["context"], dropout=m["dropout"], capacity_factor=m["capacity_factor"],
         activation=m["activation"], router_kwargs=d.get("router_args") or {},
@@ -46,17 +51,25 @@ class LMSuite:
         self._corpus: TextCorpus | None = None
         self._corpus_key: tuple | None = None
 
-    def corpus(self, run: RunSpec) -> TextCorpus:
-        key = (run.data.corpus, run.data.path, run.data.strict_size, run.data.cache_dir)
+    def corpus(self, run: RunSpec, progress: bool | None = None) -> TextCorpus:
+        d = run.data
+        key = (d.corpus, d.path, d.strict_size, d.cache_dir, d.tokenizer, d.vocab_size, d.text_field, d.max_tokens)
         if self._corpus is None or self._corpus_key != key:
-            self._corpus = load_corpus(run.data.corpus, run.data.path, cache_dir=run.data.cache_dir,
-                                       strict_size=run.data.strict_size)
+            self._corpus = load_lm_corpus(dataclasses.asdict(d), progress=progress)
             self._corpus_key = key
         return self._corpus
 
-    def prepare(self, run: RunSpec) -> TextCorpus:
-        """Load (and validate) the run's corpus once; every suite adapter has this door."""
-        return self.corpus(run)
+    def prepare(self, run: RunSpec, progress: bool | None = None) -> TextCorpus:
+        """Load (and validate) the run's corpus once, tokenising it into its cache the first time
+        (``progress``: a bar meanwhile; None = when stderr is a terminal); every suite adapter has this door."""
+        corpus = self.corpus(run, progress)
+        need = run.model.context + 1
+        for split in ("train", "val", "test"):
+            n = len(corpus.split(split))
+            if n < need:
+                raise DataError(f"{corpus.name}: the {split} split has {n} tokens, fewer than model.context+1 = "
+                                f"{need}; give more text (or a larger data.max_tokens) or a shorter model.context")
+        return corpus
 
     def build_model(self, run: RunSpec) -> nn.Module:
         return build_lm(run)
@@ -75,19 +88,24 @@ class LMSuite:
                  hook: Callable[[], None], max_batches: int | None) -> dict[str, float]:
         corpus = self.corpus(run)
         data = corpus.val if split == "val" else corpus.test
-        total_nll, total_tok = 0.0, 0
+        lengths = None if corpus.byte_lengths is None else torch.from_numpy(corpus.byte_lengths).to(device)
+        total_nll, total_tok, total_bytes = 0.0, 0, 0
         for x, y in iter_eval_batches(data, run.train.batch_size, run.model.context, max_batches):
             x, y = x.to(device), y.to(device)
             out, _ = model(x, step=0, total_steps=1)
             hook()
             total_nll += float(F.cross_entropy(out.float().reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum"))
             total_tok += y.numel()
+            # the UTF-8 bytes the targets stand for (one per target for the byte tokenizer)
+            total_bytes += y.numel() if lengths is None else int(lengths[y].sum())
         if total_tok == 0:
             raise ValueError(f"{split} split of {corpus.name} is shorter than one context window ({run.model.context})")
-        nll = total_nll / total_tok
+        nll = total_nll / total_bytes
         out = {f"{split}_bpb": nll / math.log(2), f"{split}_byte_ppl": math.exp(min(nll, 50.0))}
+        if lengths is not None:
+            out[f"{split}_tok_ppl"] = math.exp(min(total_nll / total_tok, 700.0))
         words = corpus.words.get(split, 0)
         if words:
-            bytes_per_word = len(data) / words
+            bytes_per_word = corpus.n_bytes[split] / words
             out[f"{split}_word_ppl"] = math.exp(min(nll * bytes_per_word, 700.0))
         return out

@@ -119,7 +119,8 @@ def run_checks(store: str, suite: str | None = None, overrides: list[str] | None
 
             data = adapter.prepare(run)
             if isinstance(data, TextCorpus):
-                return f"{spec.data.corpus}: train {len(data.train):,} / val {len(data.val):,} / test {len(data.test):,} bytes"
+                unit = "bytes" if data.tokenizer == "byte" else f"{data.tokenizer} tokens"
+                return f"{spec.data.corpus}: train {len(data.train):,} / val {len(data.val):,} / test {len(data.test):,} {unit}"
             return f"{spec.data.corpus}: ok"
 
         check(f"data for suite {suite}", data_paths)
