@@ -265,7 +265,7 @@ class Store:
             con.execute("DELETE FROM routing_health WHERE run_id = ? AND step > ?", [run_id, step])
             con.execute("UPDATE runs SET status = 'running', error = NULL, step = ? WHERE run_id = ?", [step, run_id])
 
-    def abandon(self, spec_hash: str, seed: int, reason: str) -> int:
+    def abandon(self, spec_hash: str, seed: int, reason: str, at: datetime | None = None) -> int:
         """Mark unfinished runs of this spec+seed failed (``--restart``); returns how many."""
         if not self.path.exists():
             return 0
@@ -275,7 +275,7 @@ class Store:
                             [spec_hash, seed]).fetchone()[0]
             con.execute("UPDATE runs SET status = 'failed', error = ?, finished_at = ? "
                         "WHERE spec_hash = ? AND seed = ? AND status IN ('running', 'interrupted')",
-                        [reason, now(), spec_hash, seed])
+                        [reason, at or now(), spec_hash, seed])
         return int(n)
 
     def finish_run(
@@ -288,28 +288,24 @@ class Store:
         routing: Iterable[tuple[int, int, int, float]] = (),
         routing_health: Iterable[tuple[int, int, str, float]] = (),
         error: str | None = None,
+        at: datetime | None = None,
     ) -> None:
-        """Final rows and status in one transaction."""
+        """Final rows and status in one transaction (``at``: the finish time, default now)."""
         if status not in RUN_STATUSES:
             raise ValueError(f"bad run status {status!r}")
+        rows = final_rows(run_id, step, metrics, curves, routing, routing_health)
         with self.writer() as con:
-            m = [(run_id, d["name"], _f(d.get("value")), _f(d.get("stderr")), d.get("split"), d.get("step", step))
-                 for d in metrics]
-            if m:
-                con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", m)
-            c = [(run_id, s, n, _f(v)) for s, n, v in curves]
-            if c:
-                con.executemany("INSERT INTO curves VALUES (?, ?, ?, ?)", c)
-            r = [(run_id, s, layer, e, _f(v)) for s, layer, e, v in routing]
-            if r:
-                con.executemany("INSERT INTO routing VALUES (?, ?, ?, ?, ?)", r)
-            h = [(run_id, s, layer, n, _f(v)) for s, layer, n, v in routing_health]
-            if h:
-                con.executemany("INSERT INTO routing_health VALUES (?, ?, ?, ?, ?)", h)
+            for table, vals in rows.items():
+                if vals:
+                    con.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * len(vals[0]))})", vals)
             con.execute(
                 "UPDATE runs SET status = ?, step = ?, finished_at = ?, error = ? WHERE run_id = ?",
-                [status, step, now(), error, run_id],
+                [status, step, at or now(), error, run_id],
             )
+
+    def with_timeout(self, lock_timeout: float) -> "Store":
+        """The same store with another lock timeout (a process being stopped waits briefly)."""
+        return type(self)(self.path, lock_timeout=lock_timeout)
 
     def mark_interrupted(self, run_id: str, step: int, reason: str) -> None:
         """A run stopped before its end (signal, unwritable checkpoint): resumable with ``--resume``."""
@@ -319,8 +315,7 @@ class Store:
 
     def add_metrics(self, run_id: str, metrics: Iterable[dict[str, Any]]) -> None:
         """Extra metrics for an existing run (e.g. lm-eval tasks after pretraining)."""
-        rows = [(run_id, d["name"], _f(d.get("value")), _f(d.get("stderr")), d.get("split"), d.get("step"))
-                for d in metrics]
+        rows = metric_rows(run_id, metrics, None)
         if rows:
             with self.writer() as con:
                 con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", rows)
@@ -392,6 +387,24 @@ class Store:
             except duckdb.CatalogException:
                 return None
         return None if row is None else {"run_id": row[0], "status": row[1], "step": row[2]}
+
+
+def metric_rows(run_id: str, metrics: Iterable[dict[str, Any]], step: int | None) -> list[tuple]:
+    """``metrics`` rows as stored (``step``: the step of a row that names none)."""
+    return [(run_id, d["name"], _f(d.get("value")), _f(d.get("stderr")), d.get("split"), d.get("step", step))
+            for d in metrics]
+
+
+def final_rows(run_id: str, step: int, metrics: Iterable[dict[str, Any]] = (),
+               curves: Iterable[tuple[int, str, float]] = (), routing: Iterable[tuple[int, int, int, float]] = (),
+               routing_health: Iterable[tuple[int, int, str, float]] = ()) -> dict[str, list[tuple]]:
+    """A run's final rows per table, as :meth:`Store.finish_run` stores them (result bundles write the same)."""
+    return {
+        "metrics": metric_rows(run_id, metrics, step),
+        "curves": [(run_id, s, n, _f(v)) for s, n, v in curves],
+        "routing": [(run_id, s, layer, e, _f(v)) for s, layer, e, v in routing],
+        "routing_health": [(run_id, s, layer, n, _f(v)) for s, layer, n, v in routing_health],
+    }
 
 
 def _record_wait(seconds: float, read_only: bool) -> None:

@@ -159,6 +159,11 @@ def main() -> None:
     all_runs = runs  # Run detail lists every run; every statistic counts distinct (spec, seed) only
     runs, n_dupes = distinct_seeds(runs)
     header(suite, filt.get("preset"), runs, n_dupes)
+    n_cross = int(all_runs["cross_origin"].sum()) if "cross_origin" in all_runs.columns else 0
+    if n_cross:
+        st.caption(f":material/call_split: **{n_cross} run{'s' if n_cross != 1 else ''} found in more than one "
+                   f"source** (the same run id, or the same spec hash and seed under another id): counted once, "
+                   f"like any copy; Run detail names the sources.")
 
     tabs = st.tabs([":material/leaderboard: Leaderboard", ":material/show_chart: Training curves",
                     ":material/alt_route: Routing", ":material/quiz: lm-eval", ":material/fact_check: Claims",

@@ -21,13 +21,14 @@ def filter_runs(
     git_shas: Sequence[str] | None = None,
     spec_hashes: Sequence[str] | None = None,
     date_range: tuple[date, date] | None = None,
+    origins: Sequence[str] | None = None,
 ) -> pl.DataFrame:
     """Each filter given as a collection keeps the runs whose value is in it (None = no filter)."""
     df = runs
     if suite is not None:
         df = df.filter(pl.col("suite") == suite)
     for col, allowed in (("preset", presets), ("router", routers), ("machine", machines),
-                         ("git_sha", git_shas), ("spec_hash", spec_hashes)):
+                         ("git_sha", git_shas), ("spec_hash", spec_hashes), ("origin", origins)):
         if allowed is not None:
             df = df.filter(pl.col(col).is_in(list(allowed)))
     if date_range is not None and len(date_range) == 2 and date_range[0] is not None and date_range[1] is not None:

@@ -49,6 +49,10 @@ def sidebar_filters(runs: pl.DataFrame) -> tuple[str, pl.DataFrame, dict[str, An
     f_routers = multiselect_all("Routers", routers, "routers")
     machines = sorted(set(sr["machine"].drop_nulls().to_list()))
     f_machines = multiselect_all("Machine", machines, "machines")
+    origins = sorted(set(sr["origin"].drop_nulls().to_list())) if "origin" in sr.columns else []
+    f_origins = multiselect_all("Origin", origins, "origins",
+                                help="The store or bundle directory a run came from (harness board --store A "
+                                     "--import DIR).") if len(origins) > 1 else None
     shas = sorted(set(sr["git_sha"].drop_nulls().to_list()))
     f_shas = multiselect_all("Git SHA", shas, "shas")
     spec_opts = sr.select("spec_hash", "router").unique().sort("router", "spec_hash")
@@ -72,5 +76,5 @@ def sidebar_filters(runs: pl.DataFrame) -> tuple[str, pl.DataFrame, dict[str, An
         if isinstance(got, (tuple, list)) and len(got) == 2:
             d_range = (got[0], got[1])
     filtered = filter_runs(sr, routers=f_routers, machines=f_machines, git_shas=f_shas, spec_hashes=f_specs,
-                           date_range=d_range)
+                           date_range=d_range, origins=f_origins)
     return suite, filtered, {"preset": preset, "routers": f_routers, "machines": f_machines, "shas": f_shas}

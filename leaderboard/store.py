@@ -119,7 +119,10 @@ RUN_COLUMNS = {
     "preset": pl.Utf8, "status": pl.Utf8, "step": pl.Int64, "total_steps": pl.Int64, "git_sha": pl.Utf8,
     "machine_id": pl.Utf8, "started_at": pl.Datetime("us"), "finished_at": pl.Datetime("us"),
     "config": pl.Utf8, "versions": pl.Utf8, "error": pl.Utf8,
-    "hostname": pl.Utf8, "cpu": pl.Utf8, "threads": pl.Int64, "gpu": pl.Utf8, "machine": pl.Utf8,
+    "hostname": pl.Utf8, "cpu": pl.Utf8, "threads": pl.Int64, "gpu": pl.Utf8,
+    # a board over several sources (harness board --store A --import DIR: harness.bundles.sources): where each run
+    # came from, the other sources that hold the same run id, and whether its spec hash + seed is in another source
+    "origin": pl.Utf8, "also_in": pl.Utf8, "machine": pl.Utf8, "cross_origin": pl.Boolean,
 }
 METRIC_COLUMNS = {"run_id": pl.Utf8, "name": pl.Utf8, "value": pl.Float64, "stderr": pl.Float64,
                   "split": pl.Utf8, "step": pl.Int64}
@@ -166,8 +169,15 @@ def load_runs(path: str | os.PathLike[str], **kw: Any) -> pl.DataFrame:
                          "LEFT JOIN machines m USING (machine_id) ORDER BY r.started_at, r.run_id")
         else:
             df = _q(con, "SELECT * FROM runs ORDER BY started_at, run_id")
-    df = conform(df, {k: v for k, v in RUN_COLUMNS.items() if k != "machine"})
-    return df.with_columns(machine_label_expr().alias("machine"))
+    df = conform(df, {k: v for k, v in RUN_COLUMNS.items() if k not in ("machine", "cross_origin")})
+    return df.with_columns(machine_label_expr().alias("machine"), cross_origin_expr().alias("cross_origin"))
+
+
+def cross_origin_expr() -> pl.Expr:
+    """A run whose id, or whose spec hash and seed, another source holds too: flagged on the board, and counted
+    once by the distinct-seed rule (leaderboard.stats.distinct_seeds)."""
+    origin = pl.coalesce(pl.col("origin"), pl.lit(""))
+    return pl.col("also_in").is_not_null() | (origin.n_unique().over("spec_hash", "seed") > 1)
 
 
 def machine_label_expr() -> pl.Expr:

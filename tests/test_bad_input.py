@@ -31,7 +31,7 @@ from harness.store import Store
 pytestmark = pytest.mark.xdist_group("test_bad_input")
 
 SUBCOMMANDS = ("routers", "run", "runs", "show", "bench", "eval", "lm-eval", "board", "claims", "compare", "regress",
-               "doctor")
+               "doctor", "import", "export")
 R = ["run", "--preset", "tiny", "--quiet", "--no-eval"]  # a run that would start at once if valid
 S = ["run", "--preset", "tiny", "--quiet", "--no-eval", "--set"]
 
@@ -252,6 +252,19 @@ CASES: list[tuple[str, list[str]]] = [
     ("board-address-nonascii", ["board", "--address", "hôst"]),
     ("board-store-is-dir", ["board", "--store", "$D"]),
     ("board-store-under-file", ["board", "--store", "$F/x.duckdb"]),
+    ("board-second-store-is-dir", ["board", "--store", "$H", "--store", "$D"]),
+    # import / export (result bundles; the bundles' own refusals: test_bundles.py)
+    ("import-no-path", ["import"]),
+    ("import-missing", ["import", "$T/nope"]),
+    ("import-a-file", ["import", "$F"]),
+    ("import-empty-glob", ["import", "$T/nope-*"]),
+    ("import-store-is-dir", ["import", "$D", "--store", "$D"]),
+    ("export-no-to", ["export", "--store", "$H"]),
+    ("export-to-a-file", ["export", "--store", "$H", "--to", "$F"]),
+    ("export-unknown-run", ["export", "nosuchrun", "--store", "$H", "--to", "$T/out"]),
+    ("export-no-store", ["export", "--to", "$T/out"]),
+    ("export-nothing-matches", ["export", "--suite", "nosuch", "--store", "$H", "--to", "$T/out"]),
+    ("export-ids-and-filters", ["export", "x", "--routers", "smoe", "--store", "$H", "--to", "$T/out"]),
     # regress
     ("regress-seeds-letters", ["regress", "--update", "--seeds", "a,b", "--baseline", "$T/g.json"]),
     ("regress-repeats-zero", ["regress", "--repeats", "0"]),

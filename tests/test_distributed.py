@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness.cli.grid import submit_grid
+from harness.cli.grid import import_grid, submit_grid
 from harness.training import distributed
 from harness.cli import main
 from harness.layers.moe import MoELayer, build_ffn
@@ -256,6 +256,8 @@ def _grid(executor_name, tmp_path, small_corpus):
     jobs = submit_grid(executor, ["smoe", "xmoe"], [0, 1], store,
                                    [*TINY, *small_corpus, "--set", "train.steps=2", "--set", "train.threads=1"])
     assert [j.result() for j in jobs] == [0, 0, 0, 0]
+    assert not store.exists()  # bundles (the default): no job opened the database file
+    assert import_grid(str(store)) == 0  # harness import runs/ --store h.duckdb
     rows = q(store, "SELECT router, seed, status FROM runs ORDER BY router, seed")
     assert rows == [(r, s, "finished") for r in ("smoe", "xmoe") for s in (0, 1)]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import keyword
 import os
 import signal
 import sys
@@ -25,7 +26,13 @@ EXIT_USAGE = 2
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 # One module per sub-command, in `harness --help` order; each exposes ``register(sub, store_arg)``.
-COMMANDS = ("routers", "run", "runs", "show", "bench", "eval", "board", "claims", "compare", "regress", "doctor")
+COMMANDS = ("routers", "run", "runs", "show", "bench", "eval", "board", "claims", "compare", "regress", "doctor",
+            "import", "export")
+
+
+def _module(name: str) -> str:
+    """The module of a sub-command: ``import`` is a keyword, so its module is ``import_``."""
+    return name + "_" if keyword.iskeyword(name) else name
 
 
 class HarnessParser(argparse.ArgumentParser):
@@ -95,7 +102,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     named = argv[0] if argv and argv[0] in COMMANDS else None
     for name in COMMANDS:
         if named in (None, name):
-            importlib.import_module(f"{__name__}.{name}").register(sub, store_arg)
+            importlib.import_module(f"{__name__}.{_module(name)}").register(sub, store_arg)
     _harden(sub)
     return p
 

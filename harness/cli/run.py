@@ -15,6 +15,7 @@ import polars as pl
 
 from .. import args as argtypes
 from ..args import split_csv as _csv
+from ..bundles import BUNDLES, BundleStore, RecordingStore
 from ..errors import UsageError
 from ..lmeval import check_tasks, eval_after_pretraining
 from ..spec import SpecError, load_suite
@@ -41,6 +42,10 @@ def register(sub: argparse._SubParsersAction, store_arg) -> None:  # noqa: ANN00
                         "(docs/along.md)")
     store_arg(s)
     s.add_argument("--runs-dir", default=None, help="checkpoints and models (default: beside the store, runs/)")
+    s.add_argument("--store-mode", choices=("store", "bundles"), default="store",
+                   help="store (default): write the DuckDB store, and each run's result bundle beside its "
+                        "checkpoint; bundles: write only the bundles, never open the store (clusters, many "
+                        "processes; `harness import RUNS_DIR` brings them in; docs/distributed.md)")
     s.add_argument("--resume", action="store_true", help="continue unfinished runs from their last checkpoint")
     s.add_argument("--restart", action="store_true", help="delete these runs' checkpoints and start clean")
     s.add_argument("--rerun", action="store_true",
@@ -94,6 +99,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.rerun:
             raise SpecError("--precision adds seeds and skips the finished ones; --rerun would retrain every "
                             "seed each round: give one of them")
+        if args.store_mode == "bundles":
+            raise SpecError("--precision reads the store between rounds of seeds; --store-mode bundles never opens "
+                            "it: use --store-mode store")
         check_request(spec, args.precision, args.max_seeds, args.baseline_router or default_baseline(spec))
     ddp = multi or distributed.launched_by_torchrun()
     _resolve_jobs(args.jobs, spec, ddp)  # validated once; each point resolves its own default below
@@ -164,16 +172,22 @@ def _launch_torchrun(args: argparse.Namespace, spec) -> int:  # noqa: ANN001
 
 def _cmd_run(args: argparse.Namespace, grid: list, dctx, ddp: bool) -> int:  # noqa: ANN001
     """Every point of ``grid`` (``[(None, spec)]`` without --sweep) in turn, then one summary table."""
-    store = Store(args.store)
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir(args.store)
+    bundles_only = args.store_mode == "bundles"
+    # bundles: each run's rows go to its result bundle in the runs directory and no database file is opened
+    store: Store = BundleStore(runs_dir) if bundles_only else RecordingStore(args.store, runs_dir)
     if dctx.is_main:  # before anything is written: a store and a runs directory that can be written
-        argtypes.probe_dir(Path(args.store).parent, "results store directory", "--store")
+        if not bundles_only:
+            argtypes.probe_dir(Path(args.store).parent, "results store directory", "--store")
         argtypes.probe_dir(runs_dir, "runs directory", "--runs-dir")
         store.check_readable()
     if args.restart and dctx.is_main:
 
         for run in (r for _, spec in grid for r in spec.runs()):
-            shutil.rmtree(runs_dir / run.run_key, ignore_errors=True)
+            run_dir = runs_dir / run.run_key
+            for p in (run_dir.iterdir() if run_dir.is_dir() else ()):  # its bundles stay: the recorded runs
+                if p.name != BUNDLES:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             store.abandon(run.spec_hash, run.seed, "abandoned: restarted from scratch with --restart")
     dctx.barrier()
     tables = []
@@ -193,7 +207,10 @@ def _cmd_run(args: argparse.Namespace, grid: list, dctx, ddp: bool) -> int:  # n
         return 0  # rank 0 reports (and carries the exit status)
     with pl.Config(tbl_rows=100 * len(grid), tbl_cols=20, float_precision=4, tbl_width_chars=160):
         print(pl.concat(tables, how="diagonal_relaxed") if len(tables) > 1 else tables[0])
-    print(f"results: {args.store}  (harness runs --store {args.store}; harness board --store {args.store})")
+    if bundles_only:
+        print(f"results: bundles under {runs_dir}  (harness import {runs_dir} --store {args.store})")
+    else:
+        print(f"results: {args.store}  (harness runs --store {args.store}; harness board --store {args.store})")
     return 0 if ok else 1
 
 

@@ -398,7 +398,7 @@ def train_run(
 def _record_interrupted(store: Store, run_id: str, reason: str, log: Callable[[str], None], tag: str) -> None:
     """Best effort and short: a process being stopped must not wait minutes for a busy store."""
     try:
-        Store(store.path, lock_timeout=15.0).mark_interrupted(run_id, 0, reason)
+        store.with_timeout(15.0).mark_interrupted(run_id, 0, reason)
     except Exception as exc:  # noqa: BLE001 - the run stays 'running', which --resume also continues
         log(f"{tag} could not record the interruption ({type(exc).__name__}: {exc}); --resume still continues it")
 

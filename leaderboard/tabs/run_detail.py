@@ -36,6 +36,10 @@ def run_detail_tab(path: str, stamp, runs: pl.DataFrame, metrics: pl.DataFrame, 
                 f"{duration(r['started_at'], r['finished_at'])} · **preset** {r['preset'] or '—'} · "
                 f"**git** `{r['git_sha'] or '—'}` · **spec** `{r['spec_hash'] or '—'}` · "
                 f"**started** {fmt_dt(r['started_at'])} · **machine** {r['machine']}")
+    if r.get("origin"):  # a board over several sources (harness board --store A --import DIR)
+        st.caption(f"origin `{r['origin']}`" + (f" · also in `{r['also_in']}`" if r.get("also_in") else "")
+                   + (" · :material/call_split: another source holds this spec hash and seed (counted once)"
+                      if r.get("cross_origin") else ""))
     if status == "diverged":
         st.warning(f"Diverged: {r['error'] or 'no message'}", icon=":material/trending_up:")
     elif status == "failed":
