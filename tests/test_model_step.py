@@ -96,3 +96,11 @@ def test_step_breakdown_script_runs(capsys):
     out = capsys.readouterr().out
     assert "extra_ms vs dense" in out and "optimizer" in out
     assert mod.main(["--preset", "tiny", "--routers", "nosuchrouter"]) == 2
+
+
+def test_candidates_of_the_default_preset_start_from_its_own_kernel():
+    """The default LM preset runs ``experts_impl=auto``: its routers are the plain rows, other kernels the
+    ``router:kernel`` rows (this raised "'auto' is not in list" before)."""
+    cands, _ = ms.build_step_candidates("lm", "default", ["smoe"], ["loop"])
+    assert [c.label for c in cands] == ["dense", "smoe", "smoe:loop"]
+    assert [c.run.model.experts_impl for c in cands[1:]] == ["auto", "loop"]

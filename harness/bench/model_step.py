@@ -73,13 +73,15 @@ def build_step_candidates(suite: str = "lm", preset: str | None = "default", rou
     Rows are router by router, each router's kernels in the order given."""
     spec = load_suite(suite, preset, overrides=overrides, routers=routers)
     names = list(dict.fromkeys(["dense", "smoe", *spec.routers]))
-    kernels = list(dict.fromkeys([DEFAULT_IMPL, *(check_impl(i) for i in impls or ())]))
+    # the preset's own kernel first (the default LM preset says ``auto``), then every other one asked for
+    base = next(iter(spec.runs())).model.experts_impl if spec.routers else DEFAULT_IMPL
+    kernels = list(dict.fromkeys([base, *(check_impl(i) for i in impls or ())]))
     adapter = get_adapter(spec.suite)
     dev, dctx = torch.device(device), distributed.current()
     cands = []
     for impl in kernels:  # one spec per kernel; the dense FFN has no expert kernel
-        extra = [] if impl == DEFAULT_IMPL else [f"model.experts_impl={impl}"]
-        on = names if impl == DEFAULT_IMPL else [n for n in names if n != "dense"]
+        extra = [] if impl == base else [f"model.experts_impl={impl}"]
+        on = names if impl == base else [n for n in names if n != "dense"]
         for r in load_suite(suite, preset, overrides=[*(overrides or []), *extra], routers=on,
                             seeds=spec.seeds[:1]).runs():
             adapter.prepare(r)
@@ -87,7 +89,7 @@ def build_step_candidates(suite: str = "lm", preset: str | None = "default", rou
             model = adapter.build_model(r).to(dev)
             model.train()
             opt = make_optimizer(model, r)
-            label = r.router if impl == DEFAULT_IMPL else f"{r.router}:{impl}"
+            label = r.router if impl == base else f"{r.router}:{impl}"
             cands.append(StepCandidate(label, r, model, opt, make_scheduler(opt, r),
                                        distributed.count_parameters(model, dctx)))
     cands.sort(key=lambda c: (names.index(c.run.router), kernels.index(c.run.model.experts_impl)))
