@@ -12,6 +12,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -253,29 +254,37 @@ def probe_dir(d: str | os.PathLike[str], what: str, flag: str) -> None:
     file system, a full disk or ``/proc`` fails here, before any run starts.
     """
     d = Path(d)
-    created: list[Path] = []
-    try:
-        missing = []
-        p = d
-        while not p.exists() and p != p.parent:
-            missing.append(p)
-            p = p.parent
-        if not p.is_dir():
-            raise UserError(f"{what} {d}: {p} is a file, not a directory; pass {flag} a directory")
-        for m in reversed(missing):
-            m.mkdir()
-            created.append(m)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".harness-write-probe-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as exc:
-        raise UserError(f"cannot write {what} {d}: {exc.strerror or exc}; pass {flag} a writable location") from None
-    finally:
-        for m in reversed(created):
-            try:
-                m.rmdir()
-            except OSError:
-                pass
+    for attempt in range(8):  # processes started together probe one missing directory: one's mkdir or rmdir can
+        created: list[Path] = []  # land between another's checks (FileExistsError / FileNotFoundError): again
+        try:
+            missing = []
+            p = d
+            while not p.exists() and p != p.parent:
+                missing.append(p)
+                p = p.parent
+            if not p.is_dir():
+                raise UserError(f"{what} {d}: {p} is a file, not a directory; pass {flag} a directory")
+            for m in reversed(missing):
+                m.mkdir()
+                created.append(m)
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".harness-write-probe-")
+            os.close(fd)
+            os.unlink(tmp)
+            return
+        except (FileExistsError, FileNotFoundError) as exc:
+            if attempt == 7:
+                raise UserError(f"cannot write {what} {d}: {exc.strerror or exc}; pass {flag} a writable "
+                                f"location") from None
+        except OSError as exc:
+            raise UserError(f"cannot write {what} {d}: {exc.strerror or exc}; pass {flag} a writable location") \
+                from None
+        finally:
+            for m in reversed(created):
+                try:
+                    m.rmdir()
+                except OSError:
+                    pass
+        time.sleep(0.01 * (attempt + 1))
 
 
 def int_list(lo: int | None = 1) -> Callable[[str], list[int]]:
