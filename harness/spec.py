@@ -26,6 +26,7 @@ import yaml
 
 from .errors import UserError
 from .layers.kernels import DEFAULT_IMPL, EXPERTS_IMPLS
+from .routing.losses import BALANCE_SCOPES
 from .routing.registry import get_router, router_defaults, split_router_name
 
 
@@ -80,6 +81,10 @@ class ModelSpec:
     expert_parallel: bool = field(default=False, metadata=HASHED_IF_SET)  # under torchrun: shard experts over ranks (harness.layers.expert_parallel)
     shared_experts: int = field(default=0, metadata=HASHED_IF_SET)  # DeepSeekMoE always-on experts of width d_ff (any router); dense: d_ff*(k+N)
     experts_impl: str = field(default=DEFAULT_IMPL, metadata=HASHED_UNLESS_DEFAULT)  # expert kernel: auto | loop | loop_recompute | padded_bmm | grouped_mm (harness.layers.kernels); only loop and loop_recompute are bit-identical
+    # the routers' balance loss f_i (harness.routing.losses.GlobalBalance; Qiu et al. 2025, arXiv 2501.11873):
+    # "micro" the batch one forward sees, "global" the optimiser step's batch over every data-parallel rank
+    balance_scope: str = field(default="micro", metadata=HASHED_UNLESS_DEFAULT)
+    balance_window: int = field(default=0, metadata=HASHED_IF_SET)  # global: + the counts of this many earlier steps
 
 
 @dataclass(frozen=True)
@@ -323,6 +328,7 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
         ("model.img_size", m.img_size, 1, None, False), ("model.patch_size", m.patch_size, 1, None, False),
         ("model.num_classes", m.num_classes, 1, None, False),
         ("model.shared_experts", m.shared_experts, 0, None, False),
+        ("model.balance_window", m.balance_window, 0, None, False),
         ("model.moe_last", m.moe_last, 0, m.n_layers, False),
         ("train.lr", t.lr, 0.0, None, True), ("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0, False),
         ("train.warmup_steps", t.warmup_steps, 0, None, False), ("train.weight_decay", t.weight_decay, 0.0, None, False),
@@ -355,6 +361,10 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
     _check_tokens(spec, where)
     if spec.train.dtype not in ("float32", "bfloat16"):
         raise SpecError(f"{where}: train.dtype={spec.train.dtype!r} must be float32 or bfloat16")
+    if m.balance_scope not in BALANCE_SCOPES:
+        raise SpecError(f"{where}: model.balance_scope={m.balance_scope!r} must be one of {', '.join(BALANCE_SCOPES)}")
+    if m.balance_window and m.balance_scope != "global":
+        raise SpecError(f"{where}: model.balance_window={m.balance_window} needs model.balance_scope=global")
     if m.experts_impl not in EXPERTS_IMPLS:
         raise SpecError(f"{where}: model.experts_impl={m.experts_impl!r} must be one of {', '.join(EXPERTS_IMPLS)}")
     _check_schedule(spec.train, where)

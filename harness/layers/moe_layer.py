@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..routing.losses import BALANCE_SCOPES, GlobalBalance, global_balance
 from ..routing.router import RouteContext, Router, Routing
 from .experts import ExpertBank
 from .kernels import DEFAULT_IMPL
@@ -118,6 +119,12 @@ class MoELayer(nn.Module):
         self.shared_expert = (ExpertBank(1, d_model, d_ff * shared_experts, activation) if shared_experts else None)
         self.last_routing: Routing | None = None
         self.last_counts: Tensor | None = None  # [E] slots per expert in the last forward
+        # model.balance_scope (set_balance_scope): "micro" -- the router's balance loss sees this batch only --
+        # or "global": f_i over the optimiser step's global batch (harness.routing.losses.GlobalBalance).
+        # A router class may pin its own (a class attribute ``balance_scope``).
+        self.balance_scope = "micro"
+        # its window: model.balance_window, or the router's pinned ``balance_window``
+        self.global_balance = GlobalBalance(router.num_experts, int(getattr(router, "balance_window", 0) or 0))
 
     def capacity(self, num_tokens: int) -> int | None:
         if self.capacity_factor is None:
@@ -163,7 +170,12 @@ class MoELayer(nn.Module):
             return out
 
         ctx.attach_experts(every_expert)
-        routing = self.router(x, ctx)
+        scope = getattr(self.router, "balance_scope", None) or self.balance_scope
+        if scope == "global" and ctx.training and torch.is_grad_enabled():
+            with global_balance(self.global_balance, ctx.step):
+                routing = self.router(x, ctx)
+        else:
+            routing = self.router(x, ctx)
         T, S = x.shape[0], self.router.num_slots  # S = top_k, or a variable-k router's slot count
         idx, w = routing.indices, routing.weights
         if idx.shape != (T, S) or w.shape != (T, S):
@@ -230,3 +242,20 @@ class MoELayer(nn.Module):
         if self.shared_expert is not None:
             y = y + self.shared_expert.expert(0, x)
         return y
+
+
+def set_balance_scope(model: nn.Module, scope: str, window: int = 0) -> None:
+    """``model.balance_scope`` (:data:`harness.routing.losses.BALANCE_SCOPES`) and ``model.balance_window``
+    (earlier steps in the global f_i: :class:`harness.routing.losses.GlobalBalance`) on every MoE layer.
+
+    Called where a model is readied for training (``harness.training.distributed.wrap_model``), so a
+    cooldown branch and a data-parallel rank get it too; evaluation forwards never accumulate.
+    """
+    if scope not in BALANCE_SCOPES:
+        raise ValueError(f"balance_scope must be one of {', '.join(BALANCE_SCOPES)}, got {scope!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"balance_window must be an integer >= 0, got {window!r}")
+    for m in model.modules():
+        if isinstance(m, MoELayer) and not getattr(m.router, "balance_scope", None):  # a pinned router keeps its own
+            m.balance_scope = scope
+            m.global_balance.set_window(window)

@@ -51,6 +51,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..layers.expert_parallel import clip_grad_norm_
 from ..layers.expert_parallel import count_parameters as ep_count
 from ..layers.expert_parallel import full_state_dict, has_expert_shards, scale_expert_grads, shard_experts
+from ..layers.moe_layer import set_balance_scope
 from ..spec import SpecError
 from .checkpoint import CheckpointError
 
@@ -240,16 +241,24 @@ def wrap_model(model: nn.Module, run: Any, ctx: DistContext, device: torch.devic
     used only on some steps), and DDP must not wait for them.
     """
     if not ctx.distributed:
+        _balance_scope(model, run)
         return model
 
     ignore: list[str] = []
     if getattr(run.model, "expert_parallel", False):
 
         ignore = shard_experts(model, ctx.expert_group)
+    _balance_scope(model, run)  # after sharding: the expert-parallel layers are new modules
     if ignore:
         DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                find_unused_parameters=True)
+
+
+def _balance_scope(model: nn.Module, run: Any) -> None:
+    """model.balance_scope / balance_window (issue 31): the routers' balance loss over the micro-batch or the
+    global batch (set before a checkpoint is loaded into ``model``: the window's sums are part of its state)."""
+    set_balance_scope(model, getattr(run.model, "balance_scope", "micro"), getattr(run.model, "balance_window", 0))
 
 
 def model_state(model: nn.Module, ctx: DistContext) -> dict[str, Tensor]:
