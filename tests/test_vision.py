@@ -267,7 +267,12 @@ def test_vision_default_runs_every_built_in_router_at_three_seeds():
     spec = load_suite("vision")
     runs = spec.runs()
     routers = sorted({r.router for r in runs})
-    builtin = {n for n in router_names() if get_router(n).__module__.startswith("baselines.")}
+    # issue 31's routers are not in the calibrated vision default (tasks/vision.yaml is calibrated and owned
+    # elsewhere): topp and remoe are variable-k routers whose experts per token the default's compute budget
+    # would have to be re-calibrated for; smoe_global is smoe with a global-batch balance (an LM-side claim,
+    # docs/routers.md "Global-batch balancing"). Run them with --routers.
+    not_in_default = {"topp", "remoe", "smoe_global"}
+    builtin = {n for n in router_names() if get_router(n).__module__.startswith("baselines.")} - not_in_default
     assert builtin <= {split_router_name(r)[0] for r in routers}
     assert {"moge@vit", "stablemoe", "stablemoe@position", "dense"} <= set(routers)
     assert {r.seed for r in runs} == {0, 1, 2} and len(runs) == 3 * len(routers)
