@@ -395,7 +395,7 @@ def _check_tokens(spec: SuiteSpec, where: str) -> None:
                             f"symbols and at least one merge) and <= {2**24}")
     if not d.text_field.strip():
         raise SpecError(f"{where}: data.text_field is empty; give the name of the text column (default text)")
-    if d.text_field != "text" and d.corpus != "files":
+    if d.text_field != "text" and d.corpus.lower() != "files":
         raise SpecError(f"{where}: data.text_field applies to data.corpus=files, not {d.corpus}")
     if d.max_tokens is not None and d.max_tokens < 1:
         raise SpecError(f"{where}: data.max_tokens={d.max_tokens} must be >= 1")

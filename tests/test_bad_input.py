@@ -137,6 +137,20 @@ CASES: list[tuple[str, list[str]]] = [
     ("data.strict_size-text", S + ["data.strict_size=perhaps"]),
     ("data.workers-negative", S + ["data.workers=-1"]),
     ("data.augment-number", S + ["data.augment=3"]),
+    # issue 30: tokenizers and local shards
+    ("data.tokenizer-missing-file", S + ["data.tokenizer=$T/none.json"]),
+    ("data.tokenizer-not-a-tokenizer", S + ["data.tokenizer=$F"]),
+    ("data.tokenizer-empty", S + ["data.tokenizer="]),
+    ("data.vocab_size-too-small", S + ["data.tokenizer=bpe", "--set", "data.vocab_size=256"]),
+    ("data.vocab_size-without-bpe", S + ["data.vocab_size=1024"]),
+    ("data.text_field-not-files", S + ["data.text_field=body"]),
+    ("data.max_tokens-zero", S + ["data.max_tokens=0"]),
+    ("data.max_tokens-below-context", S + ["data.max_tokens=10"]),
+    ("data.files-no-path", S + ["data.corpus=files"]),
+    ("data.files-no-match", S + ["data.corpus=files", "--set", "data.path=$T/nowhere/*.parquet"]),
+    ("data.files-corrupt-parquet", S + ["data.corpus=files", "--set", "data.path=$T/corrupt.parquet"]),
+    ("data.files-corrupt-gzip", S + ["data.corpus=files", "--set", "data.path=$T/corrupt.jsonl.gz"]),
+    ("data.files-no-text-field", S + ["data.corpus=files", "--set", "data.path=$T/notext"]),
     ("eval.enabled-text", S + ["eval.enabled=yes please"]),
     ("eval.limit-negative", S + ["eval.limit=-1"]),
     ("eval.batch_size-zero", S + ["eval.batch_size=0"]),
@@ -306,6 +320,10 @@ def world(tmp_path_factory):
     (t / "garbage.duckdb").write_bytes(b"not a duckdb file " * 64)
     (t / "ünï").mkdir()
     (t / "ro").mkdir()
+    (t / "corrupt.parquet").write_bytes(b"PAR1" + b"\x07" * 200 + b"PAR1")
+    (t / "corrupt.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"not gzip " * 40)
+    (t / "notext").mkdir()
+    (t / "notext" / "a.jsonl").write_text('{"body": "a document without the text field"}\n' * 3)
     h = t / "h.duckdb"
     s = Store(h)
     s.start_run({"run_id": "lm-smoe-abc-s0-123456", "suite": "lm", "router": "smoe", "spec_hash": "abc",
@@ -428,7 +446,8 @@ KEYS = ["suite", "routers", "seeds", "preset", "router_args", "router_args.smoe"
         "model", "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "model.num_experts", "model.top_k",
         "model.moe_every", "model.capacity_factor", "model.dropout", "model.context", "model.activation",
         "model.expert_parallel", "data", "data.corpus", "data.path", "data.strict_size", "data.cache_dir",
-        "data.workers", "data.augment", "train", "train.steps", "train.batch_size", "train.lr", "train.min_lr_ratio",
+        "data.workers", "data.augment", "data.tokenizer", "data.vocab_size", "data.text_field", "data.max_tokens",
+        "train", "train.steps", "train.batch_size", "train.lr", "train.min_lr_ratio",
         "train.warmup_steps", "train.weight_decay", "train.beta1", "train.beta2", "train.grad_clip",
         "train.eval_every", "train.eval_batches", "train.ckpt_every", "train.device", "train.dtype",
         "train.threads", "eval", "eval.enabled", "eval.tasks", "eval.limit", "eval.data_dir", "eval.batch_size"]

@@ -426,3 +426,44 @@ def test_lm_eval_bridge_tokenises_with_the_runs_tokenizer(tmp_path, capsys):
     with Store(store).reader() as con:
         names = {r[0] for r in con.execute("SELECT name FROM metrics WHERE name LIKE 'lmeval/%'").fetchall()}
     assert "lmeval/shakespeare_ppl/bits_per_byte" in names, names
+
+
+def test_bpe_training_is_deterministic(tmp_path):
+    """The spec hash stands for the BPE: training it again (another cache, another machine) gives the same file."""
+    from harness.data.tokenizer import train_bpe
+
+    docs = make_docs(300, seed=7)
+    a = train_bpe(iter(docs), 400, tmp_path / "a" / "tokenizer.json")
+    b = train_bpe(iter(docs), 400, tmp_path / "b" / "tokenizer.json")
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert a.identity == b.identity and len(a.tok.get_vocab()) > 300
+
+
+def test_a_sentencepiece_style_tokenizer_file_counts_its_pieces(tmp_path):
+    """A tokenizer.json that is not byte-level (Metaspace "▁" + byte fallback, as Llama-2's): it loads, its
+    newline is the last id of encode("\\n"), and each id counts the bytes of its own piece; the cache records
+    both byte counts, which differ only by the "▁" the pre-tokenizer puts before each document."""
+    import tokenizers as tk
+
+    docs = make_docs(500, seed=5)
+    tok = tk.Tokenizer(tk.models.BPE(byte_fallback=True, unk_token=None))
+    tok.pre_tokenizer = tk.pre_tokenizers.Metaspace()
+    tok.decoder = tk.decoders.Sequence([tk.decoders.Replace("▁", " "), tk.decoders.ByteFallback(),
+                                        tk.decoders.Fuse(), tk.decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator(docs, tk.trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                          special_tokens=["<unk>"]))
+    cfg = json.loads(tok.to_str())
+    vocab = cfg["model"]["vocab"]
+    n = len(vocab)
+    vocab.update({f"<0x{b:02X}>": n + b for b in range(256)})  # the byte-fallback pieces Llama-2's vocab holds
+    f = tmp_path / "sp" / "tokenizer.json"
+    f.parent.mkdir()
+    f.write_text(json.dumps(cfg))
+    data = {**_files(tmp_path), "tokenizer": str(f)}
+    t = lm_tokenizer(data)
+    assert not t.byte_level and t.decode([t.newline_id]).strip(" ") == "\n"
+    c = load_lm_corpus(data, progress=False)
+    meta = json.loads((__import__("pathlib").Path(c.cache_dir) / "meta.json").read_text())
+    for counts in meta["counts"].values():
+        assert 0 < counts["table_bytes"] - counts["text_bytes"] <= counts["docs"]
+    assert "approximate" in c.description

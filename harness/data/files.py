@@ -14,7 +14,8 @@ Hidden files and folders (``.name``) are skipped. Shards are read in sorted path
 
 Splits. A shard names its split when a component of its path relative to ``data.path`` (folder or file
 name, cut at ``-``, ``_`` and ``.``) is ``train``, ``validation`` / ``valid`` / ``val`` / ``dev``, or ``test``
-(``train/chunk1/example_train_0.jsonl.zst``, ``TinyStoriesV2-GPT4-valid.txt``); a save_to_disk DatasetDict
+(``train/chunk1/example_train_0.jsonl.zst``, ``TinyStoriesV2-GPT4-valid.txt``; a path naming two different
+splits names none); a save_to_disk DatasetDict
 names its splits by key the same way. Every document also has a fixed bucket, ``blake2b(UTF-8 text,
 digest_size=8)`` as a big-endian integer mod 100, whose hash split is train for 0-97, val for 98, test
 for 99 (98/1/1). A document goes to its shard's named split, except that a train document whose hash

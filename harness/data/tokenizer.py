@@ -73,7 +73,7 @@ class Tokenizer:
     name: str              # byte | bpe | the file's path
     vocab_size: int        # the model's vocabulary (embedding rows, logits)
     byte_lengths: np.ndarray  # [vocab_size] int64: UTF-8 bytes each id stands for
-    newline_id: int        # the id of "\n": document separator, and lm-eval's BOS stand-in
+    newline_id: int        # the id of "\n" (the last of its encoding): lm-eval's BOS stand-in
     identity: str          # what a token cache is keyed on (a hash of the tokenizer's definition)
 
     def encode(self, text: str) -> list[int]:
@@ -147,10 +147,10 @@ class HFTokenizer(Tokenizer):
         self.byte_lengths = lengths
         self.byte_level = byte_level
         nl = tok.encode("\n", add_special_tokens=False).ids
-        if len(nl) != 1:
-            raise DataError(f"tokenizer {name}: '\\n' encodes to {len(nl)} ids, not one; the LM suite separates "
-                            f"documents (and starts lm-eval requests) with a newline token")
-        self.newline_id = int(nl[0])
+        if not nl:
+            raise DataError(f"tokenizer {name}: '\\n' encodes to no id; the LM suite separates documents (and "
+                            f"starts lm-eval requests) with a newline token")
+        self.newline_id = int(nl[-1])  # the newline itself where a tokenizer prepends a space marker
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False).ids)
