@@ -467,3 +467,20 @@ def test_a_sentencepiece_style_tokenizer_file_counts_its_pieces(tmp_path):
     for counts in meta["counts"].values():
         assert 0 < counts["table_bytes"] - counts["text_bytes"] <= counts["docs"]
     assert "approximate" in c.description
+
+
+def test_quiet_builds_the_token_cache_without_a_bar(tmp_path, capsys, monkeypatch):
+    """--quiet reaches the token cache: the first run of a new corpus tokenises it with progress=False."""
+    seen = []
+    real = tokens_mod._build
+
+    def spy(dest, source, tok, caps, progress, meta_extra):
+        seen.append(progress)
+        return real(dest, source, tok, caps, progress, meta_extra)
+    monkeypatch.setattr(tokens_mod, "_build", spy)
+    data = _files(tmp_path, n=500, seed=8)
+    rc = main(["run", "--preset", "tiny", "--routers", "dense", "--quiet", "--no-eval",
+               "--store", str(tmp_path / "h.duckdb"), *sum((["--set", f"data.{k}={v}"] for k, v in data.items()), []),
+               "--set", "train.steps=2", "--set", "train.eval_every=1"])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    assert seen == [False]

@@ -223,6 +223,9 @@ def _run_point(args: argparse.Namespace, spec, store: Store, runs_dir: Path, job
         # a partial, not a closure: it can be pickled, so --jobs workers evaluate their own runs
         after = functools.partial(eval_after_pretraining, store=store, runs_dir=runs_dir)
 
+    if args.quiet and spec.suite == "lm" and not distributed.current().distributed:
+        # a first run tokenises the corpus into its cache (harness.data.tokens): without a bar under --quiet
+        get_adapter(spec.suite).prepare(spec.runs()[0], progress=False)
     results = []
 
     def one_round(s) -> bool:  # noqa: ANN001 - a SuiteSpec
