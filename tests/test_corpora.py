@@ -484,3 +484,26 @@ def test_quiet_builds_the_token_cache_without_a_bar(tmp_path, capsys, monkeypatc
                "--set", "train.steps=2", "--set", "train.eval_every=1"])
     assert rc == 0, capsys.readouterr().err[-2000:]
     assert seen == [False]
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "text8"])
+def test_wikitext_and_text8_with_bpe_keep_their_splits(tmp_path, name):
+    """The raw byte corpora under a BPE: the same split bytes, tokenised (decoding gives the split back)."""
+    text = "\n".join(make_docs(400, seed=6, ascii_only=True)) + "\n"
+    if name == "wikitext2":
+        n = len(text) // 10
+        for fn, part in (("wiki.train.raw", text[: 8 * n]), ("wiki.valid.raw", text[8 * n: 9 * n]),
+                         ("wiki.test.raw", text[9 * n:])):
+            (tmp_path / fn).write_text(part)
+        path = tmp_path
+    else:
+        path = tmp_path / "text8"
+        path.write_text(text)
+    data = {"corpus": name, "path": str(path), "strict_size": False, "tokenizer": "bpe", "vocab_size": 300,
+            "cache_dir": str(tmp_path / "cache")}
+    c = load_lm_corpus(data, progress=False)
+    byte = load_corpus(name, str(path), strict_size=False)
+    tok = lm_tokenizer(data)
+    for s in ("train", "val", "test"):
+        assert tok.decode(np.asarray(c.split(s)).tolist()).encode() == bytes(np.asarray(byte.split(s)))
+        assert c.n_bytes[s] == len(byte.split(s)) and c.words[s] == byte.words[s]
