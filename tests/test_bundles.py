@@ -164,6 +164,47 @@ def test_board_over_a_store_and_a_bundle_dir_flags_copies_and_counts_them_once(t
     assert not load_runs(two["shared"])["cross_origin"].any()
 
 
+def test_jobs_workers_write_bundles_with_their_lm_eval_metrics(tmp_path):
+    """--jobs 2 workers in bundles mode: each worker's run and its lm-eval after pretraining land in its bundle."""
+    never, runs = tmp_path / "never.duckdb", tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_LOCK_LOG": str(tmp_path / "locks.log")}
+    p = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--suite", "lm", "--preset", "tiny", "--quiet",
+                        "--routers", "smoe,dense", "--seeds", "0", "--jobs", "2", "--store-mode", "bundles",
+                        "--store", str(never)], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not never.exists() and not (tmp_path / "locks.log").exists()
+    manifests = sorted(runs.glob("*/bundles/*/manifest.json"))
+    assert len(manifests) == 2
+    for m in manifests:
+        names = read_bundle(m.parent).tables["metrics"].column("name").to_pylist()
+        assert "val_bpb" in names and any(n.startswith("lmeval/") for n in names), names
+
+
+def test_the_page_over_merged_sources_shows_origins_and_the_flag(two, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    try:  # the page uses no components: skip AppTest's scan of every installed distribution (as test_leaderboard)
+        import streamlit.components.v2.manifest_scanner as scanner
+
+        monkeypatch.setattr(scanner, "scan_component_manifests", lambda *a, **k: [])
+    except ImportError:
+        pass
+    merged = tmp_path / "board.duckdb"
+    merge_sources(merged, [str(two["shared"])], [str(two["runs"])], log=lambda s: None)
+    monkeypatch.setenv("HARNESS_STORE", str(merged))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "leaderboard" / "app.py"),
+                           default_timeout=60).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "Origin" in [m.label for m in at.sidebar.multiselect]
+    text = "\n".join(str(e.value) for kind in ("markdown", "caption") for e in getattr(at, kind))
+    assert "4 runs found in more than one source" in text
+    assert "origin `" in text and "counted once" in text
+    at.sidebar.multiselect(key="origins").select(str(two["runs"])).run()  # one origin: no copies left
+    assert not at.exception, [e.value for e in at.exception]
+    text = "\n".join(str(e.value) for e in at.caption)
+    assert "duplicate run" not in text
+
+
 # -- a bundle from synthetic rows: the store interface on bundles, refusals, injection ---------------------------
 
 RID = "lm-smoe-0123456789-s0-abcdef"

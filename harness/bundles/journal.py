@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator
 import duckdb
 import pyarrow as pa
 
-from ..store import Store, StoreError, now
+from ..store import Store, StoreError, is_interrupt, now
 from .format import TABLES, BundleError, read_bundle, to_table, write_bundle
 
 BUNDLES = "bundles"  # the folder of a run directory that holds its runs' bundles
@@ -81,7 +81,23 @@ class BundleStore(Store):
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """An in-memory store holding the active runs' rows; on success each changed run's bundle is rewritten."""
+        """An in-memory store holding the active runs' rows; on success each changed run's bundle is rewritten.
+
+        A Ctrl-C or SIGTERM that lands inside a DuckDB call comes out as DuckDB's own error; it is turned back
+        into an interrupt (as :meth:`Store.writer` does), so the run is recorded interrupted, not failed."""
+        try:
+            with self._write() as con:
+                yield con
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            if is_interrupt(exc):
+                raise KeyboardInterrupt(f"interrupted during a write of result bundles under {self.runs_dir}") \
+                    from exc
+            raise
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[duckdb.DuckDBPyConnection]:
         ids = list(self._journal) if self._active is None else list(self._active)
         con = duckdb.connect(":memory:")
         try:
