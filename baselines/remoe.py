@@ -38,6 +38,8 @@ The router (equation numbers as we read them; a reviewer should re-check them in
   the fork keeps ONE lambda for the model and sums the layers' sparsities for its update (how its training
   loop averages them was not seen); here each layer keeps its own lambda and updates it from its own
   sparsity -- the router contract gives a router no view of the other layers' state between steps.
+  lambda never falls below the smallest normal float64 (~2.2e-308; our guard, not in the paper: below it the
+  division would reach exactly 0, from which multiplying by alpha never recovers).
 * No other balance loss (``--moe-router-load-balancing-type none`` in the script above).
 * Causal: a token's experts depend on its own scores only; the batch enters through lambda's update (a
   training-time coefficient, as the paper's) and through f_e of the loss, not through the routing decision.
@@ -46,6 +48,8 @@ Variable k (``Router.variable_k``): S = E slots, the active experts by decreasin
 Router stats: ``experts_per_token`` (mean active experts), ``sparsity`` and ``l1_coeff`` (lambda).
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +78,9 @@ def next_l1_coeff(coeff: float, sparsity: float, target: float, multiplier: floa
     if sparsity < target:
         return coeff * multiplier
     if sparsity > target:
-        return coeff / multiplier
+        # floored at the smallest normal float64: a run that stays sparser than the target for thousands of steps
+        # would otherwise divide lambda down to exactly 0, from which the x alpha update never recovers
+        return max(coeff / multiplier, sys.float_info.min)
     return coeff
 
 

@@ -185,3 +185,13 @@ def test_window_sums_are_checkpointed_and_micro_keys_unchanged():
     _, rb = b(x1, training=True, step=1)
     assert torch.equal(ra.aux_losses["balance"], rb.aux_losses["balance"])
     assert b.global_balance.balance_counts[:, 4].tolist() == [7.0, 10.0, 0.0]
+
+
+def test_same_window_keeps_the_sums_a_new_one_starts_afresh():
+    g = GlobalBalance(3, window=1)
+    with global_balance(g, step=0):
+        _loss(P0, I0)
+    g.set_window(1)                     # e.g. a cooldown branch readied for training: the sums go on
+    assert g.counts.tolist() == [2.0, 0.0, 0.0]
+    g.set_window(2)
+    assert g.window == 2 and g.counts.tolist() == [0.0, 0.0, 0.0]

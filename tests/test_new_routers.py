@@ -121,6 +121,8 @@ def test_remoe_adaptive_coefficient():
     assert next_l1_coeff(1e-8, 0.5, 0.75, 1.2) == pytest.approx(1.2e-8)   # too dense: lambda up
     assert next_l1_coeff(1e-8, 0.9, 0.75, 1.2) == pytest.approx(1e-8 / 1.2)
     assert next_l1_coeff(1e-8, 0.75, 0.75, 1.2) == 1e-8
+    tiny = 2.2250738585072014e-308
+    assert next_l1_coeff(tiny, 0.9, 0.75, 1.2) == tiny and next_l1_coeff(tiny, 0.5, 0.75, 1.2) == tiny * 1.2
     x = torch.tensor(LOGITS)  # sparsity 6/12 = 0.5
     for k, after in ((1, 1.2e-8), (2, 1e-8), (3, 1e-8 / 1.2)):  # targets 0.75, 0.5, 0.25
         r = _identity_router("remoe", k=k)

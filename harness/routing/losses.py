@@ -120,9 +120,12 @@ class GlobalBalance(nn.Module):
         self.set_window(window)
 
     def set_window(self, window: int) -> None:
-        """W earlier steps (``model.balance_window``); empties the sums. The sums are checkpointed (persistent
+        """W earlier steps (``model.balance_window``); a new window empties the sums. The sums are checkpointed (persistent
         buffers) when W > 0, so a resumed run balances over the same steps as an uninterrupted one; with W = 0
-        they are rebuilt within each step and left out of the state dict (every model's keys stay as they were)."""
+        they are rebuilt within each step and left out of the state dict (every model's keys stay as they were).
+        The same window again keeps the sums (a cooldown branch forked from a trained model goes on with them)."""
+        if getattr(self, "balance_counts", None) is not None and self.window == window:
+            return
         # row 0: this step's counts and (last column) counted choices; rows 1..W: earlier steps, newest first
         self.register_buffer("balance_counts", torch.zeros(window + 1, self.num_experts + 1, dtype=torch.float64),
                              persistent=window > 0)
