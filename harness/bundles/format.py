@@ -311,3 +311,18 @@ def find_bundles(paths: Sequence[str]) -> tuple[list[Path], list[str]]:
         if not hits:
             empty.append(p)
     return list(found), empty
+
+
+def run_tables(con: Any, run_id: str, ordered: bool = False) -> dict[str, pa.Table]:
+    """One run's rows in a DuckDB connection holding the store's tables, as the bundle's tables (one
+    query per table, the machine row by the run's machine_id). ``ordered``: the per-run tables in
+    insertion order (``rowid``), which a bundles-mode journal needs to rewrite its rows unchanged."""
+    out = {}
+    for t, cols in TABLES.items():
+        names = ", ".join(c for c, _ in cols)
+        if t == "machines":
+            sql = f"SELECT {names} FROM machines WHERE machine_id IN (SELECT machine_id FROM runs WHERE run_id = ?)"
+        else:
+            sql = f"SELECT {names} FROM {t} WHERE run_id = ?" + (" ORDER BY rowid" if ordered and t != "runs" else "")
+        out[t] = to_table(t, con.sql(sql, params=[run_id]).to_arrow_table())
+    return out

@@ -18,7 +18,7 @@ import duckdb
 import pyarrow as pa
 
 from ..store import Store
-from .format import RUN_ID, RUN_TABLES, TABLES, Bundle, BundleError, to_table, write_bundle
+from .format import RUN_ID, RUN_TABLES, Bundle, BundleError, run_tables, write_bundle
 
 _TERMINAL = ("finished", "diverged", "failed")
 
@@ -60,19 +60,6 @@ def import_bundle(con: duckdb.DuckDBPyConnection, b: Bundle, extra: dict[str, An
         finally:
             con.unregister("_bundle_rows")
     return verdict
-
-
-def run_tables(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, pa.Table]:
-    """One stored run's rows as the bundle's tables."""
-    out = {}
-    for t, cols in TABLES.items():
-        names = ", ".join(c for c, _ in cols)
-        if t == "machines":
-            sql = f"SELECT {names} FROM machines WHERE machine_id IN (SELECT machine_id FROM runs WHERE run_id = ?)"
-        else:
-            sql = f"SELECT {names} FROM {t} WHERE run_id = ?"
-        out[t] = to_table(t, con.sql(sql, params=[run_id]).to_arrow_table())
-    return out
 
 
 def select_runs(store: Store, run_ids: Sequence[str] = (), suite: str | None = None, preset: str | None = None,

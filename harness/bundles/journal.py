@@ -26,7 +26,7 @@ import duckdb
 import pyarrow as pa
 
 from ..store import Store, StoreError, is_interrupt, now
-from .format import TABLES, BundleError, read_bundle, to_table, write_bundle
+from .format import TABLES, BundleError, read_bundle, run_tables, to_table, write_bundle
 
 BUNDLES = "bundles"  # the folder of a run directory that holds its runs' bundles
 
@@ -209,14 +209,7 @@ class BundleStore(Store):
 
 
 def _run_tables(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, pa.Table] | None:
-    out = {}
-    for t, cols in TABLES.items():
-        names = ", ".join(c for c, _ in cols)
-        if t == "machines":
-            sql = f"SELECT {names} FROM machines WHERE machine_id IN (SELECT machine_id FROM runs WHERE run_id = ?)"
-        else:
-            sql = f"SELECT {names} FROM {t} WHERE run_id = ?" + ("" if t == "runs" else " ORDER BY rowid")
-        out[t] = to_table(t, con.sql(sql, params=[run_id]).to_arrow_table())
+    out = run_tables(con, run_id, ordered=True)
     return out if out["runs"].num_rows else None
 
 
