@@ -103,6 +103,7 @@ def check_router(name: str) -> None:
         check_routing(name, layer.router(x, RouteContext(**make_ctx(T))), T, k, E)
         return
     assert routing is not None
+    E = layer.num_experts  # what the router scores: NUM_EXPERTS FFNs + a router's pinned null experts (moepp)
     check_routing(name, routing, T, k, E)
     check_layer_counts(name, layer, routing)
 

@@ -26,6 +26,7 @@ import yaml
 
 from .errors import UserError
 from .layers.kernels import DEFAULT_IMPL, EXPERTS_IMPLS
+from .layers.null_experts import NULL_EXPERT_KEYS, pinned_mix
 from .routing.losses import BALANCE_SCOPES
 from .routing.registry import get_router, router_defaults, split_router_name
 
@@ -85,6 +86,11 @@ class ModelSpec:
     # "micro" the batch one forward sees, "global" the optimiser step's batch over every data-parallel rank
     balance_scope: str = field(default="micro", metadata=HASHED_UNLESS_DEFAULT)
     balance_window: int = field(default=0, metadata=HASHED_IF_SET)  # global: + the counts of this many earlier steps
+    # MoE++ zero-computation experts beside the num_experts FFN experts (harness.layers.null_experts; arXiv 2410.07348),
+    # any token-choice router; 0 = none, left out of the hash (every earlier spec hash stays valid)
+    zero_experts: int = field(default=0, metadata=HASHED_IF_SET)
+    copy_experts: int = field(default=0, metadata=HASHED_IF_SET)
+    constant_experts: int = field(default=0, metadata=HASHED_IF_SET)
 
 
 @dataclass(frozen=True)
@@ -365,6 +371,7 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
         raise SpecError(f"{where}: model.balance_scope={m.balance_scope!r} must be one of {', '.join(BALANCE_SCOPES)}")
     if m.balance_window and m.balance_scope != "global":
         raise SpecError(f"{where}: model.balance_window={m.balance_window} needs model.balance_scope=global")
+    _check_null_experts(spec, where)
     if m.experts_impl not in EXPERTS_IMPLS:
         raise SpecError(f"{where}: model.experts_impl={m.experts_impl!r} must be one of {', '.join(EXPERTS_IMPLS)}")
     _check_schedule(spec.train, where)
@@ -374,6 +381,25 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
         get_router(name)  # UnknownRouterError with did-you-mean
     for name in spec.router_args:
         get_router(name)
+
+
+def _check_null_experts(spec: SuiteSpec, where: str) -> None:
+    """model.zero_experts / copy_experts / constant_experts (issue 31, MoE++): integers >= 0; not for a router that
+    pins its own (moepp); no expert parallelism with any null expert (the expert-parallel layer lacks them)."""
+    m = spec.model
+    for key in NULL_EXPERT_KEYS:
+        val = getattr(m, key)
+        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            raise SpecError(f"{where}: model.{key}={val!r} must be an integer >= 0")
+    keys_set = [f"model.{k}={getattr(m, k)}" for k in NULL_EXPERT_KEYS if getattr(m, k)]
+    for name in spec.routers:
+        pinned = pinned_mix(get_router(name))
+        if pinned is not None and keys_set:
+            raise SpecError(f"{where}: router {name!r} pins its null experts ({pinned.describe()}); "
+                            f"{', '.join(keys_set)} is for the other routers (run {name} in a spec without it)")
+        if m.expert_parallel and (pinned is not None or keys_set):
+            raise SpecError(f"{where}: zero-computation experts ({', '.join(keys_set) or name}) with "
+                            f"model.expert_parallel=true are not supported; set one of them off")
 
 
 def _check_tokens(spec: SuiteSpec, where: str) -> None:

@@ -21,6 +21,11 @@ CompeteSMoE's competition steps) the layer combines from that tensor instead of
 running the experts a second time: ``permute`` then plans no slots and ``combine``
 gathers the chosen experts' rows.
 
+Zero-computation experts (``null_experts``, MoE++: :mod:`.null_experts`): the router scores
+E_ffn + n_null experts; ``permute`` leaves the slots that chose a null expert out of the FFN plan (as it
+leaves out a variable-k router's unused slots) and ``combine`` adds their weighted outputs (zero: nothing,
+copy: x, constant: a_1 x + a_2 v). The loads (``last_counts``) cover all E_ffn + n_null experts.
+
 Expert parallelism (:mod:`.expert_parallel`) overrides :meth:`MoELayer.run_experts`
 and :meth:`MoELayer.all_expert_outputs`, the two places where tokens meet experts.
 ``harness bench`` times these same steps through ``forward``'s ``mark`` hook.
@@ -38,6 +43,7 @@ from ..routing.losses import BALANCE_SCOPES, GlobalBalance, global_balance
 from ..routing.router import RouteContext, Router, Routing
 from .experts import ExpertBank
 from .kernels import DEFAULT_IMPL
+from .null_experts import NullExperts, NullMix, ffn_flops
 
 Mark = Callable[[str], None]
 STEPS = ("route", "permute", "run_experts", "combine")  # the names ``mark`` is called with
@@ -59,13 +65,15 @@ class Dispatch:
 
     indices: Tensor                       # [T, k] long, the router's choices
     weights: Tensor                       # [T, k] combine weights, in the layer input's dtype
-    counts: Tensor                        # [E] long, slots per expert (after the capacity drop)
+    counts: Tensor                        # [E_ffn] long, slots per FFN expert (after the capacity drop)
     dropped: int = 0                      # slots over capacity: their output is 0
     order: Tensor | None = None           # [S] kept slots, expert-sorted
     token: Tensor | None = None           # [S] the token of each kept slot
     slot_weights: Tensor | None = None    # [T*k] combine weights in slot order (``[order]`` picks the kept)
     x_sorted: Tensor | None = None        # [S, d] the kept slots' token rows: the experts' input
     x: Tensor | None = None               # [T, d] the layer input they were gathered from (x_sorted == x[token])
+    null_counts: Tensor | None = None     # [n_null] slots per zero-computation expert (None: the layer has none)
+    null_slots: Tensor | None = None      # the slots (k-major ids) that chose a null expert; never dropped
 
     @property
     def from_all_outputs(self) -> bool:
@@ -88,6 +96,12 @@ class MoELayer(nn.Module):
 
     experts_impl: the expert kernel (:data:`harness.layers.kernels.EXPERTS_IMPLS`); only the
     default ``loop`` is bit-identical to earlier revisions. The shared experts always run as one addmm pair.
+
+    null_experts: a :class:`~harness.layers.null_experts.NullMix` of zero-computation experts (MoE++); the router
+    then routes over ``router.num_experts`` = E_ffn + n_null experts, the bank holds the E_ffn FFNs (experts
+    ``0 .. E_ffn-1``), the null experts follow. ``num_experts`` is the router's count (the loads' length);
+    ``num_ffn_experts`` the bank's. Capacity limits the FFN experts only, at ``ceil(c * T * k / num_experts)``
+    slots each (null experts have no buffer to overflow). None or an empty mix: none (every earlier layer).
     """
 
     def __init__(
@@ -100,16 +114,26 @@ class MoELayer(nn.Module):
         experts: ExpertBank | None = None,
         shared_experts: int = 0,
         experts_impl: str = DEFAULT_IMPL,
+        null_experts: NullMix | None = None,
     ) -> None:
         super().__init__()
         if isinstance(shared_experts, bool) or not isinstance(shared_experts, int) or shared_experts < 0:
             raise ValueError(f"shared_experts must be an integer >= 0, got {shared_experts!r}")
+        n_null = null_experts.total if null_experts is not None else 0
+        if n_null >= router.num_experts:
+            raise ValueError(f"the router routes over {router.num_experts} experts, not more than its {n_null} null "
+                             f"experts ({null_experts.describe()}): no FFN expert is left")
         self.router = router
         self.num_experts, self.top_k = router.num_experts, router.top_k
+        self.num_ffn_experts = router.num_experts - n_null
         # ``experts``: an existing bank to adopt (expert parallelism re-wraps a built layer without
         # drawing new initial weights from the RNG, and keeps its kernel); None builds a fresh one.
+        if experts is not None and experts.num_experts != self.num_ffn_experts:
+            raise ValueError(f"the router routes over {router.num_experts} experts but the expert bank holds "
+                             f"{experts.num_experts} and the layer has {n_null} null experts (zero-computation experts "
+                             f"are not carried over to an expert-parallel layer)")
         self.experts = (experts if experts is not None
-                        else ExpertBank(router.num_experts, d_model, d_ff, activation, experts_impl=experts_impl))
+                        else ExpertBank(self.num_ffn_experts, d_model, d_ff, activation, experts_impl=experts_impl))
         cf = capacity_factor if capacity_factor is not None else router.capacity_factor
         if cf is not None and cf <= 0:
             raise ValueError(f"capacity_factor must be positive or None, got {cf}")
@@ -117,6 +141,8 @@ class MoELayer(nn.Module):
         self.num_shared_experts = shared_experts
         # N shared experts of width d_ff = one always-on FFN of width d_ff * N (a one-expert bank: same init rule)
         self.shared_expert = (ExpertBank(1, d_model, d_ff * shared_experts, activation) if shared_experts else None)
+        # drawn after every FFN weight, so a layer with null experts starts its FFNs where one without does
+        self.null_experts = NullExperts(d_model, null_experts) if n_null else None
         self.last_routing: Routing | None = None
         self.last_counts: Tensor | None = None  # [E] slots per expert in the last forward
         # model.balance_scope (set_balance_scope): "micro" -- the router's balance loss sees this batch only --
@@ -155,9 +181,27 @@ class MoELayer(nn.Module):
         mark("combine")
         routing.stats = dict(routing.stats)
         routing.stats["dropped_tokens"] = float(d.dropped)
+        counts = d.counts.detach()
+        if d.null_counts is not None:  # loads over every expert the router scores; and the FFN share of the slots
+            nulls = d.null_counts.detach()
+            counts = torch.cat([counts, nulls])
+            T, used = x.shape[0], float(counts.sum()) + d.dropped
+            routing.stats["ffn_experts_per_token"] = float(d.counts.sum()) / T if T else 0.0
+            routing.stats["null_share"] = float(nulls.sum()) / used if used else 0.0
         self.last_routing = routing
-        self.last_counts = d.counts.detach()
+        self.last_counts = counts
         return y.reshape(shape), routing
+
+    def expert_flops(self) -> int:
+        """Forward FLOPs the experts spent in the last forward: 4 d d_ff per FFN slot run (after the capacity
+        drop), ~7 d per constant-expert slot, 0 for copy and zero slots (the router and shared experts aside)."""
+        if self.last_counts is None:
+            return 0
+        E = self.num_ffn_experts
+        flops = ffn_flops(int(self.last_counts[:E].sum()), self.experts.d_model, self.experts.d_ff)
+        if self.null_experts is not None:
+            flops += self.null_experts.flops(self.last_counts[E:])
+        return flops
 
     # -- the steps ---------------------------------------------------------------------------------
     def route(self, x: Tensor, ctx: RouteContext, mark: Mark = _no_mark) -> Routing:
@@ -189,14 +233,22 @@ class MoELayer(nn.Module):
         """k-major slots, stable-sorted by expert, capacity applied, token rows gathered.
 
         For a variable-k router (``router.variable_k``) the slots whose weight is exactly 0 are
-        unused: they are left out of the plan and of ``counts`` (the expert loads).
+        unused: they are left out of the plan and of ``counts`` (the expert loads). With null experts the
+        slots that chose one are left out of the FFN plan too (``null_slots``, counted in ``null_counts``).
         """
         idx, w = routing.indices, routing.weights.to(x.dtype)
         used = (routing.weights != 0).t().reshape(-1) if self.router.variable_k else None  # [T*S], k-major
         flat = idx.t().reshape(-1)  # k-major slot order: all first choices, then all second choices, ...
         counts = torch.bincount(flat if used is None else flat[used], minlength=self.num_experts)
+        null_counts = None
+        if self.null_experts is not None:
+            E = self.num_ffn_experts
+            counts, null_counts = counts[:E], counts[E:]
+            to_ffn = flat < E
+            to_null = ~to_ffn if used is None else used & ~to_ffn
+            used = to_ffn if used is None else used & to_ffn  # the slots the FFN plan takes
         if ctx.has_all_expert_outputs:  # unused slots have weight 0: combine's gather adds nothing for them
-            return Dispatch(idx, w, counts)
+            return Dispatch(idx, w, counts, null_counts=null_counts)
         T, k = idx.shape
         slot_expert = flat
         slot_token = torch.arange(T, device=x.device).repeat(k)
@@ -216,15 +268,21 @@ class MoELayer(nn.Module):
             order = order[keep]
             counts = counts.clamp(max=cap)
         token = slot_token[order]
-        return Dispatch(idx, w, counts, dropped, order, token, slot_weights, x.index_select(0, token), x)
+        null_slots = to_null.nonzero().squeeze(1) if null_counts is not None else None
+        return Dispatch(idx, w, counts, dropped, order, token, slot_weights, x.index_select(0, token), x,
+                        null_counts, null_slots)
 
     def run_experts(self, d: Dispatch) -> Tensor:
         """Expert e on the e-th contiguous segment of the expert-sorted rows ([S, d] -> [S, d])."""
         return self.experts.forward_sorted(d.x_sorted, d.counts, source=(d.x, d.token))
 
     def all_expert_outputs(self, x: Tensor) -> Tensor:
-        """Every expert on every token, [T, d] -> [T, E, d] (what ``ctx.all_expert_outputs()`` returns)."""
-        return self.experts.forward_all(x)
+        """Every expert on every token, [T, d] -> [T, E, d] (what ``ctx.all_expert_outputs()`` returns);
+        with null experts their outputs are the last n_null columns."""
+        out = self.experts.forward_all(x)
+        if self.null_experts is not None:
+            out = torch.cat([out, self.null_experts.forward_all(x)], dim=1)
+        return out
 
     def combine(self, x: Tensor, d: Dispatch, out: Tensor) -> Tensor:
         """Weight each slot's output and add it to its token's row; then the shared experts.
@@ -239,9 +297,20 @@ class MoELayer(nn.Module):
         else:
             out = out * d.slot_weights[d.order].unsqueeze(-1)
             y = torch.zeros_like(x).index_add_(0, d.token, out)
+            if d.null_slots is not None and d.null_slots.numel():
+                y = y.index_add(0, *self._null_outputs(x, d))
         if self.shared_expert is not None:
             y = y + self.shared_expert.expert(0, x)
         return y
+
+
+    def _null_outputs(self, x: Tensor, d: Dispatch) -> tuple[Tensor, Tensor]:
+        """(tokens, weighted outputs) of the slots that chose a null expert."""
+        T = x.shape[0]
+        token = d.null_slots % T  # slot j * T + t is token t's j-th choice
+        local = d.indices.t().reshape(-1)[d.null_slots] - self.num_ffn_experts
+        out = self.null_experts.outputs(x.index_select(0, token), local)
+        return token, out * d.slot_weights[d.null_slots].unsqueeze(-1)
 
 
 def set_balance_scope(model: nn.Module, scope: str, window: int = 0) -> None:

@@ -73,6 +73,9 @@ class MoEDecoderLM(nn.Module):
         router_kwargs: dict[str, Any] | None = None,
         shared_experts: int = 0,
         experts_impl: str = DEFAULT_IMPL,
+        zero_experts: int = 0,
+        copy_experts: int = 0,
+        constant_experts: int = 0,
     ) -> None:
         super().__init__()
         seed = base_seed()  # every FFN (and its router) draws from its own stream: harness.layers.streams
@@ -92,7 +95,8 @@ class MoEDecoderLM(nn.Module):
             name = router if is_moe else "dense"
             ffn = build_ffn(name, d_model, d_ff, num_experts, top_k, router_kwargs if is_moe else None,
                             capacity_factor=capacity_factor, activation=activation, shared_experts=shared_experts,
-                            experts_impl=experts_impl, init_stream=(seed, f"blocks.{i}.ffn"))
+                            experts_impl=experts_impl, init_stream=(seed, f"blocks.{i}.ffn"), zero_experts=zero_experts,
+                            copy_experts=copy_experts, constant_experts=constant_experts)
             blocks.append(Block(d_model, n_heads, ffn, dropout))
         self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(d_model)

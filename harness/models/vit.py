@@ -208,6 +208,8 @@ class MoEVisionTransformer(VisionTransformer):
       router_kwargs:   the router's hyper-parameters (unknown keys are errors).
       shared_experts:  always-on experts of width d_ff per MoE layer (``harness.layers.moe.MoELayer``); dense: d_ff*(k+N).
       experts_impl:    the expert kernel (``harness.layers.kernels``); ``loop`` is the bit-identical default.
+      zero_experts, copy_experts, constant_experts: MoE++'s zero-computation experts per MoE layer, beside the
+                       ``num_experts`` FFN experts (``harness.layers.null_experts``; default 0: none).
     """
 
     def __init__(
@@ -223,6 +225,9 @@ class MoEVisionTransformer(VisionTransformer):
         router_kwargs: dict[str, Any] | None = None,
         shared_experts: int = 0,
         experts_impl: str = DEFAULT_IMPL,
+        zero_experts: int = 0,
+        copy_experts: int = 0,
+        constant_experts: int = 0,
         depth: int = 12,
         **vit_kwargs: Any,
     ) -> None:
@@ -253,7 +258,8 @@ class MoEVisionTransformer(VisionTransformer):
                 kwargs["patch_dim"] = vit_kwargs.get("in_chans", 3) * ph * pw  # timm's in_chans default: 3
             ffn = build_ffn(router if is_moe else "dense", in_features, width, num_experts, k, kwargs,
                             capacity_factor=capacity_factor, activation=activation, shared_experts=shared_experts,
-                            experts_impl=experts_impl, init_stream=(seed, f"blocks.{i}.mlp"))
+                            experts_impl=experts_impl, init_stream=(seed, f"blocks.{i}.mlp"), zero_experts=zero_experts,
+                            copy_experts=copy_experts, constant_experts=constant_experts)
             # a router declaring patch_dim reads ctx.patches unless it says otherwise (StableMoE's position reading)
             reads = is_moe and bool(getattr(getattr(ffn, "router", None), "reads_patches", "patch_dim" in hparams))
             built.append(HarnessMlp(ffn, i, scope, drop, reads_patches=reads))

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ..data.text import DataError, TextCorpus, get_batch, iter_eval_batches
 from ..data.tokens import load_lm_corpus, lm_vocab_size
 from ..layers.kernels import DEFAULT_IMPL
+from ..layers.null_experts import NULL_EXPERT_KEYS
 from ..models.lm import MoEDecoderLM
 from ..spec import RunSpec
 
@@ -39,6 +40,7 @@ def build_lm(spec: dict | RunSpec) -> MoEDecoderLM:
         activation=m["activation"], router_kwargs=d.get("router_args") or {},
         shared_experts=m.get("shared_experts", 0),  # absent in runs stored before issue 18
         experts_impl=m.get("experts_impl", DEFAULT_IMPL),  # absent in runs stored before issue 17
+        **{k: m.get(k, 0) for k in NULL_EXPERT_KEYS},  # MoE++ null experts (issue 31); absent before it
     )
 
 

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from ..data.vision import VisionData, image_transform, load_vision, normalize_uint8
 from ..layers.kernels import DEFAULT_IMPL
+from ..layers.null_experts import NULL_EXPERT_KEYS
 from ..spec import RunSpec, SpecError
 
 MIXUP = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)
@@ -70,6 +71,7 @@ def build_vit(spec: dict | RunSpec) -> nn.Module:
             proj_drop_rate=m["dropout"], pos_drop_rate=m["dropout"], router_kwargs=d.get("router_args") or {},
             shared_experts=m.get("shared_experts", 0),  # absent in runs stored before issue 18
             experts_impl=m.get("experts_impl", DEFAULT_IMPL),  # absent in runs stored before issue 17
+            **{k: m.get(k, 0) for k in NULL_EXPERT_KEYS},  # MoE++ null experts (issue 31); absent before it
         )
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
