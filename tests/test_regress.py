@@ -325,3 +325,25 @@ def test_golden_from_another_machine_with_30pct_off_ratios_passes(tmp_path, caps
     assert main(common + ["--rounds", "5"]) == 0
     out = capsys.readouterr().out
     assert "0.0200" in out  # the cross-machine allowance is applied and shown
+
+
+def test_partial_update_merges_and_keeps_the_header():
+    """``--update --routers a`` over a golden holding other routers adds / replaces only ``a`` (issue 31): the other
+    entries and the header (revision = the throughput base, machine, versions) are kept byte for byte, the new
+    entry carries its own revision; other seeds or another preset cannot be merged."""
+    old = {**_golden({"smoe": _entry({QUALITY_METRIC: (2.9, [2.9, 2.8, 3.0])}, "s")}, revision="base-rev"),
+           "versions": {"torch": "x"}, "recorded_on_dirty_tree": False}
+    q = {"moepp": {"spec_hash": "m", "status": {0: "finished", 1: "finished", 2: "finished"},
+                   "values": {s: {QUALITY_METRIC: [2.8, 2.81, 2.82][s]} for s in (0, 1, 2)}, "errors": {}, "seconds": [5.0]}}
+    g = gate.make_golden(q, [0, 1, 2], "lm", "regress", json.loads(json.dumps(old)), revision="new-rev", dirty=False)
+    assert {k: v for k, v in g.items() if k != "routers"} == {k: v for k, v in old.items() if k != "routers"}
+    assert g["routers"]["smoe"] == old["routers"]["smoe"]
+    assert g["routers"]["moepp"]["revision"] == "new-rev" and g["routers"]["moepp"]["spec_hash"] == "m"
+    assert g["routers"]["moepp"]["metrics"][QUALITY_METRIC]["seed_values"] == [2.8, 2.81, 2.82]
+    with pytest.raises(gate.GoldenError, match="seeds"):
+        gate.make_golden({"moepp": {**q["moepp"], "status": {0: "finished"}, "values": {0: {QUALITY_METRIC: 2.8}}}},
+                         [0], "lm", "regress", old, revision="new-rev", dirty=False)
+    # a full re-record (every router of the golden) writes a new header
+    full = gate.make_golden({**q, "smoe": {**q["moepp"], "spec_hash": "s"}}, [0, 1, 2], "lm", "regress", old,
+                            revision="new-rev", dirty=False)
+    assert full["revision"] == "new-rev" and "revision" not in full["routers"]["smoe"]

@@ -113,7 +113,7 @@ def cmd_regress(args: argparse.Namespace) -> int:
             print("what moved against the previous golden (primary seed):")
             print_checks(judge_quality(old, {r: q for r, q in quality.items() if r in old["routers"]}, cross=False))
         write_golden(baseline, golden)
-        if golden["recorded_on_dirty_tree"]:
+        if dirty:
             print("regress: WARNING recorded on a tree with uncommitted changes: commit them, so the golden's "
                   "revision (the throughput base) is the code that was measured")
         for r in sorted(quality):

@@ -102,6 +102,15 @@ def make_golden(quality: dict[str, dict[str, Any]], seeds: list[int], suite: str
                 old: dict[str, Any] | None, revision: str | None, dirty: bool) -> dict[str, Any]:
 
     routers = dict((old or {}).get("routers", {}))
+    # A partial update (``--update --routers a,b`` over a golden that holds other routers too) merges: the other
+    # routers' entries and the file's header (revision = the throughput base, machine, versions) stay as they were,
+    # and each router recorded now carries its own revision and machine. Only a full re-record writes a new header.
+    partial = (old is not None and old.get("version") == GOLDEN_VERSION and bool(set(routers) - set(quality)))
+    if partial:
+        for key, want in (("suite", suite), ("preset", preset), ("seeds", list(seeds))):
+            if old.get(key) != want:
+                raise GoldenError(f"cannot merge into the golden: it was recorded with {key} {old.get(key)!r}, this "
+                                  f"update used {want!r}; use the golden's, or re-record every router")
     for router, q in quality.items():
         if any(q["status"].get(s) != "finished" for s in seeds):
             raise GoldenError(f"cannot record a golden for {router}: not every seed finished ({q['status']}"
@@ -112,6 +121,11 @@ def make_golden(quality: dict[str, dict[str, Any]], seeds: list[int], suite: str
                            "metrics": {n: metric_entry(n, per_seed[0][n], [v[n] for v in per_seed]) for n in names},
                            # not gated (timings never are): orders the gate's runs longest first
                            "run_seconds": statistics.median(q.get("seconds") or [0.0])}
+        if partial:
+            routers[router].update(revision=revision, recorded_on_dirty_tree=dirty,
+                                   machine=machine_fingerprint()["fingerprint"])
+    if partial:
+        return {**old, "routers": dict(sorted(routers.items()))}
     return {"version": GOLDEN_VERSION, "suite": suite, "preset": preset, "seed": seeds[0], "seeds": seeds,
             "revision": revision, "recorded_on_dirty_tree": dirty, "versions": package_versions(),
             "machine": machine_fingerprint(), "routers": dict(sorted(routers.items()))}
