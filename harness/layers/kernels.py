@@ -20,6 +20,11 @@ bit for bit (it is the shipped default, and what the regression goldens were tra
     back. No per-expert Python loop; pays ``E * C_max / S - 1`` extra FLOPs for the padding
     (0 when the load is perfectly balanced). Padded rows receive a zero gradient, so the
     weight gradients are exact.
+``fused``
+    ``loop_recompute``'s arithmetic in a C++ extension (:mod:`.fused_experts`, ``csrc/segment_mlp.cpp``):
+    one call forward and one backward per layer, experts in parallel when there is more than one
+    intra-op thread. Bit-identical to ``loop`` at one thread; built on first use (or at install);
+    where it cannot be built, on CUDA or under autocast it runs ``loop_recompute`` (the same numbers).
 ``grouped_mm``
     ``torch.nn.functional.grouped_mm`` with int32 cumulative offsets: one grouped GEMM per
     linear map, no padding and no host sync at all. The fast path on CUDA in bfloat16 (SM >= 80,
@@ -38,13 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused_experts
 from .segment_mlp import SUPPORTED_ACTIVATIONS, segment_mlp
 
 # ``bank`` below is a :class:`harness.layers.experts.ExpertBank` (w1 [E, d, f], b1 [E, f], w2 [E, f, d],
 # b2 [E, d], act, num_experts, d_model, d_ff); not imported here: experts.py imports this module.
 Bank = nn.Module
 
-EXPERTS_IMPLS = ("auto", "loop", "loop_recompute", "padded_bmm", "grouped_mm")
+EXPERTS_IMPLS = ("auto", "loop", "loop_recompute", "fused", "padded_bmm", "grouped_mm")
 DEFAULT_IMPL = "loop"  # bit-identical to the per-expert loop the goldens were trained with
 
 Counts = Tensor | list[int]
@@ -228,9 +234,19 @@ def run_loop_recompute(bank: Bank, x_sorted: Tensor, counts: Counts, source: Sou
     return segment_mlp(x_sorted, c, bank.activation, bank.w1, bank.b1, bank.w2, bank.b2, source=source)
 
 
-# Every kernel takes ``(bank, x_sorted, counts, source=None)``; ``source`` is used by loop_recompute only.
+def run_fused(bank: Bank, x_sorted: Tensor, counts: Counts, source: Source = None) -> Tensor:
+    """``loop_recompute`` in one C++ call each way (:mod:`.fused_experts`); ``loop_recompute`` itself off CPU,
+    under autocast, for an activation it has no backward for, or where the extension could not be built."""
+    if (x_sorted.device.type != "cpu" or bank.activation not in SUPPORTED_ACTIVATIONS
+            or compute_dtype(x_sorted) != x_sorted.dtype or not fused_experts.available()):
+        return run_loop_recompute(bank, x_sorted, counts, source)
+    return fused_experts.fused_segment_mlp(x_sorted, _counts_list(counts), bank.activation, bank.w1, bank.b1,
+                                           bank.w2, bank.b2, source=source)
+
+
+# Every kernel takes ``(bank, x_sorted, counts, source=None)``; ``source`` is used by loop_recompute and fused.
 KERNELS: dict[str, Callable[..., Tensor]] = {
-    "loop": run_loop, "loop_recompute": run_loop_recompute, "padded_bmm": run_padded_bmm,
+    "loop": run_loop, "loop_recompute": run_loop_recompute, "fused": run_fused, "padded_bmm": run_padded_bmm,
     "grouped_mm": run_grouped_mm,
 }
 

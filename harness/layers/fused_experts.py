@@ -1,0 +1,91 @@
+"""The ``fused`` expert kernel: the per-expert loop in one C++ call forward and one backward.
+
+``experts_impl=fused`` runs the arithmetic of ``loop_recompute`` (:mod:`.segment_mlp`: the loop's
+``addmm``s, keeping only the pre-activation for backward) in a small C++ extension,
+``csrc/segment_mlp.cpp``: the same ATen ops on the same operands in the same order, so outputs and
+gradients equal the ``loop`` kernel's bit for bit at one thread (``tests/test_fused_experts.py``).
+It removes the Python and autograd bookkeeping around the ~8 small ops each expert costs per step
+(one autograd node per layer instead of ~4 per expert). With more than one intra-op thread the
+experts run in parallel (``at::parallel_for``), each expert's GEMMs on one thread; the bits can then
+differ from ``loop``'s multi-threaded GEMMs.
+
+The extension is compiled with ``torch.utils.cpp_extension.load`` on first use (about a minute;
+``scripts/install.sh`` builds it at install) and cached under torch's extension root
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Where it cannot be built (no
+compiler, no ninja) the kernel logs one line and runs ``loop_recompute``, which computes the same bits.
+CPU tensors only: on CUDA, or under autocast, it runs ``loop_recompute`` too.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+log = logging.getLogger("harness")
+
+SOURCE = Path(__file__).with_name("csrc") / "segment_mlp.cpp"
+ACT_CODES = {"gelu": 0, "relu": 1, "silu": 2}  # csrc/segment_mlp.cpp ``enum Act``
+
+
+@functools.lru_cache(maxsize=1)
+def extension() -> Any | None:
+    """The compiled extension module, or None (logged once) where it cannot be built."""
+    if os.environ.get("HARNESS_NO_FUSED_EXPERTS"):
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        return cpp_extension.load(name="harness_segment_mlp", sources=[str(SOURCE)],
+                                  extra_cflags=["-O3"], verbose=False)
+    except Exception as exc:  # noqa: BLE001 - any build failure means: run the Python kernel
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("experts_impl=fused: the C++ kernel could not be built (%s); running loop_recompute, "
+                    "the same numbers", first[:200])
+        return None
+
+
+def available() -> bool:
+    return extension() is not None
+
+
+class FusedSegmentMLP(torch.autograd.Function):
+    """``y[seg_e] = act(x[seg_e] @ w1[e] + b1[e]) @ w2[e] + b2[e]``, one C++ call each way."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, counts: list[int], act: str, src_x: Tensor | None, src_token: Tensor | None,
+                w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+        out, pre = extension().forward(x, counts, ACT_CODES[act], w1, b1, w2, b2)
+        ctx.counts, ctx.act = counts, act
+        ctx.regather = src_x is not None
+        if ctx.regather:  # the rows are re-gathered from the layer input (kept for the router anyway)
+            ctx.save_for_backward(src_x, src_token, pre, w1, w2)
+        else:
+            ctx.save_for_backward(x, pre, w1, w2)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.regather:
+            src_x, src_token, pre, w1, w2 = ctx.saved_tensors
+            x = src_x.index_select(0, src_token)
+        else:
+            x, pre, w1, w2 = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
+        gx, gw1, gb1, gw2, gb2 = extension().backward(grad, x, pre, ctx.counts, ACT_CODES[ctx.act], w1, w2,
+                                                       need_x, need_w)
+        return (gx if need_x else None, None, None, None, None,
+                *((gw1, gb1, gw2, gb2) if need_w else (None,) * 4))
+
+
+def fused_segment_mlp(x: Tensor, counts: list[int], act: str, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                      source: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """[S, d] expert-sorted rows -> [S, d] (as :func:`harness.layers.segment_mlp.segment_mlp`)."""
+    src_x, src_token = (source[0].detach(), source[1]) if source is not None else (None, None)
+    return FusedSegmentMLP.apply(x, counts, act, src_x, src_token, w1, b1, w2, b2)

@@ -1,0 +1,83 @@
+"""The ``fused`` expert kernel (harness/layers/fused_experts.py, csrc/segment_mlp.cpp) is the ``loop`` kernel
+bit for bit at one thread, through whole MoE layers of every router; where the C++ extension cannot be built
+it says so in one line and runs ``loop_recompute`` (the same numbers)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from harness.layers import fused_experts
+from harness.layers.experts import ExpertBank
+
+from test_segment_mlp import ROUTERS, _layer_run
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_extension_builds_here():
+    # the install script builds it; a machine without a C++ compiler runs loop_recompute (next tests)
+    assert fused_experts.available(), "the fused expert kernel did not build: is g++ (and ninja) installed?"
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("act,capacity,shared", [("gelu", None, 0), ("relu", 1.0, 0), ("silu", None, 1)])
+def test_fused_is_loop_bit_for_bit(router, act, capacity, shared):
+    a = _layer_run(router, "loop", act, capacity, shared)
+    b = _layer_run(router, "fused", act, capacity, shared)
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert torch.equal(u, v), f"tensor {i} differs ({router}, {act})"
+
+
+@pytest.mark.parametrize("counts", [[30, 0, 21, 5, 0, 40, 10, 7], [0] * 7 + [9], [0] * 8])
+@pytest.mark.parametrize("need_x", [True, False])
+def test_ragged_and_empty_loads_and_frozen_inputs(counts, need_x):
+    res = {}
+    for impl in ("loop", "fused"):
+        torch.manual_seed(0)
+        bank = ExpertBank(8, 16, 24, "gelu", experts_impl=impl)
+        x = torch.randn(sum(counts), 16, generator=torch.Generator().manual_seed(1)).requires_grad_(need_x)
+        y = bank.forward_sorted(x, torch.tensor(counts))
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y)) if y.numel() else None
+        res[impl] = [y.detach(), x.grad, bank.w1.grad, bank.b1.grad, bank.w2.grad, bank.b2.grad]
+    for u, v in zip(res["loop"], res["fused"]):
+        assert (u is None and v is None) or torch.equal(u, v)
+
+
+def test_without_the_extension_it_runs_loop_recompute(monkeypatch):
+    def never(*_a, **_k):
+        raise AssertionError("the C++ kernel ran although it is unavailable")
+
+    monkeypatch.setattr(fused_experts, "available", lambda: False)
+    monkeypatch.setattr(fused_experts, "fused_segment_mlp", never)
+    out = {}
+    for impl in ("loop", "fused"):
+        torch.manual_seed(0)
+        bank = ExpertBank(4, 8, 12, "gelu", experts_impl=impl)
+        out[impl] = bank.forward_sorted(torch.randn(10, 8, generator=torch.Generator().manual_seed(2)), [3, 0, 7, 0])
+    assert torch.equal(out["loop"], out["fused"])
+
+
+def test_a_failed_build_is_one_logged_line(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def boom(**_):
+        raise RuntimeError("Error building extension 'harness_segment_mlp'\nlong compiler output ...")
+
+    fused_experts.extension.cache_clear()
+    monkeypatch.setattr(cpp_extension, "load", boom)
+    try:
+        with caplog.at_level(logging.WARNING, logger="harness"):
+            assert fused_experts.extension() is None
+        lines = [r.getMessage() for r in caplog.records if r.name == "harness"]
+        assert len(lines) == 1 and "loop_recompute" in lines[0] and "\n" not in lines[0]
+    finally:
+        fused_experts.extension.cache_clear()
