@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for the expert kernels (issue 17) and the paper preset, in ~8 minutes on one H200:
 #   1. the CUDA tests (tests whose names contain "cuda": tests/test_expert_kernels.py and the rest);
-#   2. `harness bench` in bfloat16, one row per experts_impl (loop, loop_recompute, padded_bmm, grouped_mm, auto);
+#   2. `harness bench` in bfloat16, one row per experts_impl (loop, loop_recompute, fused, padded_bmm, grouped_mm, auto; fused runs loop_recompute on CUDA);
 #   3. a ~2-minute slice of the `paper` LM preset, smoe and dense (enwik8 if found, else shakespeare);
 #   3b. the model-level training step of the paper model (benchmarks/model_step.py), loop vs grouped_mm vs auto;
 #   4. the same slice on 2 GPUs (`--nproc 2`, experts sharded), only where two devices exist.
@@ -71,7 +71,7 @@ echo "gpu_check: out=$OUT store=$STORE paper corpus: ${DATA[*]}"
 step cuda_tests 90 "$PY" -m pytest -q -x -k cuda tests/
 
 # 2. the layer in bf16, one row per expert kernel (vs_dense: issue 17's <= 1.05 target)
-step bench_bf16 120 "$PY" -m harness.cli bench --routers smoe,dense --experts-impl loop,loop_recompute,padded_bmm,grouped_mm,auto \
+step bench_bf16 120 "$PY" -m harness.cli bench --routers smoe,dense --experts-impl loop,loop_recompute,fused,padded_bmm,grouped_mm,auto \
   --dtype bfloat16 --device cuda --d-model 264,1024 --d-ff 1024 --experts 16 --tokens 8192,32768 --repeats 7 \
   --warmup 2 --no-naive --store "$STORE"
 
