@@ -81,3 +81,20 @@ def test_a_failed_build_is_one_logged_line(monkeypatch, caplog):
         assert len(lines) == 1 and "loop_recompute" in lines[0] and "\n" not in lines[0]
     finally:
         fused_experts.extension.cache_clear()
+
+
+def test_the_kernel_benchmark_script_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "expert_kernels.py"
+    spec = importlib.util.spec_from_file_location("expert_kernels_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--rows", "64", "--d-model", "8", "--d-ff", "12", "--rounds", "3", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    for impl in ("loop", "loop_recompute", "fused", "grouped_mm"):
+        assert f"  {impl} " in out
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--impls", "fused,nope"])
+    assert e.value.code == 2
