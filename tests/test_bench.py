@@ -292,3 +292,13 @@ def test_cli_bench_writes_rows(one_thread, tmp_path, capsys):
     assert rc == 0
     assert main(["bench", "--repeats", "2", "--no-store"]) == 2  # one-line argparse error (issue 19), no SystemExit
     assert "--repeats" in capsys.readouterr().err
+
+
+def test_a_positional_router_is_benched_with_positions(one_thread):
+    """stablemoe@position reads ``ctx.positions``: the synthetic batch is sequences of CONTEXT tokens."""
+    from harness.bench.candidates import CONTEXT, positions
+
+    pos = positions(torch.zeros(2 * CONTEXT + 3, dtype=torch.long))
+    assert pos[:3].tolist() == [0, 1, 2] and int(pos[CONTEXT]) == 0 and int(pos.max()) == CONTEXT - 1
+    b = P.run_layer_bench(TINY, ["stablemoe@position"], repeats=5, log=lambda m: None)
+    assert any(label.startswith("stablemoe@position") for label in b.stats)

@@ -26,6 +26,7 @@ REFERENCE = "smoe"
 DENSE = "dense"
 NAIVE = "naive"
 VOCAB = 256  # random token ids for routers that route on them (StableMoE's default vocab_size)
+CONTEXT = 128  # the synthetic batch is sequences of this many tokens: ``ctx.positions`` (stablemoe@position)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -100,7 +101,12 @@ class Inputs:
 def route_context(c: Candidate, inp: Inputs, expert_fn: Callable[[], Tensor] | None = None) -> RouteContext:
     step, total = c.schedule
     return RouteContext(training=True, step=step, total_steps=total, token_ids=inp.token_ids,
-                        embeddings=inp.x.detach(), shared={}, expert_fn=expert_fn)
+                        positions=positions(inp.token_ids), embeddings=inp.x.detach(), shared={}, expert_fn=expert_fn)
+
+
+def positions(token_ids: Tensor) -> Tensor:
+    """Each token's position in its synthetic sequence of :data:`CONTEXT` tokens (what ``ctx.positions`` holds)."""
+    return torch.arange(token_ids.shape[0], device=token_ids.device) % CONTEXT
 
 
 def schedule_variants(cls: type, defaults: dict[str, Any]) -> list[tuple[str, dict[str, Any], float | None, tuple[int, int]]]:

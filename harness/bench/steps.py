@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from ..layers.kernels import DEFAULT_IMPL
 from ..layers.moe_layer import MoELayer
 from ..routing.router import RouteContext, Routing
-from .candidates import Candidate, Inputs, route_context
+from .candidates import Candidate, Inputs, positions, route_context
 from .timing import Clock, PhaseClock
 
 # the MoE layer's steps (``harness.layers.moe_layer.STEPS``) -> the phases they are reported as
@@ -136,7 +136,7 @@ def router_step_time(router: nn.Module, x: Tensor, token_ids: Tensor, clock: Clo
             p.grad = None
         fn = (lambda: cached_all) if cached_all is not None else None
         ctx = RouteContext(training=True, step=schedule[0], total_steps=schedule[1], token_ids=token_ids,
-                           embeddings=x.detach(), shared={}, expert_fn=fn)
+                           positions=positions(token_ids), embeddings=x.detach(), shared={}, expert_fn=fn)
         t0 = clock.now()
         routing = router(x, ctx)
         outs, grads = [], []
