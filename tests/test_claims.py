@@ -71,12 +71,13 @@ def test_shipped_claims_table():
     pairs = {(c.router, c.baseline) for c in claims.values()}
     assert pairs == {("competesmoe", "smoe"), ("stablemoe", "smoe"), ("xmoe", "smoe"), ("moge", "smoe"),
                      ("auxfree", "smoe"), ("hash", "smoe"), ("expert_choice", "smoe"),
-                     ("smoe_global", "smoe"), ("topp", "smoe"), ("remoe", "smoe")}  # the last three: issue 31
+                     ("smoe_global", "smoe"), ("topp", "smoe"), ("remoe", "smoe"),
+                     ("moepp", "smoe")}  # the last four: issue 31
     arxiv = {c.router: c.arxiv for c in claims.values()}
     assert arxiv == {"competesmoe": "2402.02526", "stablemoe": "2204.08396", "xmoe": "2204.09179",
                      "moge": "2504.09265", "auxfree": "2408.15664", "hash": "2106.04426",
                      "expert_choice": "2202.09368", "smoe_global": "2501.11873", "topp": "2403.07652",
-                     "remoe": "2412.14711"}
+                     "remoe": "2412.14711", "moepp": "2410.07348"}
     for c in claims.values():
         assert c.claim and c.setting and c.paper and c.figure
     # each claim names the suite its paper's evidence comes from: MoGE's is ImageNet classification
@@ -85,7 +86,7 @@ def test_shipped_claims_table():
     assert "32 experts" in claims["moge-beats-moe"].setting and "capacity factor 4" in claims["moge-beats-moe"].setting
     # figures read in the paper or its official repository are quoted with where; the rest stay unverified
     unverified = {c.router for c in claims.values() if "not verified" in c.figure}
-    assert unverified == {"competesmoe", "moge", "smoe_global", "topp", "remoe"}  # issue 31: no paper text read
+    assert unverified == {"competesmoe", "moge", "smoe_global", "topp", "remoe", "moepp"}  # issue 31: no paper text read
     assert "8.167 vs 8.038" in fig_of(claims, "smoe_global") and "not re-read" in fig_of(claims, "smoe_global")
     fig = {c.router: c.figure for c in claims.values()}
     assert "19.20 vs 18.93" in fig["stablemoe"] and "Table 2" in fig["stablemoe"]
@@ -159,7 +160,7 @@ def test_claims_table_on_stored_runs(tmp_path):
                                                         suite="vision").iter_rows(named=True)}
     assert vt == {"competesmoe": "reversed", "xmoe": "holds", "moge@vit": "within noise", "stablemoe": "n<2",
                   "auxfree": "n<2", "hash": "n<2", "expert_choice": "n<2", "smoe_global": "n<2", "topp": "n<2",
-                  "remoe": "n<2"}  # no runs of these in the fixture
+                  "remoe": "n<2", "moepp": "n<2"}  # no runs of these in the fixture
     # a custom claim about a router that never ran
     t = claims_table(runs, metrics, [Claim("a", "nosuch", "smoe", "nosuch beats SMoE")])  # suite lm
     assert t["verdict"].to_list() == ["n<2 (n=0 vs 2)"]
@@ -247,7 +248,7 @@ def test_a_suite_without_runs_is_n2_and_says_so(tmp_path, capsys):
     assert main(["claims", "--store", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"claims on {path}: suite lm, preset default, 9 distinct finished runs (1 duplicate set " \
-                       f"aside) for 9 claims; suite vision, no finished runs, for 1 claim"
+                       f"aside) for 10 claims; suite vision, no finished runs, for 1 claim"
     assert lines[1].startswith("verdict: each claim on its suite's metric (lm: val_bpb, lower is better; vision: "
                                "val_top1, higher is better) over distinct seeds")
     assert "Holm-adjusted over the 2 claims tested (one family across suites)" in lines[1]
@@ -269,7 +270,7 @@ def test_harness_claims_names_the_suite_of_each_claim(tmp_path, capsys):
     assert main(["claims", "--store", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"claims on {path}: suite lm, preset default, 9 distinct finished runs (1 duplicate set " \
-                       f"aside) for 9 claims; suite vision, preset default, 6 distinct finished runs (other presets: " \
+                       f"aside) for 10 claims; suite vision, preset default, 6 distinct finished runs (other presets: " \
                        f"moge) for 1 claim"
     assert "Holm-adjusted over the 3 claims tested (one family across suites)" in lines[1]
     i = lines.index("MoGE beats MoE (SMoE): holds (Welch p=0.005, Holm p=0.015)")
@@ -285,7 +286,7 @@ def test_harness_claims_names_the_suite_of_each_claim(tmp_path, capsys):
     assert main(["claims", "--store", str(path), "--suite", "lm"]) == 0
     out = capsys.readouterr().out
     assert "MoGE beats MoE (SMoE): within noise (Welch p=0.553, Holm p=0.553, n=2)" in out
-    assert out.count("  judged on: suite lm, preset default (9 distinct finished runs)") == 10  # every shipped claim
+    assert out.count("  judged on: suite lm, preset default (9 distinct finished runs)") == 11  # every shipped claim
     assert "judged on: suite vision" not in out
     # --suite vision --preset moge: every claim on that preset
     assert main(["claims", "--store", str(path), "--suite", "vision", "--preset", "moge"]) == 0
@@ -478,7 +479,7 @@ def test_claims_are_paired_where_the_runs_pair(paired_store):
     labels = {r: row["label"] for r, row in t.items()}
     assert labels == {"competesmoe": "holds", "stablemoe": "holds", "xmoe": "within noise", "moge": "within noise",
                       "auxfree": "n<2", "hash": "n<2", "expert_choice": "n<2", "smoe_global": "n<2", "topp": "n<2",
-                      "remoe": "n<2"}
+                      "remoe": "n<2", "moepp": "n<2"}
     assert t["xmoe"]["p"] < 0.05  # significant alone; not among four
     assert t["xmoe"]["verdict"] == "within noise (paired p=0.035, Holm p=0.070, n=3)"
     assert c["verdict"] == "holds (paired p=0.003, Holm p=0.011)"
