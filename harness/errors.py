@@ -1,4 +1,4 @@
-"""The one base class for mistakes a user can fix.
+"""The one base class for mistakes a user can fix, and the exceptions every layer may raise or catch.
 
 Anything raised as a :class:`UserError` (``SpecError``, ``StoreError``,
 ``CheckpointError``, argument errors, ...) is printed by the CLI as one line
@@ -13,3 +13,11 @@ class UserError(Exception):
 
 class UsageError(UserError):
     """A bad command line (argparse)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered like Ctrl-C so the running run is recorded ``interrupted`` before exit.
+
+    Raised by the CLI's SIGTERM handler (``harness.cli``); the trainer (``harness.training.loop``), a lower
+    layer, catches it as a ``KeyboardInterrupt`` and names it SIGTERM in the run's record. It lives here, in
+    the bottom layer, so both import the one class."""

@@ -23,9 +23,9 @@ def test_step_bench_times_the_loops_step_for_every_candidate(monkeypatch):
     calls: list[tuple[str, int]] = []
     real = loop.train_step
 
-    def spy(model, *a, **kw):
-        calls.append((type(model.blocks[0].ffn).__name__, a[6]))  # (layer kind, step)
-        return real(model, *a, **kw)
+    def spy(ts, *a, **kw):
+        calls.append((type(ts.model.blocks[0].ffn).__name__, a[2]))  # (layer kind, step)
+        return real(ts, *a, **kw)
 
     monkeypatch.setattr(ms, "train_step", spy)
     cands, adapter = ms.build_step_candidates("lm", "tiny", ["smoe", "hash"], ["loop", "grouped_mm"])

@@ -35,7 +35,9 @@ from ..spec import RunSpec, load_suite
 from ..suites import get_adapter
 from ..training import distributed
 from ..training.device import pick_device
-from ..training.loop import STEP_STAGES, autocast_for, make_optimizer, make_scheduler, seed_everything, train_step
+from ..training.loop import (STEP_STAGES, TrainState, autocast_for, make_optimizer, make_scheduler, seed_everything,
+                             train_step)
+from ..training.strategy import SingleProcess
 from .timing import Clock, Log, PhaseClock, Stat, check_repeats, gc_paused, load_note, loadavg, log_stderr, paired
 
 
@@ -91,7 +93,7 @@ def build_step_candidates(suite: str = "lm", preset: str | None = "default", rou
             opt = make_optimizer(model, r)
             label = r.router if impl == base else f"{r.router}:{impl}"
             cands.append(StepCandidate(label, r, model, opt, make_scheduler(opt, r),
-                                       distributed.count_parameters(model, dctx)))
+                                       SingleProcess(model, dctx).count_parameters()))
     cands.sort(key=lambda c: (names.index(c.run.router), kernels.index(c.run.model.experts_impl)))
     return cands, adapter
 
@@ -132,7 +134,8 @@ def run_step_bench(cands: list[StepCandidate], adapter: Any, repeats: int = 7, w
             steps = schedule[r * steps_per_round:(r + 1) * steps_per_round]
             k = r % len(cands)
             for c in cands[k:] + cands[:k]:
-                amp = autocast_for(dev, c.run.train.dtype)
+                ts = TrainState(SingleProcess(c.model, dctx), adapter, c.opt, c.sched, c.run.train.grad_clip,
+                                autocast_for(dev, c.run.train.dtype))
                 ph = PhaseClock(clock, STEP_STAGES) if stages else None
                 t0 = clock.now()
                 for s in steps:
@@ -140,8 +143,7 @@ def run_step_bench(cands: list[StepCandidate], adapter: Any, repeats: int = 7, w
                     inputs, targets = batches[s]
                     if ph is not None:
                         ph.mark(None)  # on_step is not one of the stages
-                    train_step(c.model, c.model, adapter, c.opt, c.sched, inputs, targets, s, total,
-                               c.run.train.grad_clip, amp, dctx, mark=ph.mark if ph is not None else None)
+                    train_step(ts, inputs, targets, s, total, mark=ph.mark if ph is not None else None)
                 dt = (clock.now() - t0) / len(steps)
                 if r >= warmup:
                     b.times[c.label].append(dt)

@@ -19,7 +19,7 @@ import sys
 import threading
 
 from .. import args as argtypes
-from ..errors import UsageError, UserError
+from ..errors import Terminated, UsageError, UserError
 from ..store import DEFAULT_STORE, default_store_path
 
 EXIT_USAGE = 2
@@ -40,10 +40,6 @@ class HarnessParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: ANN201 - argparse's signature
         raise UsageError(f"{message}; see `{self.prog} --help`")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, delivered like Ctrl-C so the running run is recorded ``interrupted`` before exit."""
 
 
 _SIGTERM_SEEN = threading.Event()  # a SIGTERM that DuckDB swallowed still exits 143 (harness.store.is_interrupt)

@@ -60,6 +60,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..routing.router import Router
 from .experts import ExpertBank
@@ -212,7 +213,7 @@ class ExpertParallelMoELayer(MoELayer):
         return back.reshape(W, T, El, -1).permute(1, 0, 2, 3).reshape(T, W * El, -1)
 
 
-# -- whole-model helpers (used by harness.training.loop) -------------------------------------------------
+# -- whole-model helpers (used by the ExpertParallel strategy below) ------------------------------------
 
 def shard_experts(model: nn.Module, group: Any = None) -> list[str]:
     """Replace every ``MoELayer`` of ``model`` by its expert-parallel twin, in place.
@@ -246,15 +247,22 @@ def has_expert_shards(model: nn.Module) -> bool:
 
 def scale_expert_grads(model: nn.Module, world_size: int) -> None:
     """Expert grads hold the *sum* over ranks' losses; DDP averages the rest: divide by W to match."""
+    _scale_grads(expert_parameters(model), world_size)
+
+
+def _scale_grads(params: list[nn.Parameter], world_size: int) -> None:
     if world_size > 1:
-        for p in expert_parameters(model):
+        for p in params:
             if p.grad is not None:
                 p.grad.div_(world_size)
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, group: Any = None) -> Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over replicated parameters plus every rank's expert shard."""
-    local = {id(p) for p in expert_parameters(model)}
+    return _clip_grad_norm(model, {id(p) for p in expert_parameters(model)}, max_norm, group)
+
+
+def _clip_grad_norm(model: nn.Module, local: set[int], max_norm: float, group: Any) -> Tensor:
     params = [p for p in model.parameters() if p.grad is not None]
     rep = [p.grad for p in params if id(p) not in local]
     own = [p.grad for p in params if id(p) in local]
@@ -302,3 +310,64 @@ def count_parameters(model: nn.Module, group: Any = None) -> int:
         own = int(t.item())
     return rep + own
 
+
+
+# -- the expert-parallel training strategy -------------------------------------------------------------
+
+class ExpertParallel:
+    """The parallel strategy of ``--nproc N`` with ``model.expert_parallel`` (harness.training.strategy lists
+    the three). Chosen once by ``harness.training.distributed.wrap_model``; constructing it shards the
+    model's experts in place (:func:`shard_experts`), and the expert parameters are found here once, not on
+    every step.
+
+    ``ctx`` is the process's ``harness.training.distributed.DistContext`` (``world_size``, ``rank``,
+    ``expert_group``, ``gather``); this layer module does not import the training package.
+    """
+
+    kind = "expert_parallel"
+    shards_optimizer = True  # each rank's optimiser holds its own experts' moments
+
+    def __init__(self, model: nn.Module, ctx: Any) -> None:
+        self.model = self.module = model
+        self.ctx = ctx
+        self._ignore = shard_experts(model, ctx.expert_group)   # names DDP must not replicate
+        self._experts = expert_parameters(model)                 # this rank's shards, found once
+        self._expert_ids = {id(p) for p in self._experts}
+
+    def wrap(self, device: torch.device) -> nn.Module:
+        """DDP over the replicated parameters (``find_unused_parameters``: see ``DataParallel``)."""
+        if self._ignore:
+            DDP._set_params_and_buffers_to_ignore_for_model(self.model, self._ignore)
+        self.module = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                          find_unused_parameters=True)
+        return self.module
+
+    def finish_grads(self) -> None:
+        """Expert shards hold summed grads, DDP averaged the rest -> make them agree."""
+        _scale_grads(self._experts, self.ctx.world_size)
+
+    def clip_grad_norm(self, max_norm: float) -> Tensor:
+        return _clip_grad_norm(self.model, self._expert_ids, max_norm, self.ctx.expert_group)
+
+    def model_state(self) -> dict[str, Tensor]:
+        """The single-process-format state dict, shards gathered (a collective: every rank calls it)."""
+        return full_state_dict(self.model, self.ctx.expert_group)
+
+    def optimizer_state(self, opt: torch.optim.Optimizer) -> tuple[dict[str, Any], list[Any] | None]:
+        """(this rank's state on CPU, every rank's state on rank 0 / None elsewhere): a collective."""
+        cpu = to_cpu(opt.state_dict())
+        return cpu, self.ctx.gather(cpu)
+
+    def count_parameters(self) -> int:
+        return count_parameters(self.model, self.ctx.expert_group)
+
+
+def to_cpu(obj: Any) -> Any:
+    """``obj`` (tensors in dicts, lists, tuples) with every tensor detached and on the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj

@@ -51,6 +51,12 @@ def budget_name(name: str, budget: int) -> str:
     return f"{name}@{budget}"
 
 
+def parse_budget_name(stored: str) -> tuple[str, int]:
+    """The inverse of :func:`budget_name`: ``val_bpb@250`` -> ``("val_bpb", 250)``."""
+    name, _, budget = stored.rpartition("@")
+    return name, int(budget)
+
+
 def fork(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, run: RunSpec,
          budget: int) -> tuple[nn.Module, Any, Any]:
     """Copies of the trunk's model and optimiser, and the schedule of a WSD run of ``budget`` steps at the

@@ -1,4 +1,5 @@
-"""Where a run's files live and how they are written and read.
+"""Where a run's files live and how they are written and read; :class:`Checkpointer`, the one place that
+writes and reads the checkpoint dict.
 
 ``<runs_dir>/<run_key>/ckpt.pt``   the resume checkpoint (model, optimiser, schedule, RNG, health), every
                                    ``train.ckpt_every`` steps; deleted when the run finishes
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-
+from .distributed import share_checkpoint
 CKPT_VERSION = 1
 CKPT_NAME, MODEL_NAME = "ckpt.pt", "model.pt"
 
@@ -157,3 +158,84 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """The one place that writes and reads a run's checkpoint dict (``ckpt.pt``) and writes its ``model.pt``.
+
+    The dict holds: ``version``, ``run_id``, ``step``, ``model`` (single-process format), ``optimizer`` (and,
+    under expert parallelism, ``optimizer_shards`` -- every rank's state -- with
+    ``expert_parallel_world_size``), ``scheduler``, the recorder's ``health`` / ``stat_acc`` /
+    ``budget_metrics`` / ``budget_health``, ``rng`` and ``spec``. Rank 0 writes; every rank takes part in
+    gathering what it holds (a collective under expert parallelism) and waits until the file is on disk.
+    ``ts`` is the run's ``loop.TrainState`` (parallel strategy, optimiser, schedule), ``rec`` its
+    ``recorder.Recorder``.
+    """
+
+    def __init__(self, runs_dir: str | os.PathLike[str], run: Any, dctx: Any, device: torch.device) -> None:
+        self.path = resume_path(runs_dir, run.run_key)
+        self.final_path = final_model_path(runs_dir, run.run_key)
+        self.run, self.dctx, self.device = run, dctx, device
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def load(self) -> dict[str, Any]:
+        return load_checkpoint(self.path)
+
+    def discard(self) -> None:
+        """Delete the resume checkpoint (a fresh run never continues a stale one; a finished run needs none)."""
+        if self.path.exists():
+            self.path.unlink()
+
+    def share(self, state: dict[str, Any] | None) -> dict[str, Any]:
+        """Rank 0 loaded ``state``; every rank gets the same one (harness.training.distributed)."""
+        return share_checkpoint(state, self.path, self.dctx, load_checkpoint)
+
+    def save(self, step: int, run_id: str, ts: Any, rec: Any) -> None:
+        model_sd = ts.par.model_state()
+        opt_sd, shards = ts.par.optimizer_state(ts.opt)
+        optimizer: dict[str, Any] = {"optimizer": opt_sd}
+        if ts.par.shards_optimizer:
+            optimizer.update(optimizer_shards=shards, expert_parallel_world_size=self.dctx.world_size)
+        if self.dctx.is_main:
+            save_checkpoint(self.path, {
+                "version": CKPT_VERSION, "run_id": run_id, "step": step, "model": model_sd, **optimizer,
+                "scheduler": ts.sched.state_dict(), "health": rec.health.state_dict(), "stat_acc": rec.stat_acc,
+                "budget_metrics": rec.budget_metrics, "budget_health": rec.budget_health,
+                "rng": rng_state(self.device), "spec": self.run.to_dict(),
+            })
+        self.dctx.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
+
+    def restore(self, state: dict[str, Any], ts: Any, rec: Any) -> None:
+        """Put model, optimiser, schedule, recorder state and every RNG back as they were at the checkpoint."""
+        rec.stat_acc = dict(state.get("stat_acc", {}))
+        rec.budget_metrics = dict(state.get("budget_metrics", {}))
+        rec.budget_health = list(state.get("budget_health", []))
+        ts.par.model.load_state_dict(state["model"])
+        ts.opt.load_state_dict(self._optimizer_state(state, ts.par.shards_optimizer))
+        ts.sched.load_state_dict(state["scheduler"])
+        rec.health.load_state_dict(state["health"])
+        set_rng_state(state["rng"], self.device)
+
+    def _optimizer_state(self, state: dict[str, Any], sharded: bool) -> dict[str, Any]:
+        """This rank's optimiser state; a checkpoint of the other kind (expert parallel or not, another world
+        size) is a CheckpointError naming the way to resume it."""
+        shards = state.get("optimizer_shards")
+        ep_world = state.get("expert_parallel_world_size")
+        if sharded:
+            if shards is None or len(shards) != self.dctx.world_size:
+                got = "no per-rank optimiser state" if shards is None else f"{len(shards)} ranks"
+                raise CheckpointError(f"expert-parallel checkpoint has {got}; resume it with --nproc "
+                                      f"{ep_world or '?'} or use --restart")
+            return shards[self.dctx.rank]
+        if shards is not None:
+            raise CheckpointError(f"checkpoint was written by an expert-parallel run on {ep_world} ranks; "
+                                  f"resume it the same way or --restart")
+        return state["optimizer"]
+
+    def save_final(self, run_id: str, ts: Any) -> None:
+        """``model.pt`` (spec + single-process-format weights; gathering them is a collective)."""
+        model_sd = ts.par.model_state()
+        if self.dctx.is_main:
+            save_final_model(self.final_path, run_id, self.run.to_dict(), model_sd)

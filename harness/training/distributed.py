@@ -46,14 +46,11 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..layers.expert_parallel import clip_grad_norm_
-from ..layers.expert_parallel import count_parameters as ep_count
-from ..layers.expert_parallel import full_state_dict, has_expert_shards, scale_expert_grads, shard_experts
+from ..layers.expert_parallel import ExpertParallel, to_cpu
 from ..layers.moe_layer import set_balance_scope
 from ..spec import SpecError
-from .checkpoint import CheckpointError
+from .strategy import DataParallel, ParallelStrategy, SingleProcess
 
 ENV_MARKER = "HARNESS_TORCHRUN"
 TIMEOUT_ENV = "HARNESS_DIST_TIMEOUT_S"
@@ -228,78 +225,29 @@ def check_spec(spec: Any, world_size: int) -> None:
                         f"of processes ({world_size})")
 
 
-# -- model wrapping ------------------------------------------------------------------------------
+# -- model wrapping: the parallel strategy, chosen once ------------------------------------------------
 
-def wrap_model(model: nn.Module, run: Any, ctx: DistContext, device: torch.device) -> nn.Module:
-    """Shard experts (``model.expert_parallel``) and wrap in DDP; returns the module to call for training.
-
-    ``model`` itself is changed in place (expert layers replaced) and stays the module for
-    evaluation, ``state_dict`` and the optimiser.
-
-    ``find_unused_parameters=True``: routers legitimately leave parameters without a gradient
-    in some steps (StableMoE freezes its distilled router in stage 2; a router's parameters
-    used only on some steps), and DDP must not wait for them.
-    """
+def wrap_model(model: nn.Module, run: Any, ctx: DistContext, device: torch.device) -> ParallelStrategy:
+    """Decide how ``model`` trains across processes, once: the run's parallel strategy
+    (harness.training.strategy). ``strategy.module`` is what a training step calls (DDP, or the model);
+    ``strategy.model`` is ``model`` itself -- changed in place under expert parallelism (its MoE layers
+    replaced by expert-parallel twins) -- and stays the module for evaluation, ``state_dict`` and the
+    optimiser."""
     if not ctx.distributed:
-        _balance_scope(model, run)
-        return model
-
-    ignore: list[str] = []
-    if getattr(run.model, "expert_parallel", False):
-
-        ignore = shard_experts(model, ctx.expert_group)
-    _balance_scope(model, run)  # after sharding: the expert-parallel layers are new modules
-    if ignore:
-        DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-               find_unused_parameters=True)
+        strategy: ParallelStrategy = SingleProcess(model, ctx)
+    elif getattr(run.model, "expert_parallel", False):
+        strategy = ExpertParallel(model, ctx)  # shards the experts now
+    else:
+        strategy = DataParallel(model, ctx)
+    _balance_scope(model, run)  # after sharding (the expert-parallel layers are new modules), before DDP
+    strategy.wrap(device)
+    return strategy
 
 
 def _balance_scope(model: nn.Module, run: Any) -> None:
     """model.balance_scope / balance_window (issue 31): the routers' balance loss over the micro-batch or the
     global batch (set before a checkpoint is loaded into ``model``: the window's sums are part of its state)."""
     set_balance_scope(model, getattr(run.model, "balance_scope", "micro"), getattr(run.model, "balance_window", 0))
-
-
-def model_state(model: nn.Module, ctx: DistContext) -> dict[str, Tensor]:
-    """The single-process-format state dict (expert shards gathered; a collective under EP)."""
-
-    if ctx.distributed and has_expert_shards(model):
-        return full_state_dict(model, ctx.expert_group)
-    return model.state_dict()
-
-
-def optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, ctx: DistContext) -> dict[str, Any]:
-    """Checkpoint fields for the optimiser: its state, plus every rank's state under expert parallelism.
-
-    Data parallel: replicas are identical, rank 0's state is everyone's. Expert parallel: each
-    rank's optimiser holds its own experts' moments, gathered to rank 0 as ``optimizer_shards``.
-    """
-
-    sd = opt.state_dict()
-    if not (ctx.distributed and has_expert_shards(model)):
-        return {"optimizer": sd}
-    cpu = _to_cpu(sd)
-    shards = ctx.gather(cpu)
-    return {"optimizer": cpu, "optimizer_shards": shards, "expert_parallel_world_size": ctx.world_size}
-
-
-def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any], model: nn.Module,
-                         ctx: DistContext) -> None:
-
-    sharded = ctx.distributed and has_expert_shards(model)
-    shards = state.get("optimizer_shards")
-    if sharded:
-        if shards is None or len(shards) != ctx.world_size:
-            got = "no per-rank optimiser state" if shards is None else f"{len(shards)} ranks"
-            raise CheckpointError(f"expert-parallel checkpoint has {got}; resume it with --nproc "
-                                  f"{state.get('expert_parallel_world_size', '?')} or use --restart")
-        opt.load_state_dict(shards[ctx.rank])
-    elif shards is not None:
-        raise CheckpointError(f"checkpoint was written by an expert-parallel run on "
-                              f"{state.get('expert_parallel_world_size')} ranks; resume it the same way or --restart")
-    else:
-        opt.load_state_dict(state["optimizer"])
 
 
 def share_checkpoint(state: dict[str, Any] | None, path: Any, ctx: DistContext, load: Any) -> dict[str, Any]:
@@ -313,37 +261,7 @@ def share_checkpoint(state: dict[str, Any] | None, path: Any, ctx: DistContext, 
     sees = state is not None or os.path.exists(path)
     if not ctx.any(not sees):
         return state if state is not None else load(path)
-    return ctx.broadcast(_to_cpu(state) if ctx.is_main else None)
-
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def count_parameters(model: nn.Module, ctx: DistContext) -> int:
-    """The whole model's parameters: the one count (layers.expert_parallel), which sums expert shards over
-    this context's expert group and, with no shards (one process, plain DDP), is a plain sum."""
-    return ep_count(model, ctx.expert_group)
-
-
-def finish_grads(model: nn.Module, ctx: DistContext) -> None:
-    """After backward: expert shards hold summed grads, DDP averaged the rest -> make them agree."""
-
-    if ctx.distributed and has_expert_shards(model):
-        scale_expert_grads(model, ctx.world_size)
-
-
-def clip_grad_norm(model: nn.Module, max_norm: float, ctx: DistContext) -> Tensor:
-
-    if ctx.distributed and has_expert_shards(model):
-        return clip_grad_norm_(model, max_norm, ctx.expert_group)
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return ctx.broadcast(to_cpu(state) if ctx.is_main else None)
 
 
 def run_info(ctx: DistContext) -> dict[str, Any]:

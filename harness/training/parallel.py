@@ -184,94 +184,112 @@ def run_parallel(
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    n = len(items)
-    results: list[Any] = [None] * n
-    if n == 0:
-        return results
-    ctx = mp.get_context("spawn")
-    pending = deque(range(n))
-    workers: list[_Worker] = []
-    retired: list[_Worker] = []  # told to stop (nothing left for them); joined at the end
-    next_wid = 0
-    remaining = n
-
-    def finish(w: _Worker, result: Any) -> None:
-        nonlocal remaining
-        i = w.index
-        assert i is not None
-        w.index = None
-        results[i] = result
-        remaining -= 1
-        if on_done is not None:
-            on_done(i, items[i], result)
-
-    def handle(w: _Worker, msg: tuple[str, int | None, Any]) -> None:
-        kind, index, payload = msg
-        if kind == "log":
-            if isinstance(payload, str):
-                log(payload)
-            elif on_message is not None and w.index is not None:
-                on_message(w.index, items[w.index], payload)
-        elif kind == "done":
-            finish(w, payload)
-        elif kind == "error":
-            finish(w, Failed(error=payload))
-
+    if not items:
+        return []
+    pool = _Pool(items, jobs, fn, log, on_start, on_done, on_message)
     try:
-        while remaining:
-            # hand out work: idle workers first, then new ones up to `jobs`
-            while pending:
-                idle = next((w for w in workers if w.index is None), None)
-                if idle is None and len(workers) < jobs:
-                    next_wid += 1
-                    idle = _Worker(ctx, fn, next_wid)
-                    workers.append(idle)
-                if idle is None:
-                    break
-                i = pending.popleft()
-                idle.index = i
-                if on_start is not None:
-                    on_start(i, items[i], idle.wid)
-                try:
-                    idle.conn.send((i, items[i]))
-                except OSError:
-                    pass  # it died meanwhile: its sentinel reports the item below
-            for w in [w for w in workers if w.index is None]:  # nothing left for them
-                w.stop()
-                workers.remove(w)
-                retired.append(w)
-            ready = wait([w.conn for w in workers] + [w.proc.sentinel for w in workers])
-            for w in list(workers):
-                if w.conn in ready:
-                    try:
-                        while w.conn.poll():
-                            handle(w, w.conn.recv())
-                    except (EOFError, OSError):
-                        pass  # died; its sentinel says so below
-                if w.proc.sentinel in ready or not w.proc.is_alive():
-                    w.proc.join(timeout=5)
-                    try:  # anything it sent before it died
-                        while w.conn.poll():
-                            handle(w, w.conn.recv())
-                    except (EOFError, OSError):
-                        pass
-                    if w.index is not None:
-                        code = w.proc.exitcode
-                        finish(w, Failed(error=f"worker process {w.proc.pid} died ({describe_exit(code)}) "
-                                               f"while running this item", exitcode=code))
-                    workers.remove(w)
-                    w.conn.close()
-        for w in workers:
+        while pool.remaining:
+            pool.hand_out()
+            pool.reap()
+        pool.close()
+    except BaseException:  # Ctrl-C (or a bug here): stop every worker before re-raising
+        _shutdown(pool.workers + pool.retired)
+        raise
+    return pool.results
+
+
+class _Pool:
+    """The parent's side of :func:`run_parallel`: workers, the items still to hand out, the results."""
+
+    def __init__(self, items: Sequence[Any], jobs: int, fn: Callable[[Any, Callable[[str], None]], Any],
+                 log: Callable[[str], None], on_start: Callable[[int, Any, int], None] | None,
+                 on_done: Callable[[int, Any, Any], None] | None,
+                 on_message: Callable[[int, Any, Any], None] | None) -> None:
+        self.items, self.jobs, self.fn, self.log = items, jobs, fn, log
+        self.on_start, self.on_done, self.on_message = on_start, on_done, on_message
+        self.ctx = mp.get_context("spawn")
+        self.results: list[Any] = [None] * len(items)
+        self.pending = deque(range(len(items)))
+        self.workers: list[_Worker] = []
+        self.retired: list[_Worker] = []  # told to stop (nothing left for them); joined at the end
+        self.next_wid = 0
+        self.remaining = len(items)
+
+    def hand_out(self) -> None:
+        """Give pending items to idle workers, then to new ones up to ``jobs``; retire workers left idle."""
+        while self.pending:
+            idle = next((w for w in self.workers if w.index is None), None)
+            if idle is None and len(self.workers) < self.jobs:
+                self.next_wid += 1
+                idle = _Worker(self.ctx, self.fn, self.next_wid)
+                self.workers.append(idle)
+            if idle is None:
+                break
+            i = self.pending.popleft()
+            idle.index = i
+            if self.on_start is not None:
+                self.on_start(i, self.items[i], idle.wid)
+            try:
+                idle.conn.send((i, self.items[i]))
+            except OSError:
+                pass  # it died meanwhile: its sentinel reports the item below
+        for w in [w for w in self.workers if w.index is None]:  # nothing left for them
             w.stop()
-        for w in workers + retired:
+            self.workers.remove(w)
+            self.retired.append(w)
+
+    def reap(self) -> None:
+        """Wait for a message or a worker's death; take every message, report a dead worker's item failed."""
+        ready = wait([w.conn for w in self.workers] + [w.proc.sentinel for w in self.workers])
+        for w in list(self.workers):
+            if w.conn in ready:
+                self._drain(w)
+            if w.proc.sentinel in ready or not w.proc.is_alive():
+                w.proc.join(timeout=5)
+                self._drain(w)  # anything it sent before it died
+                if w.index is not None:
+                    code = w.proc.exitcode
+                    self._finish(w, Failed(error=f"worker process {w.proc.pid} died ({describe_exit(code)}) "
+                                                 f"while running this item", exitcode=code))
+                self.workers.remove(w)
+                w.conn.close()
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop()
+        for w in self.workers + self.retired:
             w.proc.join(timeout=30)
             if w.proc.is_alive():
                 w.proc.kill()
                 w.proc.join()
-    except BaseException:  # Ctrl-C (or a bug here): stop every worker before re-raising
-        _shutdown(workers + retired)
-        raise
-    return results
+
+    def _drain(self, w: _Worker) -> None:
+        try:
+            while w.conn.poll():
+                self._handle(w, w.conn.recv())
+        except (EOFError, OSError):
+            pass  # died; its sentinel says so
+
+    def _handle(self, w: _Worker, msg: tuple[str, int | None, Any]) -> None:
+        kind, index, payload = msg
+        if kind == "log":
+            if isinstance(payload, str):
+                self.log(payload)
+            elif self.on_message is not None and w.index is not None:
+                self.on_message(w.index, self.items[w.index], payload)
+        elif kind == "done":
+            self._finish(w, payload)
+        elif kind == "error":
+            self._finish(w, Failed(error=payload))
+
+    def _finish(self, w: _Worker, result: Any) -> None:
+        i = w.index
+        assert i is not None
+        w.index = None
+        self.results[i] = result
+        self.remaining -= 1
+        if self.on_done is not None:
+            self.on_done(i, self.items[i], result)
 
 
 def _shutdown(workers: list[_Worker]) -> None:
