@@ -7,6 +7,7 @@ import math
 
 import polars as pl
 
+from harness.metrics import Metric, board_metrics
 from leaderboard.formatting import fmt_ci, fmt_diff, fmt_num, fmt_si, kind_name, sig_text
 from leaderboard.runs import BASELINE, DENSE, router_order
 from leaderboard.stats import ALPHA, distinct_seeds, duplicate_counts, mean_ci
@@ -16,21 +17,20 @@ from leaderboard.verdicts import TARGET_EFFECT, Sample, Verdict, judge, resoluti
 
 
 def final_health(health: pl.DataFrame) -> pl.DataFrame:
-    """Per run, at its last evaluation step: dead experts (summed over layers), load entropy and
-    max/mean load (averaged over layers); plus StableMoE's last-change fluctuation (mean over layers)."""
-    names = ["dead_experts", "load_entropy", "max_over_mean_load"]
-    schema = {"run_id": pl.Utf8, "health_step": pl.Int64, "dead_experts": pl.Float64, "load_entropy": pl.Float64,
-              "max_over_mean_load": pl.Float64, "fluctuation_last_change": pl.Float64}
+    """Per run, at its last evaluation step, every declared routing-health column of the board
+    (``harness.metrics``, ``source="health"``: dead experts summed over layers, load entropy and max/mean load
+    averaged over layers, ...); plus StableMoE's last-change fluctuation (mean over layers)."""
+    declared = [m for m in board_metrics() if m.source == "health" and m.name != "fluctuation_last_change"]
+    names = [m.name for m in declared]
+    schema = {"run_id": pl.Utf8, "health_step": pl.Int64, **{n: pl.Float64 for n in names},
+              "fluctuation_last_change": pl.Float64}
     if health.height == 0:
         return empty(schema)
     h = health.filter(pl.col("name").is_in(names))
     last = h.group_by("run_id").agg(pl.col("step").max().alias("health_step"))
     h = h.join(last, on="run_id").filter(pl.col("step") == pl.col("health_step"))
-    agg = h.group_by("run_id", "health_step").agg(
-        pl.col("value").filter(pl.col("name") == "dead_experts").sum().alias("dead_experts"),
-        pl.col("value").filter(pl.col("name") == "load_entropy").mean().alias("load_entropy"),
-        pl.col("value").filter(pl.col("name") == "max_over_mean_load").mean().alias("max_over_mean_load"),
-    )
+    agg = h.group_by("run_id", "health_step").agg(*[
+        getattr(pl.col("value").filter(pl.col("name") == m.name), m.layers)().alias(m.name) for m in declared])
     fl = health.filter(pl.col("name") == "fluctuation_last_change").group_by("run_id").agg(
         pl.col("value").mean().alias("fluctuation_last_change"))
     out = agg.join(fl, on="run_id", how="full", coalesce=True)
@@ -39,7 +39,8 @@ def final_health(health: pl.DataFrame) -> pl.DataFrame:
 
 def per_run_table(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame, meta: SuiteMeta) -> pl.DataFrame:
     """One row per run: its identity, the suite's headline metrics, and final routing health."""
-    wanted = [meta.quality, meta.test, meta.throughput, "peak_mem_mb", "params_total", *meta.extra]
+    per_run = [m.name for m in board_metrics() if m.source == "metric"]
+    wanted = [meta.quality, meta.test, meta.throughput, *per_run, *meta.extra]
     m = metrics.filter(pl.col("name").is_in(wanted) & pl.col("run_id").is_in(runs["run_id"].to_list()))
     if m.height:
         wide = m.group_by("run_id", "name").agg(pl.col("value").last()).pivot(
@@ -54,20 +55,21 @@ def per_run_table(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFram
     return base.join(wide, on="run_id", how="left").join(final_health(health), on="run_id", how="left")
 
 
-OVERVIEW_SCHEMA = {
-    "rank": pl.Int64, "router": pl.Utf8, "n": pl.Int64,
-    "quality_mean": pl.Float64, "quality_ci": pl.Float64, "test_mean": pl.Float64, "test_ci": pl.Float64,
-    "extra_mean": pl.Float64, "extra_ci": pl.Float64,  # the suite's first extra metric (vision: val_top5)
-    "throughput": pl.Float64, "throughput_ci": pl.Float64, "vs_dense": pl.Float64, "vs_smoe": pl.Float64,
-    "peak_mem_mb": pl.Float64, "params": pl.Float64,
-    "dead_experts": pl.Float64, "load_entropy": pl.Float64, "max_over_mean_load": pl.Float64,
-    "fluctuation_last_change": pl.Float64,
-    "sig_label": pl.Utf8, "p_value": pl.Float64, "significance": pl.Utf8,
-    "test": pl.Utf8, "n_pairs": pl.Int64, "p_holm": pl.Float64, "diff": pl.Float64, "diff_ci": pl.Float64,
-    "p_wilcoxon": pl.Float64, "mde": pl.Float64, "n_needed": pl.Int64, "resolution": pl.Utf8,
-    "diverged": pl.Int64, "failed": pl.Int64, "running": pl.Int64, "duplicates": pl.Int64, "spec_hashes": pl.Int64,
-    "seeds": pl.Utf8,
-}
+def overview_schema() -> dict[str, pl.DataType]:
+    """The overview's columns (computed, so a metric declared later is a column too)."""
+    return {
+        "rank": pl.Int64, "router": pl.Utf8, "n": pl.Int64,
+        "quality_mean": pl.Float64, "quality_ci": pl.Float64, "test_mean": pl.Float64, "test_ci": pl.Float64,
+        "extra_mean": pl.Float64, "extra_ci": pl.Float64,  # the suite's first extra metric (vision: val_top5)
+        "throughput": pl.Float64, "throughput_ci": pl.Float64, "vs_dense": pl.Float64, "vs_smoe": pl.Float64,
+        **{m.key: pl.Float64 for m in board_metrics()},  # the declared per-router columns (harness.metrics)
+        "fluctuation_last_change": pl.Float64,
+        "sig_label": pl.Utf8, "p_value": pl.Float64, "significance": pl.Utf8,
+        "test": pl.Utf8, "n_pairs": pl.Int64, "p_holm": pl.Float64, "diff": pl.Float64, "diff_ci": pl.Float64,
+        "p_wilcoxon": pl.Float64, "mde": pl.Float64, "n_needed": pl.Int64, "resolution": pl.Utf8,
+        "diverged": pl.Int64, "failed": pl.Int64, "running": pl.Int64, "duplicates": pl.Int64,
+        "spec_hashes": pl.Int64, "seeds": pl.Utf8,
+    }
 
 
 def overview(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame, meta: SuiteMeta,
@@ -122,9 +124,7 @@ def overview(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame, me
             "extra_mean": x_mean, "extra_ci": x_ci, "throughput": tp_mean, "throughput_ci": tp_ci,
             "vs_dense": tp_mean / dense_tp if tp_mean is not None and dense_tp else None,
             "vs_smoe": tp_mean / base_tp if tp_mean is not None and base_tp else None,
-            "peak_mem_mb": mean(vals(r, "peak_mem_mb")), "params": mean(vals(r, "params_total")),
-            "dead_experts": mean(vals(r, "dead_experts")), "load_entropy": mean(vals(r, "load_entropy")),
-            "max_over_mean_load": mean(vals(r, "max_over_mean_load")),
+            **{m.key: mean(vals(r, m.name)) for m in board_metrics()},
             "fluctuation_last_change": mean(vals(r, "fluctuation_last_change")),
             "sig_label": label, **verdict_columns(label, v, meta),
             "diverged": c.get("diverged", 0), "failed": c.get("failed", 0), "running": c.get("running", 0),
@@ -132,14 +132,15 @@ def overview(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame, me
             "seeds": ",".join(str(s) for s in sorted(df["seed"].to_list())) if df.height else "",
         })
     if not rows:
-        return empty(OVERVIEW_SCHEMA)
-    out = pl.DataFrame(rows, schema={k: v for k, v in OVERVIEW_SCHEMA.items() if k != "rank"})
+        return empty(overview_schema())
+    schema = overview_schema()
+    out = pl.DataFrame(rows, schema={k: v for k, v in schema.items() if k != "rank"})
     out = out.sort("quality_mean", descending=meta.higher_better, nulls_last=True)
     out = out.with_columns(
         pl.when(pl.col("quality_mean").is_not_null())
         .then(pl.col("quality_mean").rank("min", descending=meta.higher_better))
         .otherwise(None).cast(pl.Int64).alias("rank"))
-    return out.select(list(OVERVIEW_SCHEMA))
+    return out.select(list(schema))
 
 
 def verdict_columns(label: str, v: Verdict | None, meta: SuiteMeta) -> dict[str, object]:
@@ -154,16 +155,17 @@ def verdict_columns(label: str, v: Verdict | None, meta: SuiteMeta) -> dict[str,
             "resolution": resolution(c, meta, "within noise" if label == "within noise" else "")}
 
 
-BEST_DIRECTION = {  # column -> True if higher is better
-    "throughput": True, "vs_dense": True, "vs_smoe": True, "peak_mem_mb": False,
-    "dead_experts": False, "load_entropy": True, "max_over_mean_load": False,
-}
+def best_direction() -> dict[str, bool]:
+    """Overview column -> True if higher is better: throughput and its ratios, then every declared column
+    with a direction (harness.metrics)."""
+    return {"throughput": True, "vs_dense": True, "vs_smoe": True,
+            **{m.key: m.higher_better for m in board_metrics() if m.higher_better is not None}}
 
 
 def best_rows(ov: pl.DataFrame, meta: SuiteMeta) -> dict[str, list[int]]:
     """Column -> row indices holding its best value (ties all count)."""
     direction = {"quality_mean": meta.higher_better, "test_mean": meta.higher_better,
-                 "extra_mean": meta.higher_better, **BEST_DIRECTION}
+                 "extra_mean": meta.higher_better, **best_direction()}
     out: dict[str, list[int]] = {}
     for col, higher in direction.items():
         if col not in ov.columns:
@@ -177,6 +179,15 @@ def best_rows(ov: pl.DataFrame, meta: SuiteMeta) -> dict[str, list[int]]:
         best = max(finite) if higher else min(finite)
         out[col] = [i for i, v in enumerate(vs) if v is not None and math.isclose(v, best, rel_tol=1e-12)]
     return out
+
+
+def fmt_metric(m: Metric, v: float | None) -> str:
+    """A declared metric's cell: its format spec, ``si`` (1.2k) or ``pct`` (x 100); ``—`` when missing."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    if m.fmt == "si":
+        return fmt_si(v)
+    return f"{v * 100 if m.percent else v:{'.1f' if m.percent else m.fmt}}"
 
 
 def test_cell(kind: str | None, n_pairs: int | None) -> str:
@@ -217,17 +228,12 @@ def display_overview(ov: pl.DataFrame, meta: SuiteMeta) -> pl.DataFrame:
             f"{unit}/s": fmt_si(r["throughput"]),
             "× dense": fmt_num(r["vs_dense"], 2, "×"),
             "× SMoE": fmt_num(r["vs_smoe"], 2, "×"),
-            "peak MB": fmt_num(r["peak_mem_mb"], 0),
-            "params": fmt_si(r["params"]),
-            "dead": fmt_num(r["dead_experts"], 1) if r["dead_experts"] is not None else "—",
-            "entropy": fmt_num(r["load_entropy"], 3),
-            "max/mean": fmt_num(r["max_over_mean_load"], 2),
+            **{m.board: fmt_metric(m, r[m.key]) for m in board_metrics()},
             "excluded": ", ".join(notes) if notes else "",
         })
     cols = ["#", "router", "n", meta.quality_header(), "vs SMoE", "Δ vs SMoE", "test", "resolution",
             meta.test_header(), *([meta.extra_header()] if meta.extra else []),
-            f"{unit}/s", "× dense", "× SMoE", "peak MB", "params", "dead", "entropy", "max/mean",
-            "excluded"]
+            f"{unit}/s", "× dense", "× SMoE", *[m.board for m in board_metrics()], "excluded"]
     if not rows:
         return pl.DataFrame(schema={c: (pl.Int64 if c == "n" else pl.Utf8) for c in cols})
     return pl.DataFrame(rows).select(cols)
@@ -238,8 +244,8 @@ def display_best_cells(ov: pl.DataFrame, meta: SuiteMeta) -> dict[str, list[int]
     best = best_rows(ov, meta)
     name = {"quality_mean": meta.quality_header(), "test_mean": meta.test_header(),
             **({"extra_mean": meta.extra_header()} if meta.extra else {}),
-            "throughput": f"{meta.unit}/s", "vs_dense": "× dense", "vs_smoe": "× SMoE", "peak_mem_mb": "peak MB",
-            "dead_experts": "dead", "load_entropy": "entropy", "max_over_mean_load": "max/mean"}
+            "throughput": f"{meta.unit}/s", "vs_dense": "× dense", "vs_smoe": "× SMoE",
+            **{m.key: m.board for m in board_metrics()}}
     return {name[k]: v for k, v in best.items() if k in name}
 
 
@@ -254,8 +260,10 @@ def to_latex(ov: pl.DataFrame, meta: SuiteMeta) -> str:
     arrow = r"$\uparrow$" if meta.higher_better else r"$\downarrow$"
     pct = r" (\%)" if meta.percent else ""
     test_name = meta.test_name + pct
-    lines = [r"\begin{tabular}{lrllrrr}", r"\toprule",
-             rf"Router & $n$ & {meta.label}{pct} {arrow} & {test_name} & {meta.unit}/s & $\times$ SMoE & load entropy \\",
+    paper = [m for m in board_metrics() if m.paper]
+    lines = [rf"\begin{{tabular}}{{lrllrr{'r' * len(paper)}}}", r"\toprule",
+             rf"Router & $n$ & {meta.label}{pct} {arrow} & {test_name} & {meta.unit}/s & $\times$ SMoE"
+             + "".join(f" & {m.label}" for m in paper) + r" \\",
              r"\midrule"]
     for i, r in enumerate(ov.iter_rows(named=True)):
         sig = {"better": r"$^\blacktriangle$", "worse": r"$^\blacktriangledown$"}.get(r["sig_label"], "")
@@ -265,7 +273,7 @@ def to_latex(ov: pl.DataFrame, meta: SuiteMeta) -> str:
             cell(i, "test_mean", fmt_ci(meta.shown(r["test_mean"]), meta.shown(r["test_ci"]))),
             cell(i, "throughput", fmt_si(r["throughput"])),
             cell(i, "vs_smoe", fmt_num(r["vs_smoe"], 2, "×")),
-            cell(i, "load_entropy", fmt_num(r["load_entropy"], 3)),
+            *[cell(i, m.key, fmt_metric(m, r[m.key])) for m in paper],
         ]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)

@@ -1,8 +1,13 @@
-"""What each suite measures: its headline metric, its test twin, which direction is better, its throughput."""
+"""What each suite measures: its headline metric, its test twin, which direction is better, its throughput.
+
+Directions, labels and percent scaling are the metric declarations' (``harness.metrics``); a suite here only
+names its metrics."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterable
+
+from harness import metrics as declared
 
 
 @dataclass(frozen=True)
@@ -45,10 +50,17 @@ class SuiteMeta:
         return None if v is None else v * (100.0 if self.percent else 1.0)
 
 
+def from_declarations(suite: str, quality: str, test: str, unit: str, extra: tuple[str, ...] = ()) -> SuiteMeta:
+    """A suite that names its metrics; direction, labels and percent come from their declarations."""
+    q, t = declared.get(quality), declared.get(test)
+    assert q is not None and t is not None and q.higher_better is not None, f"declare {quality} and {test}"
+    return SuiteMeta(suite, quality, test, q.higher_better, f"train_{unit}_per_s", unit, q.label, extra=extra,
+                     percent=q.percent, test_label=t.label)
+
+
 SUITES: dict[str, SuiteMeta] = {
-    "lm": SuiteMeta("lm", "val_bpb", "test_bpb", False, "train_tok_per_s", "tok", "val bpb", test_label="test bpb"),
-    "vision": SuiteMeta("vision", "val_top1", "test_top1", True, "train_img_per_s", "img", "val top-1",
-                        extra=("val_top5",), percent=True, test_label="test top-1"),
+    "lm": from_declarations("lm", "val_bpb", "test_bpb", "tok"),
+    "vision": from_declarations("vision", "val_top1", "test_top1", "img", extra=("val_top5",)),
 }
 
 
@@ -60,5 +72,7 @@ def suite_meta(suite: str, metric_names: Iterable[str] = ()) -> SuiteMeta:
     tput = next((n for n in names if n.startswith("train_") and n.endswith("_per_s")), "train_tok_per_s")
     unit = tput[len("train_"):-len("_per_s")] or "item"
     val = next((n for n in names if n.startswith("val_")), "val_loss")
-    lower = any(k in val for k in ("loss", "bpb", "ppl", "err", "bits"))
-    return SuiteMeta(suite, val, "test_" + val[4:], not lower, tput, unit, val.replace("_", " "))
+    higher = declared.higher_is_better(val)
+    if higher is None:  # not declared (a plugin suite's own metric): guessed from its name
+        higher = not any(k in val for k in ("loss", "bpb", "ppl", "err", "bits"))
+    return SuiteMeta(suite, val, "test_" + val[4:], higher, tput, unit, val.replace("_", " "))

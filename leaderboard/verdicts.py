@@ -24,6 +24,7 @@ from harness.spec import DataSpec, EvalSpec, ModelSpec, SpecError, TrainSpec, le
 from leaderboard.formatting import fmt_resolution
 from leaderboard.runs import BASELINE, parse_json, router_order
 from leaderboard.stats import ALPHA, N_MAX, Comparison, compare, distinct_seeds, holm, mean_ci
+from harness.metrics import higher_is_better as declared_direction
 from leaderboard.suites import SuiteMeta
 
 # The difference worth resolving that the "needs ≈ N seeds" clause is quoted for, in the metric's units:
@@ -160,9 +161,13 @@ def resolution(c: Comparison, meta: SuiteMeta, label: str = "") -> str:
 
 
 def higher_is_better(metric: str, meta: SuiteMeta) -> bool:
-    """The suite's direction for its own metrics; for another metric, guessed from its name."""
+    """The suite's direction for its own metrics; for another metric its declared direction
+    (harness.metrics), else guessed from its name."""
     if metric in (meta.quality, meta.test, *meta.extra):
         return meta.higher_better
+    declared = declared_direction(metric)
+    if declared is not None:
+        return declared
     if metric.endswith("_per_s"):
         return True
     return not any(k in metric for k in ("loss", "bpb", "ppl", "err", "bits", "mem", "_ms"))

@@ -22,19 +22,23 @@ leaderboard keep the readings apart. An unknown variant is an
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib
 import inspect
 import pkgutil
-from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable, TypeVar
 
+from ..catalog import Entry, Registry, did_you_mean, import_target
 from ..errors import UserError
 from .router import Router
 
 ENTRY_POINT_GROUP = "moe_harness.routers"
+# The built-in routers live in the top-level package ``baselines``, which sits ABOVE this module in the
+# layer contract (pyproject.toml [tool.importlinter]: baselines may import harness.routing, not the reverse).
+# They are therefore loaded the way a plugin is -- by name, at run time, on the first lookup -- and never
+# imported statically here: this constant and :func:`_load_builtins` are the one place that does it, on
+# purpose (import-linter checks static imports only; docs/architecture.md, "Layers").
 BUILTIN_PACKAGE = "baselines"  # every module in it is imported once, registering its router
 
 
@@ -47,16 +51,8 @@ class PluginLoadError(UserError, ImportError):
     pass
 
 
-@dataclass
-class _Entry:
-    name: str
-    origin: str                    # "built-in" or "package <dist> (<entry point value>)"
-    cls: type[Router] | None = None
-    target: str | None = None      # lazy "module:Class"
-    error: str | None = None
+_Entry = Entry  # origin: "built-in", "package <dist>" or "user"; obj: the class; target: lazy "module:Class"
 
-
-_REGISTRY: dict[str, _Entry] = {}
 _loaded_builtins = False
 _loaded_entry_points = False
 _current_origin = "user"
@@ -72,12 +68,12 @@ def register_router(name: str) -> Callable[[R], R]:
     def deco(cls: R) -> R:
         if not (isinstance(cls, type) and issubclass(cls, Router)):
             raise TypeError(f"@register_router({name!r}) must decorate a subclass of harness.routing.router.Router, got {cls!r}")
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing.cls is not None and existing.cls is not cls:
-            same_def = (existing.cls.__module__, existing.cls.__qualname__) == (cls.__module__, cls.__qualname__)
+        existing = ROUTERS.entries.get(name)
+        if existing is not None and existing.obj is not None and existing.obj is not cls:
+            same_def = (existing.obj.__module__, existing.obj.__qualname__) == (cls.__module__, cls.__qualname__)
             if not same_def:  # re-importing the same module (e.g. importlib.reload) is not a clash
                 raise ValueError(
-                    f"router name {name!r} is already registered by {existing.cls.__module__}.{existing.cls.__qualname__} "
+                    f"router name {name!r} is already registered by {existing.obj.__module__}.{existing.obj.__qualname__} "
                     f"({existing.origin}); pick another name"
                 )
         cls.router_name = name  # type: ignore[attr-defined]
@@ -87,7 +83,7 @@ def register_router(name: str) -> Callable[[R], R]:
             origin = "built-in"  # also when a baseline module is imported before the registry loads them
         else:
             origin = _current_origin
-        _REGISTRY[name] = _Entry(name=name, origin=origin, cls=cls)
+        ROUTERS.add(name, cls, origin)
         return cls
 
     return deco
@@ -95,7 +91,7 @@ def register_router(name: str) -> Callable[[R], R]:
 
 def unregister_router(name: str) -> None:
     """Remove a router (tests and interactive use)."""
-    _REGISTRY.pop(name, None)
+    ROUTERS.remove(name)
 
 
 def _load_builtins() -> None:
@@ -118,11 +114,11 @@ def _load_entry_points() -> None:
         return
     _loaded_entry_points = True
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY:
+        if ep.name in ROUTERS.entries:
             continue  # built-ins win; a plugin cannot silently shadow them
         dist = getattr(ep, "dist", None)
         dist_name = getattr(dist, "name", None) or "?"
-        _REGISTRY[ep.name] = _Entry(name=ep.name, origin=f"package {dist_name}", target=ep.value)
+        ROUTERS.add_lazy(ep.name, ep.value, origin=f"package {dist_name}")
 
 
 def refresh_entry_points() -> None:
@@ -132,24 +128,24 @@ def refresh_entry_points() -> None:
     _load_entry_points()
 
 
+ROUTERS: Registry[type[Router]] = Registry("router", error=UnknownRouterError,
+                                            loaders=(_load_builtins, _load_entry_points))
+_REGISTRY = ROUTERS.entries  # name -> Entry (kept under its old name)
+
+
 def _ensure_loaded() -> None:
     _load_builtins()
     _load_entry_points()
 
 
-def _resolve(entry: _Entry) -> type[Router]:
-    if entry.cls is not None:
-        return entry.cls
+def _resolve(entry: Entry) -> type[Router]:
+    if entry.obj is not None:
+        return entry.obj
     assert entry.target is not None
-    module_name, _, attr = entry.target.partition(":")
     global _current_origin
     prev, _current_origin = _current_origin, entry.origin
     try:
-        module = importlib.import_module(module_name)
-        obj: Any = module
-        for part in (attr or "").split("."):
-            if part:
-                obj = getattr(obj, part)
+        obj: Any = import_target(entry.target)
     except Exception as exc:  # noqa: BLE001 - any failure inside a plugin is reported, not raised raw
         entry.error = f"{type(exc).__name__}: {exc}"
         raise PluginLoadError(
@@ -164,14 +160,13 @@ def _resolve(entry: _Entry) -> type[Router]:
         raise PluginLoadError(f"router plugin {entry.name!r} ({entry.origin}): {entry.error}")
     obj.router_name = entry.name  # type: ignore[attr-defined]
     # the module may have used @register_router itself; keep the entry-point origin
-    _REGISTRY[entry.name] = _Entry(name=entry.name, origin=entry.origin, cls=obj, target=entry.target)
+    ROUTERS.add(entry.name, obj, entry.origin, target=entry.target)
     return obj
 
 
 def router_names() -> list[str]:
     """Registered routers (base names; their variants are in :func:`variant_names`)."""
-    _ensure_loaded()
-    return sorted(_REGISTRY)
+    return ROUTERS.names()
 
 
 VARIANT_SEP = "@"
@@ -264,20 +259,13 @@ def get_router(name: str) -> type[Router]:
         cls = get_router(base)
         known = sorted(getattr(cls, "variants", {}) or {})
         if variant not in known:
-            close = difflib.get_close_matches(variant, known, n=1, cutoff=0.5)
-            hint = f" Did you mean '{base}{VARIANT_SEP}{close[0]}'?" if close else ""
+            hint = did_you_mean(variant, known, quote=lambda v: f"'{base}{VARIANT_SEP}{v}'")
             raise UnknownRouterError(
                 f"unknown variant {variant!r} of router {base!r}.{hint} "
                 f"Known variants: {', '.join(known) if known else '(none)'}"
             )
         return _variant_class(cls, base, variant)
-    entry = _REGISTRY.get(name)
-    if entry is None:
-        known = sorted(_REGISTRY)
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UnknownRouterError(f"unknown router {name!r}.{hint} Known routers: {', '.join(known)}")
-    return _resolve(entry)
+    return _resolve(ROUTERS.entry(name))
 
 
 def create_router(name: str, d_model: int, num_experts: int, top_k: int, **hparams: Any) -> Router:

@@ -8,6 +8,7 @@ import pandas as pd
 import polars as pl
 import streamlit as st
 
+from harness.metrics import board_metrics
 from leaderboard.overview import display_best_cells, display_overview, overview, per_run_table, to_latex
 from leaderboard.runs import status_counts
 from leaderboard.stats import distinct_seeds, pareto_mask
@@ -73,12 +74,7 @@ def overview_tab(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame
             "× dense": st.column_config.TextColumn("× dense", help="throughput relative to the dense baseline"),
             "× SMoE": st.column_config.TextColumn(
                 "× SMoE", help="throughput relative to SMoE (<1× = routing overhead over SMoE)"),
-            "peak MB": st.column_config.TextColumn("peak MB", help="peak memory during training"),
-            "dead": st.column_config.TextColumn(
-                "dead", help="experts with no routed token at the final evaluation, summed over layers"),
-            "entropy": st.column_config.TextColumn(
-                "entropy", help="expert-load entropy / log E at the final evaluation (1 = uniform)"),
-            "max/mean": st.column_config.TextColumn("max/mean", help="busiest expert's load ÷ mean"),
+            **{m.board: st.column_config.TextColumn(m.board, help=m.help) for m in board_metrics()},
             "excluded": st.column_config.TextColumn(
                 "excluded", help="this router's runs left out of the statistics (diverged / failed / unfinished; "
                                  "duplicates: re-runs of a finished spec and seed, of which only the latest counts); "
