@@ -25,9 +25,8 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-from .layers.kernels import DEFAULT_IMPL, EXPERTS_IMPLS
-from .layers.null_experts import NULL_EXPERT_KEYS, pinned_mix
-from .routing.losses import BALANCE_SCOPES
+from .layers.config import ConfigError, MoEConfig
+from .layers.kernels import DEFAULT_IMPL
 from .routing.registry import get_router, router_defaults, split_router_name
 
 
@@ -315,13 +314,11 @@ def _normalise_budgets(spec: SuiteSpec) -> SuiteSpec:
 def _check_semantics(spec: SuiteSpec, where: str) -> None:
 
     m = spec.model
-    if not 1 <= m.top_k <= m.num_experts:
-        raise SpecError(f"{where}: model.top_k={m.top_k} must be between 1 and model.num_experts={m.num_experts}")
     if m.n_heads > 0 and m.d_model % m.n_heads:
         raise SpecError(f"{where}: model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
     for key, val in (("model.d_model", m.d_model), ("model.n_layers", m.n_layers), ("model.d_ff", m.d_ff),
                      ("train.steps", spec.train.steps),
-                     ("train.batch_size", spec.train.batch_size), ("model.moe_every", m.moe_every)):
+                     ("train.batch_size", spec.train.batch_size)):
         if val <= 0:
             raise SpecError(f"{where}: {key}={val} must be positive")
     t, d, e = spec.train, spec.data, spec.eval
@@ -333,8 +330,6 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
         ("model.capacity_factor", m.capacity_factor, 0.0, None, True),
         ("model.img_size", m.img_size, 1, None, False), ("model.patch_size", m.patch_size, 1, None, False),
         ("model.num_classes", m.num_classes, 1, None, False),
-        ("model.shared_experts", m.shared_experts, 0, None, False),
-        ("model.balance_window", m.balance_window, 0, None, False),
         ("model.moe_last", m.moe_last, 0, m.n_layers, False),
         ("train.lr", t.lr, 0.0, None, True), ("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0, False),
         ("train.warmup_steps", t.warmup_steps, 0, None, False), ("train.weight_decay", t.weight_decay, 0.0, None, False),
@@ -357,9 +352,6 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
             raise SpecError(f"{where}: seed {s} must be between 0 and {2**32 - 1}")
     if len(set(spec.seeds)) != len(spec.seeds):
         raise SpecError(f"{where}: seeds {list(spec.seeds)} list a seed twice; each seed is one sample")
-    if m.shared_experts and m.expert_parallel:
-        raise SpecError(f"{where}: model.shared_experts={m.shared_experts} with model.expert_parallel=true is not "
-                        f"supported (the expert-parallel layer does not carry shared experts); set one of them off")
     if len(set(spec.routers)) != len(spec.routers):
         raise SpecError(f"{where}: routers {list(spec.routers)} list a router twice")
     if not spec.routers:
@@ -367,13 +359,7 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
     _check_tokens(spec, where)
     if spec.train.dtype not in ("float32", "bfloat16"):
         raise SpecError(f"{where}: train.dtype={spec.train.dtype!r} must be float32 or bfloat16")
-    if m.balance_scope not in BALANCE_SCOPES:
-        raise SpecError(f"{where}: model.balance_scope={m.balance_scope!r} must be one of {', '.join(BALANCE_SCOPES)}")
-    if m.balance_window and m.balance_scope != "global":
-        raise SpecError(f"{where}: model.balance_window={m.balance_window} needs model.balance_scope=global")
-    _check_null_experts(spec, where)
-    if m.experts_impl not in EXPERTS_IMPLS:
-        raise SpecError(f"{where}: model.experts_impl={m.experts_impl!r} must be one of {', '.join(EXPERTS_IMPLS)}")
+    _check_moe_config(spec, where)
     _check_schedule(spec.train, where)
     if spec.train.device not in ("auto", "cpu", "cuda"):
         raise SpecError(f"{where}: train.device={spec.train.device!r} must be auto, cpu or cuda")
@@ -383,23 +369,15 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
         get_router(name)
 
 
-def _check_null_experts(spec: SuiteSpec, where: str) -> None:
-    """model.zero_experts / copy_experts / constant_experts (issue 31, MoE++): integers >= 0; not for a router that
-    pins its own (moepp); no expert parallelism with any null expert (the expert-parallel layer lacks them)."""
-    m = spec.model
-    for key in NULL_EXPERT_KEYS:
-        val = getattr(m, key)
-        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-            raise SpecError(f"{where}: model.{key}={val!r} must be an integer >= 0")
-    keys_set = [f"model.{k}={getattr(m, k)}" for k in NULL_EXPERT_KEYS if getattr(m, k)]
+def _check_moe_config(spec: SuiteSpec, where: str) -> None:
+    """The model's FFN rules (top_k, moe_every, shared / null experts, expert parallelism, balance scope, the
+    expert kernel) are :class:`harness.layers.config.MoEConfig`'s: checked there, for each router of the suite."""
     for name in spec.routers:
-        pinned = pinned_mix(get_router(name))
-        if pinned is not None and keys_set:
-            raise SpecError(f"{where}: router {name!r} pins its null experts ({pinned.describe()}); "
-                            f"{', '.join(keys_set)} is for the other routers (run {name} in a spec without it)")
-        if m.expert_parallel and (pinned is not None or keys_set):
-            raise SpecError(f"{where}: zero-computation experts ({', '.join(keys_set) or name}) with "
-                            f"model.expert_parallel=true are not supported; set one of them off")
+        try:
+            MoEConfig.from_spec({"router": name, "model": dataclasses.asdict(spec.model),
+                                 "router_args": {}})
+        except ConfigError as exc:
+            raise SpecError(f"{where}: {exc}") from None
 
 
 def _check_tokens(spec: SuiteSpec, where: str) -> None:

@@ -2,5 +2,6 @@
 
 ``ffn`` activation and init rule · ``experts`` the expert bank · ``moe_layer`` the MoE layer as named
 steps (route -> permute -> run_experts -> combine) · ``dense`` the equal-FLOP dense FFN ·
-``expert_parallel`` experts sharded over ranks · ``build`` ``build_ffn`` · ``moe`` all public names.
+``expert_parallel`` experts sharded over ranks · ``config`` ``MoEConfig`` (the FFN side of a model, its rules) ·
+``build`` ``build_ffn`` · ``moe`` all public names.
 """

@@ -174,8 +174,10 @@ class ExpertParallelMoELayer(MoELayer):
     def from_layer(cls, layer: MoELayer, group: Any = None) -> "ExpertParallelMoELayer":
         """The expert-parallel twin of ``layer``: same router (shared), this rank's slice of its experts."""
         bank = layer.experts
-        return cls(bank.d_model, bank.d_ff, layer.router, capacity_factor=layer.capacity_factor,
+        twin = cls(bank.d_model, bank.d_ff, layer.router, capacity_factor=layer.capacity_factor,
                    activation=bank.activation, experts=bank, group=group)
+        twin.set_balance_scope(layer.balance_scope, layer.global_balance.window)  # the layer's config, carried
+        return twin
 
     # -- dispatch: slots of this rank's tokens -> owning ranks -> back -----------------------
     def run_experts(self, d: Dispatch) -> Tensor:

@@ -152,6 +152,23 @@ class MoELayer(nn.Module):
         # its window: model.balance_window, or the router's pinned ``balance_window``
         self.global_balance = GlobalBalance(router.num_experts, int(getattr(router, "balance_window", 0) or 0))
 
+    @classmethod
+    def from_config(cls, config: Any, d_model: int, d_ff: int, router: Router,
+                    null_experts: NullMix | None = None) -> "MoELayer":
+        """The layer of a :class:`harness.layers.config.MoEConfig` (``build_ffn``'s door): its capacity factor,
+        activation, shared experts, kernel and balance scope; ``router`` built over the FFN + null experts."""
+        layer = cls(d_model, d_ff, router, capacity_factor=config.capacity_factor, activation=config.activation,
+                    shared_experts=config.shared_experts, experts_impl=config.experts_impl,
+                    null_experts=null_experts if null_experts is not None and null_experts.total else None)
+        layer.set_balance_scope(config.balance_scope, config.balance_window)
+        return layer
+
+    def set_balance_scope(self, scope: str, window: int = 0) -> None:
+        """``model.balance_scope`` / ``balance_window`` on this layer, unless its router pins its own."""
+        if not getattr(self.router, "balance_scope", None):
+            self.balance_scope = scope
+            self.global_balance.set_window(window)
+
     def capacity(self, num_tokens: int) -> int | None:
         if self.capacity_factor is None:
             return None
@@ -325,6 +342,5 @@ def set_balance_scope(model: nn.Module, scope: str, window: int = 0) -> None:
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise ValueError(f"balance_window must be an integer >= 0, got {window!r}")
     for m in model.modules():
-        if isinstance(m, MoELayer) and not getattr(m.router, "balance_scope", None):  # a pinned router keeps its own
-            m.balance_scope = scope
-            m.global_balance.set_window(window)
+        if isinstance(m, MoELayer):
+            m.set_balance_scope(scope, window)  # a pinned router keeps its own

@@ -4,7 +4,7 @@ Pre-LN blocks, causal attention through ``scaled_dot_product_attention``,
 learned positions, tied input/output embeddings (nanoGPT's shape). Every
 ``moe_every``-th block (counting from the last one) uses the router; the others use
 the dense equal-FLOP FFN, so "MoE in every other block" matches the CompeteSMoE
-large setting; ``moe_last`` keeps MoE to the last blocks only (``harness.layers.build.is_moe_block``).
+large setting; ``moe_last`` keeps MoE to the last blocks only (``harness.layers.config.MoEConfig.is_moe_block``).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.kernels import DEFAULT_IMPL
-from ..layers.moe import build_ffn, is_moe_block
+from ..layers.build import build_ffn
+from ..layers.config import MoEConfig
 from ..layers.streams import base_seed
 from ..routing.registry import get_router
 from ..routing.router import RouteContext, Routing
@@ -52,32 +52,30 @@ class Block(nn.Module):
 
 
 class MoEDecoderLM(nn.Module):
-    """``logits, routings = model(idx, step=s, total_steps=n)``; routings has one entry per MoE block."""
+    """``logits, routings = model(idx, step=s, total_steps=n)``; routings has one entry per MoE block.
 
-    def __init__(
-        self,
-        router: str,
-        vocab_size: int = 256,
-        d_model: int = 64,
-        n_layers: int = 2,
-        n_heads: int = 4,
-        d_ff: int = 128,
-        num_experts: int = 8,
-        top_k: int = 2,
-        moe_every: int = 1,
-        moe_last: int = 0,
-        context: int = 128,
-        dropout: float = 0.0,
-        capacity_factor: float | None = None,
-        activation: str = "gelu",
-        router_kwargs: dict[str, Any] | None = None,
-        shared_experts: int = 0,
-        experts_impl: str = DEFAULT_IMPL,
-        zero_experts: int = 0,
-        copy_experts: int = 0,
-        constant_experts: int = 0,
-    ) -> None:
+    ``MoEDecoderLM(moe, vocab_size=..., d_model=..., n_layers=..., n_heads=..., context=..., dropout=...)``
+    with ``moe`` the :class:`~harness.layers.config.MoEConfig` of its FFNs (``build_lm`` builds it from the
+    spec), or the keyword form ``MoEDecoderLM("smoe", d_ff=128, num_experts=8, top_k=2, ...)`` whose FFN
+    keywords (``build_ffn``'s: d_ff, num_experts, top_k, moe_every, moe_last, capacity_factor, activation,
+    router_kwargs, shared_experts, experts_impl, zero/copy/constant_experts) make that config.
+    """
+
+    def __init__(self, moe: str | MoEConfig, vocab_size: int = 256, d_model: int = 64, n_layers: int = 2,
+                 n_heads: int = 4, context: int = 128, dropout: float = 0.0, **ffn: Any) -> None:
         super().__init__()
+        if isinstance(moe, MoEConfig):
+            if ffn:
+                raise TypeError(f"MoEDecoderLM(config, ...): {', '.join(sorted(ffn))} belong in the MoEConfig")
+            config = moe
+        else:
+            config = MoEConfig(router=moe, **{"d_ff": 128, **ffn})
+        # a router that reads token ids through a table (hash's map, StableMoE's distilled embedding) declares a
+        # vocab_size hyper-parameter: it gets the model's vocabulary unless the spec sets it (the default 256 is
+        # the byte tokenizer's, so byte models build exactly as before)
+        if "vocab_size" in get_router(config.router).hparam_names() and "vocab_size" not in config.router_kwargs:
+            config = config.replace(router_kwargs={**config.router_kwargs, "vocab_size": vocab_size})
+        self.moe_config = config
         seed = base_seed()  # every FFN (and its router) draws from its own stream: harness.layers.streams
         self.context = context
         self.vocab_size = vocab_size
@@ -85,19 +83,9 @@ class MoEDecoderLM(nn.Module):
         self.pos_emb = nn.Embedding(context, d_model)
         self.drop = nn.Dropout(dropout)
         blocks = []
-        # a router that reads token ids through a table (hash's map, StableMoE's distilled embedding) declares a
-        # vocab_size hyper-parameter: it gets the model's vocabulary unless the spec sets it (the default 256 is
-        # the byte tokenizer's, so byte models build exactly as before)
-        if "vocab_size" in get_router(router).hparam_names() and "vocab_size" not in (router_kwargs or {}):
-            router_kwargs = {**(router_kwargs or {}), "vocab_size": vocab_size}
         for i in range(n_layers):
-            is_moe = is_moe_block(i, n_layers, moe_every, moe_last)
-            name = router if is_moe else "dense"
-            ffn = build_ffn(name, d_model, d_ff, num_experts, top_k, router_kwargs if is_moe else None,
-                            capacity_factor=capacity_factor, activation=activation, shared_experts=shared_experts,
-                            experts_impl=experts_impl, init_stream=(seed, f"blocks.{i}.ffn"), zero_experts=zero_experts,
-                            copy_experts=copy_experts, constant_experts=constant_experts)
-            blocks.append(Block(d_model, n_heads, ffn, dropout))
+            ffn_module = build_ffn(config.for_block(i, n_layers), d_model, init_stream=(seed, f"blocks.{i}.ffn"))
+            blocks.append(Block(d_model, n_heads, ffn_module, dropout))
         self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)

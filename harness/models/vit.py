@@ -48,7 +48,7 @@ patch a token, in order, and works; patch dropout (``patch_drop_rate > 0``) does
 and is a ValueError for a layer that reads patches.
 
 Which blocks route: ``moe_every`` and ``moe_last`` as in the LM
-(:func:`harness.layers.build.is_moe_block`) -- block i (0-based, of ``depth``) is MoE when
+(:meth:`harness.layers.config.MoEConfig.is_moe_block`) -- block i (0-based, of ``depth``) is MoE when
 ``(depth - 1 - i) % moe_every == 0``, so the last block always routes, and, with ``moe_last`` > 0,
 when it is one of the last ``moe_last`` blocks (MoGE's ViT-MoGE-S/16: ``moe_last=2`` of 8);
 the others get the equal-active-FLOP dense FFN (width ``d_ff * top_k``).
@@ -78,8 +78,8 @@ from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ..layers.kernels import DEFAULT_IMPL
-from ..layers.moe import build_ffn, is_moe_block
+from ..layers.build import build_ffn
+from ..layers.config import MOE_CONFIG_KEYS, MoEConfig
 from ..layers.streams import base_seed
 from ..routing.registry import get_router
 from ..routing.router import RouteContext, Router, Routing
@@ -200,46 +200,29 @@ class MoEVisionTransformer(VisionTransformer):
     """timm ViT with harness FFNs. ``logits, routings = model(x, step=s, total_steps=n)``.
 
     Harness arguments (the rest go to timm's ``VisionTransformer``):
-      router:          registered router name (``dense`` for the dense baseline).
-      num_experts, top_k, capacity_factor, activation: as in ``harness.layers.moe.build_ffn``.
-      d_ff:            width of one expert (default: timm's ``embed_dim * mlp_ratio``).
-      moe_every:       MoE in every block (1) or every other block (2), counted from the last.
-      moe_last:        MoE only in the last ``moe_last`` blocks (0: no limit), MoGE's "Last2".
-      router_kwargs:   the router's hyper-parameters (unknown keys are errors).
-      shared_experts:  always-on experts of width d_ff per MoE layer (``harness.layers.moe.MoELayer``); dense: d_ff*(k+N).
-      experts_impl:    the expert kernel (``harness.layers.kernels``); ``loop`` is the bit-identical default.
-      zero_experts, copy_experts, constant_experts: MoE++'s zero-computation experts per MoE layer, beside the
-                       ``num_experts`` FFN experts (``harness.layers.null_experts``; default 0: none).
+      moe:             the :class:`~harness.layers.config.MoEConfig` of its FFNs (``build_vit`` passes the run's),
+                       or, without it, the keyword form:
+      router:          registered router name (``dense`` for the dense baseline), and the config's other fields
+                       as keywords: num_experts, top_k, d_ff (width of one expert; default timm's
+                       ``embed_dim * mlp_ratio``), moe_every, moe_last, capacity_factor, activation, router_kwargs,
+                       shared_experts, experts_impl, zero_experts, copy_experts, constant_experts, balance_scope,
+                       balance_window (``harness.layers.config``).
     """
 
-    def __init__(
-        self,
-        router: str = "smoe",
-        num_experts: int = 8,
-        top_k: int = 2,
-        d_ff: int | None = None,
-        moe_every: int = 1,
-        moe_last: int = 0,
-        capacity_factor: float | None = None,
-        activation: str = "gelu",
-        router_kwargs: dict[str, Any] | None = None,
-        shared_experts: int = 0,
-        experts_impl: str = DEFAULT_IMPL,
-        zero_experts: int = 0,
-        copy_experts: int = 0,
-        constant_experts: int = 0,
-        depth: int = 12,
-        **vit_kwargs: Any,
-    ) -> None:
+    def __init__(self, router: str = "smoe", moe: MoEConfig | None = None, depth: int = 12, **kwargs: Any) -> None:
+        ffn_keys = MOE_CONFIG_KEYS & set(kwargs)
+        if moe is not None and (ffn_keys or router != "smoe"):
+            raise TypeError(f"MoEVisionTransformer(moe=config): {', '.join(sorted(ffn_keys)) or 'router'} belong "
+                            f"in the MoEConfig")
+        config = moe if moe is not None else MoEConfig(router=router, **{k: kwargs.pop(k) for k in ffn_keys})
+        vit_kwargs = {k: v for k, v in kwargs.items() if k not in MOE_CONFIG_KEYS}
         for key in ("mlp_layer", "block_fn"):
             if key in vit_kwargs:
                 raise TypeError(f"MoEVisionTransformer sets {key} itself (harness FFNs); do not pass it")
         if vit_kwargs.get("fix_init"):
             raise ValueError("fix_init rescales mlp.fc2, which harness FFNs do not have")
-        if moe_every < 1:
-            raise ValueError(f"moe_every must be >= 1, got {moe_every}")
-        router_cls = get_router(router)
-        k = effective_top_k(router_cls, top_k)
+        router_cls = get_router(config.router)
+        config = config.replace(top_k=effective_top_k(router_cls, config.top_k))
         scope = _RoutingScope()
         built: list[HarnessMlp] = []
         seed = base_seed()  # every FFN (and its router) draws from its own stream: harness.layers.streams
@@ -247,20 +230,13 @@ class MoEVisionTransformer(VisionTransformer):
         def mlp_layer(in_features: int, hidden_features: int | None = None, drop: float = 0.0, **_: Any) -> HarnessMlp:
             # called by timm once per block, in block order, after the patch embedding exists
             i = len(built)
-            is_moe = is_moe_block(i, depth, moe_every, moe_last)
-            width = d_ff or hidden_features or 4 * in_features
-            kwargs = dict(router_kwargs or {}) if is_moe else None
-            hparams = router_cls.hparam_names()
-            if kwargs is not None and "vocab_size" in hparams and "vocab_size" not in kwargs:
-                kwargs["vocab_size"] = self.patch_embed.num_patches + self.num_prefix_tokens
-            if kwargs is not None and "patch_dim" in hparams and "patch_dim" not in kwargs:
-                ph, pw = self.patch_embed.patch_size
-                kwargs["patch_dim"] = vit_kwargs.get("in_chans", 3) * ph * pw  # timm's in_chans default: 3
-            ffn = build_ffn(router if is_moe else "dense", in_features, width, num_experts, k, kwargs,
-                            capacity_factor=capacity_factor, activation=activation, shared_experts=shared_experts,
-                            experts_impl=experts_impl, init_stream=(seed, f"blocks.{i}.mlp"), zero_experts=zero_experts,
-                            copy_experts=copy_experts, constant_experts=constant_experts)
+            block = config.for_block(i, depth)
+            width = config.d_ff or hidden_features or 4 * in_features
+            ffn = build_ffn(self._with_table_sizes(block, router_cls, vit_kwargs), in_features, width,
+                            init_stream=(seed, f"blocks.{i}.mlp"))
             # a router declaring patch_dim reads ctx.patches unless it says otherwise (StableMoE's position reading)
+            is_moe = block is config
+            hparams = router_cls.hparam_names()
             reads = is_moe and bool(getattr(getattr(ffn, "router", None), "reads_patches", "patch_dim" in hparams))
             built.append(HarnessMlp(ffn, i, scope, drop, reads_patches=reads))
             return built[-1]
@@ -270,10 +246,26 @@ class MoEVisionTransformer(VisionTransformer):
         scope.num_prefix_tokens = self.num_prefix_tokens
         scope.dynamic_img_pad = bool(getattr(self.patch_embed, "dynamic_img_pad", False))
         self._scope = scope
-        self.router_name = router
-        self.num_experts, self.top_k, self.moe_every, self.moe_last = num_experts, k, moe_every, moe_last
+        self.moe_config = config
+        self.router_name = config.router
+        self.num_experts, self.top_k = config.num_experts, config.top_k
+        self.moe_every, self.moe_last = config.moe_every, config.moe_last
 
-    # -- harness interface (same as MoEDecoderLM) ----------------------------------------
+    def _with_table_sizes(self, block: MoEConfig, router_cls: type[Router], vit_kwargs: dict[str, Any]) -> MoEConfig:
+        """A routing block's config with the router's ``vocab_size`` (the sequence length) and ``patch_dim``
+        (pixels per patch) filled in from the patch embedding, unless the spec sets them."""
+        if block.is_dense:
+            return block
+        kwargs = dict(block.router_kwargs)
+        hparams = router_cls.hparam_names()
+        if "vocab_size" in hparams and "vocab_size" not in kwargs:
+            kwargs["vocab_size"] = self.patch_embed.num_patches + self.num_prefix_tokens
+        if "patch_dim" in hparams and "patch_dim" not in kwargs:
+            ph, pw = self.patch_embed.patch_size
+            kwargs["patch_dim"] = vit_kwargs.get("in_chans", 3) * ph * pw  # timm's in_chans default: 3
+        return block.replace(router_kwargs=kwargs)
+
+    # -- harness interface (the MoEModel protocol, as MoEDecoderLM) ------------------------------
     def harness_mlps(self) -> list[HarnessMlp]:
         return [b.mlp for b in self.blocks if isinstance(b.mlp, HarnessMlp)]
 

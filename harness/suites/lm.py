@@ -23,25 +23,17 @@ from torch import Tensor, nn
 
 from ..data.text import DataError, TextCorpus, get_batch, iter_eval_batches
 from ..data.tokens import load_lm_corpus, lm_vocab_size
-from ..layers.kernels import DEFAULT_IMPL
-from ..layers.null_experts import NULL_EXPERT_KEYS
+from ..layers.config import MoEConfig
 from ..models.lm import MoEDecoderLM
 from ..spec import RunSpec
 
 
 def build_lm(spec: dict | RunSpec) -> MoEDecoderLM:
-    """The model of a run, from a RunSpec or its stored ``to_dict()``."""
+    """The model of a run, from a RunSpec or its stored ``to_dict()``: its FFNs from one ``MoEConfig``."""
     d = spec.to_dict() if isinstance(spec, RunSpec) else spec
     m = d["model"]
-    return MoEDecoderLM(
-        router=d["router"], vocab_size=lm_vocab_size(d.get("data") or {}), d_model=m["d_model"], n_layers=m["n_layers"], n_heads=m["n_heads"],
-        d_ff=m["d_ff"], num_experts=m["num_experts"], top_k=m["top_k"], moe_every=m["moe_every"],
-        moe_last=m.get("moe_last", 0), context=m["context"], dropout=m["dropout"], capacity_factor=m["capacity_factor"],
-        activation=m["activation"], router_kwargs=d.get("router_args") or {},
-        shared_experts=m.get("shared_experts", 0),  # absent in runs stored before issue 18
-        experts_impl=m.get("experts_impl", DEFAULT_IMPL),  # absent in runs stored before issue 17
-        **{k: m.get(k, 0) for k in NULL_EXPERT_KEYS},  # MoE++ null experts (issue 31); absent before it
-    )
+    return MoEDecoderLM(MoEConfig.from_spec(d), vocab_size=lm_vocab_size(d.get("data") or {}), d_model=m["d_model"],
+                        n_layers=m["n_layers"], n_heads=m["n_heads"], context=m["context"], dropout=m["dropout"])
 
 
 class LMSuite:

@@ -46,8 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.vision import VisionData, image_transform, load_vision, normalize_uint8
-from ..layers.kernels import DEFAULT_IMPL
-from ..layers.null_experts import NULL_EXPERT_KEYS
+from ..layers.config import MoEConfig
 from ..spec import RunSpec, SpecError
 
 MIXUP = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)
@@ -63,15 +62,9 @@ def build_vit(spec: dict | RunSpec) -> nn.Module:
     m = d["model"]
     try:
         return timm.create_model(
-            m["arch"], router=d["router"], embed_dim=m["d_model"], depth=m["n_layers"], num_heads=m["n_heads"],
-            d_ff=m["d_ff"], num_experts=m["num_experts"], top_k=m["top_k"], moe_every=m["moe_every"],
-            moe_last=m.get("moe_last", 0),
-            capacity_factor=m["capacity_factor"], activation=m["activation"], img_size=m["img_size"],
-            patch_size=m["patch_size"], num_classes=m["num_classes"], attn_drop_rate=m["dropout"],
-            proj_drop_rate=m["dropout"], pos_drop_rate=m["dropout"], router_kwargs=d.get("router_args") or {},
-            shared_experts=m.get("shared_experts", 0),  # absent in runs stored before issue 18
-            experts_impl=m.get("experts_impl", DEFAULT_IMPL),  # absent in runs stored before issue 17
-            **{k: m.get(k, 0) for k in NULL_EXPERT_KEYS},  # MoE++ null experts (issue 31); absent before it
+            m["arch"], moe=MoEConfig.from_spec(d), embed_dim=m["d_model"], depth=m["n_layers"],
+            num_heads=m["n_heads"], img_size=m["img_size"], patch_size=m["patch_size"], num_classes=m["num_classes"],
+            attn_drop_rate=m["dropout"], proj_drop_rate=m["dropout"], pos_drop_rate=m["dropout"],
         )
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
