@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..layers.kernels import DEFAULT_IMPL
-from .candidates import (DENSE, NAIVE, REFERENCE, LayerConfig, Inputs, build_candidates, impl_label, ref_label,
+from .candidates import (DENSE, NAIVE, REFERENCE, Candidate, Inputs, LayerConfig, build_candidates, impl_label, ref_label,
                          resolve_routers)
 from .memory import measure_memory
 from .steps import (GemmRoofline, router_forward_time, router_step_time, run_phased, run_plain, verify_impl,
@@ -72,20 +72,7 @@ def run_layer_bench(cfg: LayerConfig, routers: Sequence[str] | None = None, *, n
     gws = {k: torch.randn(cfg.tokens, k, generator=torch.Generator().manual_seed(cfg.seed + 3)).to(device)
            for k in {c.top_k for c in cands}}
 
-    for c in cands:
-        if c.variant == "compete" and c.router_module is not None:
-            with torch.no_grad():
-                c.cached_all = c.module.all_expert_outputs(inp.x.detach())
-            c.cached_all.requires_grad_()
-        if phases and c.kind == "naive":  # an independent implementation of the layer: it must agree with it
-            why = verify_naive(c, inp)
-            if why is not None:
-                log(f"bench: WARNING naive loop disagrees with the smoe layer: {why}")
-        if c.kind == "moe" and c.experts_impl != DEFAULT_IMPL:  # another kernel: the same function
-            why = verify_impl(c, inp)
-            if why is not None:
-                log(f"bench: WARNING {c.label} disagrees with the {DEFAULT_IMPL} kernel: {why}")
-
+    _prepare(cands, inp, phases, log)
     roof = GemmRoofline(cfg.tokens * cfg.top_k, cfg.d_model, cfg.d_ff, cfg.torch_dtype, device, cfg.seed)
     roof_times: list[float] = []
     load0 = loadavg()
@@ -100,39 +87,9 @@ def run_layer_bench(cfg: LayerConfig, routers: Sequence[str] | None = None, *, n
             t_round = time.perf_counter()
             order = cands[r % n:] + cands[:r % n]
             keep = r >= warmup
-            for c in order:
-                t = run_plain(c, inp, clock)
-                if keep:
-                    results[c.label].samples.setdefault("fwd_bwd", []).append(t)
-            t = roof.time(clock)  # in the same round as the candidates: the roofline of this round
+            t = _round(order, inp, clock, roof, gws, results, keep, phases, router_inner)
             if keep:
                 roof_times.append(t)
-            for c in order:  # the router alone (fwd+bwd), for the router-resolved overhead
-                if c.kind != "moe":
-                    continue
-                t = router_step_time(c.router_module, inp.x, inp.token_ids, clock, schedule=c.schedule,
-                                     grad_weights=gws[c.top_k], one=inp.one, cached_all=c.cached_all,
-                                     inner=router_inner)
-                if keep:
-                    results[c.label].samples.setdefault("router_fwd_bwd", []).append(t)
-            if phases:
-                for c in order:
-                    if not results[c.label].phases_ok:
-                        continue
-                    ph = run_phased(c, inp, clock)
-                    share = 0.0
-                    if c.router_module is not None and c.aux_gates:
-                        t_with = router_forward_time(c.router_module, c, inp, clock, router_inner)
-                        t_without = router_forward_time(c.router_noaux, c, inp, clock, router_inner)
-                        share = min(max((t_with - t_without) / t_with, 0.0), 1.0) if t_with > 0 else 0.0
-                    moved = ph["router"] * share
-                    ph["router"] -= moved
-                    ph["aux_loss"] += moved
-                    if keep:
-                        res = results[c.label].samples
-                        for p in (*PHASES, "total"):
-                            res.setdefault("phase_" + p if p != "total" else "phased_total", []).append(ph[p])
-                        res.setdefault("aux_share", []).append(share)
             gc.collect()
             log(f"bench: round {r + 1}/{warmup + repeats}{' (warm-up)' if not keep else ''} "
                 f"{time.perf_counter() - t_round:.1f}s")
@@ -145,6 +102,66 @@ def run_layer_bench(cfg: LayerConfig, routers: Sequence[str] | None = None, *, n
     summarise_layer(bench)
     return bench
 
+
+
+def _prepare(cands: list[Candidate], inp: Inputs, phases: bool, log: Log) -> None:
+    """Cached all-expert outputs for competition variants; the naive loop and other kernels checked against the
+    layer before anything is timed."""
+    for c in cands:
+        if c.variant == "compete" and c.router_module is not None:
+            with torch.no_grad():
+                c.cached_all = c.module.all_expert_outputs(inp.x.detach())
+            c.cached_all.requires_grad_()
+        if phases and c.kind == "naive":  # an independent implementation of the layer: it must agree with it
+            why = verify_naive(c, inp)
+            if why is not None:
+                log(f"bench: WARNING naive loop disagrees with the smoe layer: {why}")
+        if c.kind == "moe" and c.experts_impl != DEFAULT_IMPL:  # another kernel: the same function
+            why = verify_impl(c, inp)
+            if why is not None:
+                log(f"bench: WARNING {c.label} disagrees with the {DEFAULT_IMPL} kernel: {why}")
+
+
+def _round(order: list[Candidate], inp: Inputs, clock: Clock, roof: GemmRoofline, gws: dict[int, torch.Tensor],
+           results: dict[str, CandidateResult], keep: bool, phases: bool, router_inner: int) -> float:
+    """One timed round in ``order``: every candidate's fwd+bwd, the roofline (returned), the routers alone and,
+    with ``phases``, the phased run; samples recorded when ``keep`` (not a warm-up round)."""
+    for c in order:
+        t = run_plain(c, inp, clock)
+        if keep:
+            results[c.label].samples.setdefault("fwd_bwd", []).append(t)
+    t_roof = roof.time(clock)  # in the same round as the candidates: the roofline of this round
+    for c in order:  # the router alone (fwd+bwd), for the router-resolved overhead
+        if c.kind != "moe":
+            continue
+        t = router_step_time(c.router_module, inp.x, inp.token_ids, clock, schedule=c.schedule,
+                             grad_weights=gws[c.top_k], one=inp.one, cached_all=c.cached_all,
+                             inner=router_inner)
+        if keep:
+            results[c.label].samples.setdefault("router_fwd_bwd", []).append(t)
+    if phases:
+        for c in order:
+            if results[c.label].phases_ok:
+                _phased(c, inp, clock, results[c.label].samples, keep, router_inner)
+    return t_roof
+
+
+def _phased(c: Candidate, inp: Inputs, clock: Clock, res: dict[str, list[float]], keep: bool,
+            router_inner: int) -> None:
+    """One phased run of ``c``; the aux-loss share of the router's time moved to the aux_loss phase."""
+    ph = run_phased(c, inp, clock)
+    share = 0.0
+    if c.router_module is not None and c.aux_gates:
+        t_with = router_forward_time(c.router_module, c, inp, clock, router_inner)
+        t_without = router_forward_time(c.router_noaux, c, inp, clock, router_inner)
+        share = min(max((t_with - t_without) / t_with, 0.0), 1.0) if t_with > 0 else 0.0
+    moved = ph["router"] * share
+    ph["router"] -= moved
+    ph["aux_loss"] += moved
+    if keep:
+        for p in (*PHASES, "total"):
+            res.setdefault("phase_" + p if p != "total" else "phased_total", []).append(ph[p])
+        res.setdefault("aux_share", []).append(share)
 
 def _phase_stats(s: dict[str, list[float]]) -> dict[str, Stat]:
     """Phase figures that add up: the median instrumented total split by each phase's median share.

@@ -205,52 +205,13 @@ def _build(dest: Path, source: _Source, tok: Tokenizer, caps: dict[str, int | No
     tmp.mkdir(parents=True)
     dtype = token_dtype(tok.vocab_size)
     counts = _empty_counts()
-    read = [0]  # characters of text encoded (a cap cuts the last batch: more than the tokens kept stand for)
     t0 = time.perf_counter()
     outs = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115 - closed in finally
     bar = tqdm(total=source.total, unit="B", unit_scale=True, desc=f"tokenising {source.name}", leave=False,
                disable=not _show(progress), dynamic_ncols=True)
     try:
-        def full(s: str) -> bool:
-            return caps[s] is not None and counts[s]["tokens"] >= caps[s]
-
-        def flush(batch: list[tuple[str, str]]) -> None:
-            for (s, text), ids in zip(batch, tok.encode_batch([t for _, t in batch])):
-                c, cap = counts[s], caps[s]
-                room = len(ids) if cap is None else cap - c["tokens"]
-                if room <= 0:
-                    continue
-                partial = room < len(ids)
-                ids = ids[:room]
-                raw = (tok.decode(ids.tolist()) if partial else text).encode("utf-8")
-                outs[s].write(np.asarray(ids, dtype=dtype).tobytes())
-                c["tokens"] += len(ids)
-                c["docs"] += 1
-                table = int(tok.byte_lengths[np.asarray(ids, dtype=np.int64)].sum())
-                c["table_bytes"] += table
-                c["text_bytes"] += table if partial else len(raw)  # a cut document: the bytes its kept ids stand for
-                arr = np.frombuffer(raw, dtype=np.uint8)
-                c["words"] += count_words(arr)
-                c["lines"] += int(np.count_nonzero(arr == 10))
-            bar.update(sum(len(t) for _, t in batch))
-
-        batch: list[tuple[str, str]] = []
-        size = 0
-        pending = {sp: 0 for sp in SPLITS}
-        for s, text in source.pieces(full):
-            batch.append((s, text))
-            size += len(text)
-            pending[s] += len(text)
-            # a capped split is flushed once its pending text could fill what is left of it (a token is at
-            # least one character), so a cap stops the reading within about one piece of text
-            near_cap = caps[s] is not None and pending[s] >= max(caps[s] - counts[s]["tokens"], 1 << 16)
-            if size >= _BATCH_BYTES or len(batch) >= 4096 or near_cap:
-                flush(batch)
-                read[0] += size
-                batch, size, pending = [], 0, {sp: 0 for sp in SPLITS}
-        if batch:
-            flush(batch)
-            read[0] += size
+        writer = _SplitWriter(tok, caps, counts, outs, dtype, bar)
+        read = _encode_all(source, writer)
         for f in outs.values():
             f.close()
         for s in SPLITS:  # before anything is kept: an empty split is the user's data, not a cache to reuse
@@ -261,14 +222,9 @@ def _build(dest: Path, source: _Source, tok: Tokenizer, caps: dict[str, int | No
         seconds = time.perf_counter() - t0
         meta = {**meta_extra, "source": source.describe, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
                 "dtype": dtype.name, "caps": caps, "counts": counts, "build_seconds": round(seconds, 3),
-                "text_chars_encoded": read[0]}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        try:
-            os.replace(tmp, dest)
-        except OSError:  # another process finished the same cache first: theirs is identical
-            if not (dest / "meta.json").is_file():
-                raise
-        mb = read[0] / 1e6
+                "text_chars_encoded": read}
+        _publish(tmp, dest, meta)
+        mb = read / 1e6
         print(f"token cache: {source.name} x {tok.name}: {sum(c['tokens'] for c in counts.values()):,} tokens kept, "
               f"{mb:.2f} M characters encoded in {seconds:.1f}s ({seconds / max(mb, 1e-9):.2f} s per M) -> {dest}",
               file=sys.stderr, flush=True)
@@ -277,6 +233,74 @@ def _build(dest: Path, source: _Source, tok: Tokenizer, caps: dict[str, int | No
         for f in outs.values():
             f.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _SplitWriter:
+    """Encoded documents appended to their split's file, each split stopped at its cap; counts kept."""
+
+    def __init__(self, tok: Tokenizer, caps: dict[str, int | None], counts: dict[str, dict[str, int]],
+                 outs: dict[str, Any], dtype: np.dtype, bar: Any) -> None:
+        self.tok, self.caps, self.counts, self.outs, self.dtype, self.bar = tok, caps, counts, outs, dtype, bar
+
+    def full(self, s: str) -> bool:
+        return self.caps[s] is not None and self.counts[s]["tokens"] >= self.caps[s]
+
+    def flush(self, batch: list[tuple[str, str]]) -> None:
+        tok = self.tok
+        for (s, text), ids in zip(batch, tok.encode_batch([t for _, t in batch])):
+            c, cap = self.counts[s], self.caps[s]
+            room = len(ids) if cap is None else cap - c["tokens"]
+            if room <= 0:
+                continue
+            partial = room < len(ids)
+            ids = ids[:room]
+            raw = (tok.decode(ids.tolist()) if partial else text).encode("utf-8")
+            self.outs[s].write(np.asarray(ids, dtype=self.dtype).tobytes())
+            c["tokens"] += len(ids)
+            c["docs"] += 1
+            table = int(tok.byte_lengths[np.asarray(ids, dtype=np.int64)].sum())
+            c["table_bytes"] += table
+            c["text_bytes"] += table if partial else len(raw)  # a cut document: the bytes its kept ids stand for
+            arr = np.frombuffer(raw, dtype=np.uint8)
+            c["words"] += count_words(arr)
+            c["lines"] += int(np.count_nonzero(arr == 10))
+        self.bar.update(sum(len(t) for _, t in batch))
+
+
+def _encode_all(source: _Source, writer: _SplitWriter) -> int:
+    """Read the source's pieces in batches through ``writer``; the characters of text encoded (a cap cuts the
+    last batch: more than the tokens kept stand for)."""
+    caps, counts = writer.caps, writer.counts
+    read = 0
+    batch: list[tuple[str, str]] = []
+    size = 0
+    pending = {sp: 0 for sp in SPLITS}
+    for s, text in source.pieces(writer.full):
+        batch.append((s, text))
+        size += len(text)
+        pending[s] += len(text)
+        # a capped split is flushed once its pending text could fill what is left of it (a token is at
+        # least one character), so a cap stops the reading within about one piece of text
+        near_cap = caps[s] is not None and pending[s] >= max(caps[s] - counts[s]["tokens"], 1 << 16)
+        if size >= _BATCH_BYTES or len(batch) >= 4096 or near_cap:
+            writer.flush(batch)
+            read += size
+            batch, size, pending = [], 0, {sp: 0 for sp in SPLITS}
+    if batch:
+        writer.flush(batch)
+        read += size
+    return read
+
+
+def _publish(tmp: Path, dest: Path, meta: dict[str, Any]) -> None:
+    """``meta.json`` written last, then the directory renamed into place (atomic; a concurrent builder's
+    identical cache may win)."""
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process finished the same cache first: theirs is identical
+        if not (dest / "meta.json").is_file():
+            raise
 
 
 def _open(dest: Path, parts: Mapping[str, Any]) -> dict[str, Any] | None:
