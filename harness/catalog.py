@@ -1,4 +1,5 @@
-"""One small registry type for everything the harness looks up by name: routers, suites, metrics.
+"""One small registry type for everything the harness looks up by name: routers, suites, metrics, expert
+kernels, the leaderboard's suite descriptions.
 
     ROUTERS = Registry("router", error=UnknownRouterError, loaders=(load_builtins, load_entry_points))
     ROUTERS.add("smoe", SMoERouter, origin="built-in")           # an object now
@@ -14,9 +15,9 @@
   exception class is the owner's (``UnknownRouterError``, ``SpecError``, ...), a ``UserError`` so the CLI
   prints it as one line and exits 2.
 
-Used by ``harness.routing.registry`` (routers), ``harness.suites`` (suite adapters) and
-``harness.metrics`` (metric declarations). The expert-kernel table (``harness.layers.kernels``) is not on it
-yet.
+Used by ``harness.routing.registry`` (routers), ``harness.suites`` (suite adapters), ``harness.metrics``
+(metric declarations), ``harness.layers.kernels`` (``KERNELS``: the expert kernels; ``EXPERTS_IMPLS`` is
+``auto`` + its names in order) and ``leaderboard.suites`` (``SUITES``: what each suite's board shows).
 """
 from __future__ import annotations
 
@@ -96,6 +97,23 @@ class Registry(Generic[T]):
         if e.obj is None and e.target is not None:
             e.obj = import_target(e.target)
         return e.obj  # type: ignore[return-value]
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def values(self) -> list[T]:
+        """Every object, in the order they were added (lazy entries imported)."""
+        self.ensure_loaded()
+        return [self.get(n) for n in list(self.entries)]
+
+    def items(self) -> list[tuple[str, T]]:
+        self.ensure_loaded()
+        return [(n, self.get(n)) for n in list(self.entries)]
+
+    def in_order(self) -> tuple[str, ...]:
+        """The names in the order they were added (``names()`` is sorted)."""
+        self.ensure_loaded()
+        return tuple(self.entries)
 
     def unknown_message(self, name: str, known: list[str] | None = None) -> str:
         known = sorted(self.entries) if known is None else known

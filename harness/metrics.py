@@ -11,7 +11,8 @@ What reads the declarations (rather than keeping its own copy):
   values, the per-router means, the column header, the cell format, the help text, the best-cell marks and
   the LaTeX export (``paper=True``); the CSV export is the displayed table, so it follows;
 * verdicts on another metric (``harness compare --metric``, ``claims --along``): :func:`higher_is_better`;
-* ``harness regress``'s health rules name a direction that must agree with the declaration (a test checks it).
+* ``harness regress``'s rules (``tools/regress/gate.RULES``) take the direction a change fails in from here;
+* undeclared names (lm-eval tasks' metrics, a plugin suite's): :func:`direction`, the one guessing rule.
 
 **Adding a leaderboard column is one declaration** with a ``board`` header, e.g. the routing fluctuation::
 
@@ -74,6 +75,22 @@ def higher_is_better(name: str) -> bool | None:
     """The declared direction of ``name``; None when undeclared or without a direction."""
     m = get(name)
     return None if m is None else m.higher_better
+
+
+# names whose metric is lower-better, for metrics nobody declared (lm-eval tasks' own metrics, a plugin suite's)
+LOWER_BETTER_HINTS = ("ppl", "perplexity", "bpb", "bits", "loss", "error", "err")
+
+
+def direction(name: str) -> bool | None:
+    """Whether higher is better: the declaration's direction when ``name`` is declared (None: it has none),
+    else the one rule for undeclared names: lower-better if it contains one of :data:`LOWER_BETTER_HINTS`."""
+    m = get(name)
+    return m.higher_better if m is not None else guess_higher_better(name)
+
+
+def guess_higher_better(name: str) -> bool:
+    """The one guess for a name nobody declared: lower-better if it contains one of :data:`LOWER_BETTER_HINTS`."""
+    return not any(h in name.lower() for h in LOWER_BETTER_HINTS)
 
 
 def board_metrics() -> list[Metric]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from harness import metrics as declared
+from harness.catalog import Registry
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,10 @@ def from_declarations(suite: str, quality: str, test: str, unit: str, extra: tup
                      percent=q.percent, test_label=t.label)
 
 
-SUITES: dict[str, SuiteMeta] = {
-    "lm": from_declarations("lm", "val_bpb", "test_bpb", "tok"),
-    "vision": from_declarations("vision", "val_top1", "test_top1", "img", extra=("val_top5",)),
-}
+# the one registry type (harness.catalog): SUITES["lm"], "lm" in SUITES, SUITES.values()
+SUITES: Registry[SuiteMeta] = Registry("suite")
+SUITES.add("lm", from_declarations("lm", "val_bpb", "test_bpb", "tok"))
+SUITES.add("vision", from_declarations("vision", "val_top1", "test_top1", "img", extra=("val_top5",)))
 
 
 def suite_meta(suite: str, metric_names: Iterable[str] = ()) -> SuiteMeta:
@@ -73,6 +74,6 @@ def suite_meta(suite: str, metric_names: Iterable[str] = ()) -> SuiteMeta:
     unit = tput[len("train_"):-len("_per_s")] or "item"
     val = next((n for n in names if n.startswith("val_")), "val_loss")
     higher = declared.higher_is_better(val)
-    if higher is None:  # not declared (a plugin suite's own metric): guessed from its name
-        higher = not any(k in val for k in ("loss", "bpb", "ppl", "err", "bits"))
+    if higher is None:  # not declared (a plugin suite's own metric): the one guess from its name (harness.metrics)
+        higher = declared.guess_higher_better(val)
     return SuiteMeta(suite, val, "test_" + val[4:], higher, tput, unit, val.replace("_", " "))

@@ -8,6 +8,7 @@ from typing import Any, Iterable
 
 import polars as pl
 
+from harness import metrics as declared
 from leaderboard.formatting import fmt_ci, fmt_perf
 from leaderboard.runs import parse_json, router_order, sort_by_router
 from leaderboard.stats import distinct_seeds, mean_ci
@@ -48,9 +49,6 @@ def health_over_training(health: pl.DataFrame, runs: pl.DataFrame, name: str) ->
     return _bands(h.group_by("router", "run_id", "step").agg(pl.col("value").mean()))
 
 
-LOWER_BETTER_HINTS = ("ppl", "perplexity", "bpb", "bits", "loss", "error", "err")
-
-
 def lmeval_table(metrics: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
     """Long table of lm-eval results per router: task, metric, mean over seeds with 95% CI (n >= 2)
     or the harness' own stderr (n == 1)."""
@@ -71,7 +69,7 @@ def lmeval_table(metrics: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
         se = g["stderr"].drop_nulls()
         rows.append({"router": router, "task": task, "metric": metric, "mean": mean, "ci": ci,
                      "stderr": float(se.mean()) if se.len() and n == 1 else None, "n": n,
-                     "higher_better": not any(h in metric.lower() for h in LOWER_BETTER_HINTS)})
+                     "higher_better": declared.direction(metric) is not False})
     return sort_by_router(pl.DataFrame(rows, schema=schema), "router", "task", "metric")
 
 

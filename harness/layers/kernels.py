@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..catalog import Registry
 from . import fused_experts
 from .segment_mlp import SUPPORTED_ACTIVATIONS, segment_mlp
 
@@ -50,7 +51,8 @@ from .segment_mlp import SUPPORTED_ACTIVATIONS, segment_mlp
 # b2 [E, d], act, num_experts, d_model, d_ff); not imported here: experts.py imports this module.
 Bank = nn.Module
 
-EXPERTS_IMPLS = ("auto", "loop", "loop_recompute", "fused", "padded_bmm", "grouped_mm")
+KERNELS: Registry[Callable[..., Tensor]] = Registry("expert kernel", error=ValueError)  # filled below the kernels
+EXPERTS_IMPLS: tuple[str, ...]  # ("auto", *KERNELS in order), set once the kernels are registered (below)
 DEFAULT_IMPL = "loop"  # bit-identical to the per-expert loop the goldens were trained with
 
 Counts = Tensor | list[int]
@@ -245,10 +247,11 @@ def run_fused(bank: Bank, x_sorted: Tensor, counts: Counts, source: Source = Non
 
 
 # Every kernel takes ``(bank, x_sorted, counts, source=None)``; ``source`` is used by loop_recompute and fused.
-KERNELS: dict[str, Callable[..., Tensor]] = {
-    "loop": run_loop, "loop_recompute": run_loop_recompute, "fused": run_fused, "padded_bmm": run_padded_bmm,
-    "grouped_mm": run_grouped_mm,
-}
+# The order of addition is the order ``model.experts_impl`` lists them in (``EXPERTS_IMPLS``, after ``auto``).
+for _name, _fn in (("loop", run_loop), ("loop_recompute", run_loop_recompute), ("fused", run_fused),
+                   ("padded_bmm", run_padded_bmm), ("grouped_mm", run_grouped_mm)):
+    KERNELS.add(_name, _fn)
+EXPERTS_IMPLS = ("auto", *KERNELS.in_order())  # "auto" picks one of KERNELS per call (:func:`resolve`)
 
 
 def run(impl: str, bank: Bank, x_sorted: Tensor, counts: Counts, source: Source = None) -> Tensor:

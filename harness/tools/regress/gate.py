@@ -29,6 +29,7 @@ from typing import Any
 import polars as pl
 import torch
 
+from ... import metrics as declared
 from ...errors import UserError
 from ...store import machine_info, package_versions
 from .quality import QUALITY_METRIC
@@ -50,12 +51,23 @@ class Rule:
     cross_rel: float       # ... plus this share of |golden|
 
 
-RULES: dict[str, Rule] = {
-    QUALITY_METRIC:       Rule("higher", 0.01, 0.0, 2.0, 0.02, 0.0),
-    "load_entropy":       Rule("lower", 0.02, 0.0, 3.0, 0.02, 0.0),
-    "max_over_mean_load": Rule("higher", 0.0, 0.10, 3.0, 0.0, 0.05),
-    "dead_experts":       Rule("higher", 0.5, 0.0, 3.0, 0.0, 0.0),
-    "weight_sum":         Rule("both", 0.02, 0.0, 3.0, 0.01, 0.0),
+def worse_direction(metric: str) -> str:
+    """Which way a change of ``metric`` fails: against its declared direction (``harness.metrics``); "both" for a
+    metric declared without one or not declared (``weight_sum``: a router's combine-weight mass, neither way)."""
+    higher = declared.higher_is_better(metric)
+    return "both" if higher is None else ("lower" if higher else "higher")
+
+
+def _rule(metric: str, floor: float, rel_floor: float, spread: float, cross_abs: float, cross_rel: float) -> Rule:
+    return Rule(worse_direction(metric), floor, rel_floor, spread, cross_abs, cross_rel)
+
+
+RULES: dict[str, Rule] = {  # metric: (floor, rel_floor, spread, cross_abs, cross_rel); the direction is declared
+    QUALITY_METRIC:       _rule(QUALITY_METRIC, 0.01, 0.0, 2.0, 0.02, 0.0),
+    "load_entropy":       _rule("load_entropy", 0.02, 0.0, 3.0, 0.02, 0.0),
+    "max_over_mean_load": _rule("max_over_mean_load", 0.0, 0.10, 3.0, 0.0, 0.05),
+    "dead_experts":       _rule("dead_experts", 0.5, 0.0, 3.0, 0.0, 0.0),
+    "weight_sum":         _rule("weight_sum", 0.02, 0.0, 3.0, 0.01, 0.0),
 }
 SIGNATURE_RULE = Rule("both", 1e-6, 0.25, 3.0, 0.0, 0.10)  # sig:aux/* and sig:stat/*
 
