@@ -153,6 +153,7 @@ def check_router(name: str) -> None:
     check_fp32_routing(name)
     check_empty_batch(name)
     check_model_keeps_router_init(name)
+    check_moe_model(name)
 
 
 def check_layer_counts(name: str, layer: Any, routing: Routing) -> None:
@@ -259,3 +260,46 @@ def check_model_keeps_router_init(name: str) -> None:
                     f"{name}: the {label} model re-initialised router parameter {pname!r} after the router built it"
     finally:
         unregister_router(probe_name)
+
+
+def _models(name: str, k: int, n_layers: int = 1, moe_every: int = 1) -> list[tuple[str, Any, Any]]:
+    """(label, model, inputs) of both models with ``name``'s FFNs (the ViT where timm is installed)."""
+    out = [("LM", lm_model.MoEDecoderLM(name, vocab_size=256, d_model=D_MODEL, n_layers=n_layers, n_heads=2, d_ff=D_FF,
+                                        num_experts=NUM_EXPERTS, top_k=k, moe_every=moe_every, context=8),
+            torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3)))]
+    try:
+        from .models.vit import MoEVisionTransformer
+    except ImportError:  # timm missing: the LM check still runs
+        return out
+    out.append(("ViT", MoEVisionTransformer(router=name, num_experts=NUM_EXPERTS, top_k=k, d_ff=D_FF, depth=n_layers,
+                                            moe_every=moe_every, img_size=8, patch_size=4, embed_dim=D_MODEL,
+                                            num_heads=2, num_classes=3),
+                torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))))
+    return out
+
+
+def check_moe_model(name: str) -> None:
+    """Both models keep the :class:`harness.models.base.MoEModel` contract with this router: ``moe_layers()`` are
+    the MoE layers of the blocks ``moe_config.is_moe_block`` names (none for dense), ``forward(x, step, total)``
+    returns the output and one Routing per MoE layer, ``on_step`` reaches every one of their routers."""
+    from .models.base import MoEModel
+
+    torch.manual_seed(21)
+    for label, model, inputs in _models(name, pick_top_k(name), n_layers=2, moe_every=2):
+        assert isinstance(model, MoEModel), f"{name}: the {label} model does not keep the MoEModel protocol"
+        layers = model.moe_layers()
+        want = 0 if get_router(name).is_dense else sum(model.moe_config.is_moe_block(i, 2) for i in range(2))
+        assert len(layers) == want and all(isinstance(m, MoELayer) for m in layers), \
+            f"{name}: the {label} model's moe_layers() are {len(layers)}, its config routes {want} blocks"
+        seen: list[tuple[int, int]] = []
+        for layer in layers:
+            layer.router.on_step = lambda step, total, _seen=seen: _seen.append((step, total))  # type: ignore[method-assign]
+        model.on_step(5, 10)
+        assert seen == [(5, 10)] * len(layers), f"{name}: the {label} model's on_step reached {seen}"
+        for layer in layers:
+            del layer.router.on_step  # the class's again
+        model.train()
+        out, routings = model(inputs, step=5, total_steps=10)
+        assert torch.is_tensor(out) and torch.isfinite(out).all(), f"{name}: the {label} model's output"
+        assert len(routings) == len(layers) and all(isinstance(r, Routing) for r in routings), \
+            f"{name}: the {label} model returned {len(routings)} routings for {len(layers)} MoE layers"

@@ -129,8 +129,7 @@ def _load_spec(args: argparse.Namespace, point: Point | None):  # noqa: ANN202 -
     if args.no_eval:
 
         spec = replace(spec, eval=replace(spec.eval, enabled=False))
-    if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
-
+    if get_adapter(spec.suite).lm_eval and spec.eval.enabled and spec.eval.tasks:
         check_tasks(spec.eval.tasks, "eval.tasks")  # now, not after hours of pretraining
     return spec
 
@@ -217,15 +216,13 @@ def _cmd_run(args: argparse.Namespace, grid: list, dctx, ddp: bool) -> int:  # n
 def _run_point(args: argparse.Namespace, spec, store: Store, runs_dir: Path, jobs: int) -> list:  # noqa: ANN001
     """The runs of one spec (with --precision: rounds of seeds until the CI is narrow enough)."""
     after = None
-    if spec.suite == "lm" and spec.eval.enabled and spec.eval.tasks:
-
-
+    adapter = get_adapter(spec.suite)
+    if adapter.lm_eval and spec.eval.enabled and spec.eval.tasks:
         # a partial, not a closure: it can be pickled, so --jobs workers evaluate their own runs
         after = functools.partial(eval_after_pretraining, store=store, runs_dir=runs_dir)
 
-    if args.quiet and spec.suite == "lm" and not distributed.current().distributed:
-        # a first run tokenises the corpus into its cache (harness.data.tokens): without a bar under --quiet
-        get_adapter(spec.suite).prepare(spec.runs()[0], progress=False)
+    if args.quiet and not distributed.current().distributed:
+        adapter.warm_cache(spec.runs()[0])  # the LM's token cache, without a bar under --quiet
     results = []
 
     def one_round(s) -> bool:  # noqa: ANN001 - a SuiteSpec

@@ -16,9 +16,11 @@ from torch import Tensor, nn
 
 from ..layers.build import build_ffn
 from ..layers.config import MoEConfig
+from ..layers.moe_layer import MoELayer
 from ..layers.streams import base_seed
 from ..routing.registry import get_router
 from ..routing.router import RouteContext, Routing
+from .base import routing_layers, step_routers
 
 
 class CausalSelfAttention(nn.Module):
@@ -96,9 +98,10 @@ class MoEDecoderLM(nn.Module):
         for emb in (self.tok_emb, self.pos_emb):
             nn.init.normal_(emb.weight, std=0.02)
 
-    def moe_layers(self) -> list[nn.Module]:
-        """FFNs that route (dense baseline blocks excluded)."""
-        return [b.ffn for b in self.blocks if hasattr(b.ffn, "experts")]
+    # -- the MoEModel protocol (harness.models.base) -------------------------------------------------
+    def moe_layers(self) -> list[MoELayer]:
+        """FFNs that route, in block order (dense baseline blocks excluded)."""
+        return routing_layers(b.ffn for b in self.blocks)
 
     def forward(self, idx: Tensor, step: int = 0, total_steps: int = 1) -> tuple[Tensor, list[Routing]]:
         B, L = idx.shape
@@ -122,5 +125,4 @@ class MoEDecoderLM(nn.Module):
         return self.head(self.ln_f(x)), routings
 
     def on_step(self, step: int, total_steps: int) -> None:
-        for layer in self.moe_layers():
-            layer.router.on_step(step, total_steps)
+        step_routers(self, step, total_steps)

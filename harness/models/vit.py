@@ -80,9 +80,11 @@ from torch import Tensor, nn
 
 from ..layers.build import build_ffn
 from ..layers.config import MOE_CONFIG_KEYS, MoEConfig
+from ..layers.moe_layer import MoELayer
 from ..layers.streams import base_seed
 from ..routing.registry import get_router
 from ..routing.router import RouteContext, Router, Routing
+from .base import routing_layers, step_routers
 
 __all__ = ["MoEVisionTransformer", "HarnessMlp", "effective_top_k", "vit_moe_tiny_patch4_32",
            "vit_moe_small_patch16_224", "VIT_MODELS"]
@@ -182,7 +184,7 @@ class HarnessMlp(nn.Module):
 
     @property
     def is_moe(self) -> bool:
-        return hasattr(self.ffn, "experts")
+        return isinstance(self.ffn, MoELayer)
 
     def forward(self, x: Tensor) -> Tensor:
         scope = self._scope
@@ -269,13 +271,12 @@ class MoEVisionTransformer(VisionTransformer):
     def harness_mlps(self) -> list[HarnessMlp]:
         return [b.mlp for b in self.blocks if isinstance(b.mlp, HarnessMlp)]
 
-    def moe_layers(self) -> list[nn.Module]:
-        """FFNs that route (dense baseline blocks excluded)."""
-        return [m.ffn for m in self.harness_mlps() if m.is_moe]
+    def moe_layers(self) -> list[MoELayer]:
+        """FFNs that route, in block order (dense baseline blocks excluded)."""
+        return routing_layers(m.ffn for m in self.harness_mlps())
 
     def on_step(self, step: int, total_steps: int) -> None:
-        for layer in self.moe_layers():
-            layer.router.on_step(step, total_steps)
+        step_routers(self, step, total_steps)
 
     def forward(self, x: Tensor, step: int = 0, total_steps: int = 1, **kwargs: Any) -> tuple[Tensor, list[Routing]]:
         self._scope.begin(step, total_steps, x)  # the images: ctx.patches is unfolded from them

@@ -40,6 +40,7 @@ class LMSuite:
     name = "lm"
     unit = "tok"
     primary_metric = "val_bpb"
+    lm_eval = True  # eval.tasks run through lm-eval after pretraining (harness.lmeval)
 
     def __init__(self) -> None:
         self._corpus: TextCorpus | None = None
@@ -64,6 +65,10 @@ class LMSuite:
                 raise DataError(f"{corpus.name}: the {split} split has {n} tokens, fewer than model.context+1 = "
                                 f"{need}; give more text (or a larger data.max_tokens) or a shorter model.context")
         return corpus
+
+    def warm_cache(self, run: RunSpec) -> None:
+        """A first run tokenises the corpus into its cache (harness.data.tokens): here, without a bar."""
+        self.prepare(run, progress=False)
 
     def build_model(self, run: RunSpec) -> nn.Module:
         return build_lm(run)

@@ -149,6 +149,7 @@ class VisionSuite:
     name = "vision"
     unit = "img"
     primary_metric = "val_top1"
+    lm_eval = False  # image classifiers: no lm-eval tasks
 
     def __init__(self) -> None:
         self._data: VisionData | None = None
@@ -183,6 +184,9 @@ class VisionSuite:
         self._loader, self._loader_key, self._next_step = None, None, -1
 
     # -- adapter interface -------------------------------------------------------------------
+    def warm_cache(self, run: RunSpec) -> None:
+        """Nothing to build ahead: the dataset is read (and validated) by the runner's preflight."""
+
     def build_model(self, run: RunSpec) -> nn.Module:
         self.prepare(run)
         return build_vit(run)
