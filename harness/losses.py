@@ -1,6 +1,13 @@
-"""Kept importable for plugins: ``harness.losses`` *is* :mod:`harness.routing.losses` (same module object)."""
-import sys
+"""Kept importable for plugins: the names of :mod:`harness.routing.losses`, re-exported.
+
+A plain module since issue 32 (it replaced itself in ``sys.modules`` before): public names by ``import *``,
+any other attribute looked up on :mod:`harness.routing.losses` itself, so both spellings give the same objects.
+"""
+from typing import Any
 
 from harness.routing import losses as _module
+from harness.routing.losses import *  # noqa: F401,F403
 
-sys.modules[__name__] = _module
+
+def __getattr__(name: str) -> Any:
+    return getattr(_module, name)

@@ -1,6 +1,6 @@
 """The MoE layer's public names, where they have always been imported from.
 
-``harness.moe`` (kept for plugins) *is* this module. The code lives in one module per concern:
+``harness.moe`` (kept for plugins) re-exports this module. The code lives in one module per concern:
 :mod:`.ffn` (activation, the init rule), :mod:`.experts` (``ExpertBank``), :mod:`.moe_layer`
 (``MoELayer`` and its steps), :mod:`.dense` (``DenseFFN``), :mod:`.expert_parallel`, :mod:`.config`
 (``MoEConfig``, the FFN side of a model) and :mod:`.build` (``build_ffn``). Nothing in ``harness.layers``
