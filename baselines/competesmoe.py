@@ -186,8 +186,7 @@ class CompeteSMoERouter(Router):
         self.renormalize = renormalize
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, mean=0.0, std=0.02)  # moe.py init_gate_weights(std=0.02)
-        self._step: int | None = None
-        self._total_steps: int | None = None
+        self._step, self._total_steps = 0, 1  # Router.on_step: the one step channel (step 0 of 1 until told)
 
     def on_step(self, step: int, total_steps: int) -> None:
         self._step, self._total_steps = step, total_steps
@@ -196,9 +195,7 @@ class CompeteSMoERouter(Router):
     def _competes(self, x: Tensor, ctx: RouteContext) -> bool:
         if not ctx.training or self.competition_prob <= 0:
             return False
-        step = self._step if self._step is not None else ctx.step
-        total = self._total_steps if self._total_steps is not None else ctx.total_steps
-        if step < self.warmup_fraction * total:
+        if self._step < self.warmup_fraction * self._total_steps:
             return False
         if self.competition_prob < 1.0:
             if not bool(torch.rand((), device=x.device) < self.competition_prob):

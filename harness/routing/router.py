@@ -65,6 +65,11 @@ class RouteContext:
     model forward pass, seen by every layer: routers that coordinate across
     layers (CompeteSMoE's "at most n competing layers per step") keep counters in it.
 
+    ``step`` / ``total_steps`` are the layer's: the optimiser step this training forward belongs to, where the
+    global-batch balance (``model.balance_scope=global``) starts its sums afresh. A router's schedule (warm-up,
+    stages, annealing) reads the step from :meth:`Router.on_step`, the one step channel to routers (issue 32;
+    CompeteSMoE read ``ctx.step`` where ``on_step`` had not been called, the only router that did).
+
     ``all_expert_outputs()`` runs *every* expert on every token once and
     memoises the result ([T, E, d]); when a router called it, the layer combines
     from it instead of running the experts again. The layer provides those experts
@@ -180,7 +185,9 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def on_step(self, step: int, total_steps: int) -> None:
-        """Called by the trainer before each optimiser step (schedules, stages)."""
+        """The one step channel to a router: called (through the model's ``on_step``) before each optimiser
+        step, and by the benchmarks before they time a router at a point of its schedule. A router that was
+        never told is at step 0 of 1. Schedules, stages and annealing read it here, not ``RouteContext.step``."""
 
     # -- helpers -----------------------------------------------------------
     @classmethod
