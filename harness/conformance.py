@@ -99,8 +99,9 @@ def check_router(name: str) -> None:
     layer = build_layer(name)
     y, routing = run_layer(layer, x)
     assert y.shape == x.shape and torch.isfinite(y).all(), f"{name}: bad layer output"
-    if cls.is_dense:
+    if cls.is_dense:  # the dense FFN: its marker routing, and the models' contract (no MoE layers, no routings)
         check_routing(name, layer.router(x, RouteContext(**make_ctx(T))), T, k, E)
+        check_moe_model(name)
         return
     assert routing is not None
     E = layer.num_experts  # what the router scores: NUM_EXPERTS FFNs + a router's pinned null experts (moepp)
