@@ -592,3 +592,93 @@ def test_board_cli_builds_the_streamlit_command(monkeypatch, tmp_path):
     assert cmd[cmd.index("--server.headless") + 1] == "true"
     assert cmd[cmd.index("--browser.gatherUsageStats") + 1] == "false"
     assert cmd[cmd.index("--") + 1:] == ["--store", str((tmp_path / "x.duckdb").resolve())]
+
+
+# -- the overview's shape pinned (issue 32: its columns come from declarations; the board must not change) ------
+
+def pinned_overview(suite: str):
+    """An lm or vision store with every column filled: params, top-5, routing health on two layers, one seed alone."""
+    vals = ({"dense": [1.50, 1.52], "smoe": [1.40, 1.42], "xmoe": [1.30, 1.31], "solo": [1.2]} if suite == "lm"
+            else {"dense": [0.50, 0.52], "smoe": [0.60, 0.62], "xmoe": [0.65, 0.66]})
+    runs, metrics = synthetic(vals, suite=suite)
+    extra, health = [], []
+    for i, rid in enumerate(runs["run_id"].to_list()):
+        extra += [{"run_id": rid, "name": "params_total", "value": 1.5e6 + i},
+                  {"run_id": rid, "name": "val_top5", "value": 0.9 + 0.01 * i}]
+        for name, v in (("dead_experts", float(i % 3)), ("load_entropy", 0.9 - 0.01 * i),
+                        ("max_over_mean_load", 1.5 + 0.1 * i), ("fluctuation_last_change", 0.1 * i)):
+            health += [{"run_id": rid, "step": 30, "layer": layer, "name": name, "value": v} for layer in (0, 1)]
+    meta = SUITES[suite]
+    return overview(runs, pl.concat([metrics, pl.DataFrame(extra)]), pl.DataFrame(health, schema=HEALTH_COLUMNS),
+                    meta), meta
+
+
+OVERVIEW_COLUMNS = [
+    "rank", "router", "n", "quality_mean", "quality_ci", "test_mean", "test_ci", "extra_mean", "extra_ci",
+    "throughput", "throughput_ci", "vs_dense", "vs_smoe", "peak_mem_mb", "params", "dead_experts", "load_entropy",
+    "max_over_mean_load", "fluctuation_last_change", "sig_label", "p_value", "significance", "test", "n_pairs",
+    "p_holm", "diff", "diff_ci", "p_wilcoxon", "mde", "n_needed", "resolution", "diverged", "failed", "running",
+    "duplicates", "spec_hashes", "seeds",
+]
+PINNED = {
+    'lm': {
+        "columns": ['#', 'router', 'n', 'val bpb ↓', 'vs SMoE', 'Δ vs SMoE', 'test', 'resolution', 'test bpb ↓', 'tok/s', '× dense', '× SMoE', 'peak MB', 'params', 'dead', 'entropy', 'max/mean', 'excluded'],
+        "best": {'val bpb ↓': [0], 'test bpb ↓': [0], 'tok/s': [3], '× dense': [3], '× SMoE': [3], 'peak MB': [0, 1, 2, 3], 'dead': [0], 'entropy': [3], 'max/mean': [3]},
+        "csv": [
+            '#,router,n,val bpb ↓,vs SMoE,Δ vs SMoE,test,resolution,test bpb ↓,tok/s,× dense,× SMoE,peak MB,params,dead,entropy,max/mean,excluded',
+            '1,solo,1,1.200 (n=1),n<2,-0.210,—,"",1.300 (n=1),400,0.40×,0.80×,100,1.5M,0.0,0.840,2.10,""',
+            '2,xmoe,2,1.305 ± 0.064,"▲ better (Welch p=0.027, Holm p=0.039)",-0.105 ± 0.069,Welch,effects under 0.063 bpb undetectable at n = 2; 0.01 bpb needs ≈ 21 seeds,1.405 ± 0.064,400,0.40×,0.80×,100,1.5M,3.0,0.855,1.95,""',
+            '3,smoe,2,1.41 ± 0.13,— baseline,—,—,"",1.51 ± 0.13,500,0.50×,1.00×,100,1.5M,2.0,0.875,1.75,""',
+            '4,dense,2,1.51 ± 0.13,"▼ worse (Welch p=0.019, Holm p=0.039)",+0.100 ± 0.061,Welch,effects under 0.080 bpb undetectable at n = 2; 0.01 bpb needs ≈ 33 seeds,1.61 ± 0.13,1k,1.00×,2.00×,100,1.5M,1.0,0.895,1.55,""',
+        ],
+        "latex": [
+            '\\begin{tabular}{lrllrrr}',
+            '\\toprule',
+            'Router & $n$ & val bpb $\\downarrow$ & test bpb & tok/s & $\\times$ SMoE & load entropy \\\\',
+            '\\midrule',
+            'solo & 1 & \\textbf{1.200} & \\textbf{1.300} & 400 & 0.80$\\times$ & 0.840 \\\\',
+            'xmoe & 2 & 1.305 $\\pm$ 0.064$^\\blacktriangle$ & 1.405 $\\pm$ 0.064 & 400 & 0.80$\\times$ & 0.855 \\\\',
+            'smoe & 2 & 1.41 $\\pm$ 0.13 & 1.51 $\\pm$ 0.13 & 500 & 1.00$\\times$ & 0.875 \\\\',
+            'dense & 2 & 1.51 $\\pm$ 0.13$^\\blacktriangledown$ & 1.61 $\\pm$ 0.13 & \\textbf{1k} & \\textbf{2.00$\\times$} & \\textbf{0.895} \\\\',
+            '\\bottomrule',
+            '\\end{tabular}',
+        ],
+    },
+    'vision': {
+        "columns": ['#', 'router', 'n', 'val top-1 % ↑', 'vs SMoE', 'Δ vs SMoE', 'test', 'resolution', 'test top-1 % ↑', 'val top-5 % ↑', 'img/s', '× dense', '× SMoE', 'peak MB', 'params', 'dead', 'entropy', 'max/mean', 'excluded'],
+        "best": {'val top-1 % ↑': [0], 'test top-1 % ↑': [0], 'val top-5 % ↑': [0], 'img/s': [2], '× dense': [2], '× SMoE': [2], 'peak MB': [0, 1, 2], 'dead': [2], 'entropy': [2], 'max/mean': [2]},
+        "csv": [
+            '#,router,n,val top-1 % ↑,vs SMoE,Δ vs SMoE,test,resolution,test top-1 % ↑,val top-5 % ↑,img/s,× dense,× SMoE,peak MB,params,dead,entropy,max/mean,excluded',
+            '1,xmoe,2,65.5 ± 6.4,"≈ within noise (Welch p=0.092, Holm p=0.092)",+4.5 ± 6.9,Welch,within noise: effects under 6.3 pp undetectable at n = 2; 1 pp needs ≈ 21 seeds,75.5 ± 6.4,94.5 ± 6.4,400,0.40×,0.80×,100,1.5M,3.0,0.855,1.95,""',
+            '2,smoe,2,61.0 ± 12.7,— baseline,—,—,"",71.0 ± 12.7,92.5 ± 6.4,500,0.50×,1.00×,100,1.5M,2.0,0.875,1.75,""',
+            '3,dense,2,51.0 ± 12.7,"▼ worse (Welch p=0.019, Holm p=0.039)",-10.0 ± 6.1,Welch,effects under 8.0 pp undetectable at n = 2; 1 pp needs ≈ 33 seeds,61.0 ± 12.7,90.5 ± 6.4,1k,1.00×,2.00×,100,1.5M,1.0,0.895,1.55,""',
+        ],
+        "latex": [
+            '\\begin{tabular}{lrllrrr}',
+            '\\toprule',
+            'Router & $n$ & val top-1 (\\%) $\\uparrow$ & test top-1 (\\%) & img/s & $\\times$ SMoE & load entropy \\\\',
+            '\\midrule',
+            'xmoe & 2 & \\textbf{65.5 $\\pm$ 6.4} & \\textbf{75.5 $\\pm$ 6.4} & 400 & 0.80$\\times$ & 0.855 \\\\',
+            'smoe & 2 & 61.0 $\\pm$ 12.7 & 71.0 $\\pm$ 12.7 & 500 & 1.00$\\times$ & 0.875 \\\\',
+            'dense & 2 & 51.0 $\\pm$ 12.7$^\\blacktriangledown$ & 61.0 $\\pm$ 12.7 & \\textbf{1k} & \\textbf{2.00$\\times$} & \\textbf{0.895} \\\\',
+            '\\bottomrule',
+            '\\end{tabular}',
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize("suite", ["lm", "vision"])
+def test_the_overview_table_is_pinned(suite):
+    """Columns, headers, order, cell formats, best-cell marks, CSV and LaTeX of the overview, as the board showed
+    them before its fixed columns (quality, test, extra, throughput, x dense, x SMoE) came from declarations."""
+    ov, meta = pinned_overview(suite)
+    assert ov.columns == OVERVIEW_COLUMNS
+    disp = display_overview(ov, meta)
+    want = PINNED[suite]
+    assert disp.columns == want["columns"]
+    assert disp.write_csv().splitlines() == want["csv"]
+    assert display_best_cells(ov, meta) == want["best"]
+    assert to_latex(ov, meta).splitlines() == want["latex"]
+    empty_disp = display_overview(ov.clear(), meta)
+    assert empty_disp.columns == want["columns"] and empty_disp.height == 0
