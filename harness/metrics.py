@@ -9,7 +9,8 @@ What reads the declarations (rather than keeping its own copy):
   metrics take their direction, label and percent scaling from here; an unknown suite's direction too);
 * the overview's per-router columns after throughput (:func:`board_metrics`, in declaration order): the per-run
   values, the per-router means, the column header, the cell format, the help text, the best-cell marks and
-  the LaTeX export (``paper=True``); the CSV export is the displayed table, so it follows;
+  the LaTeX export (``paper=True``); the CSV export is the displayed table, so it follows. They and the suite's
+  quality / test / extra / throughput columns are one list of specs (``leaderboard.columns.board_columns``);
 * verdicts on another metric (``harness compare --metric``, ``claims --along``): :func:`higher_is_better`;
 * ``harness regress``'s rules (``tools/regress/gate.RULES``) take the direction a change fails in from here;
 * undeclared names (lm-eval tasks' metrics, a plugin suite's): :func:`direction`, the one guessing rule.

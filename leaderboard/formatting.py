@@ -7,6 +7,7 @@ from typing import Any
 
 import polars as pl
 
+from harness.metrics import Metric
 from leaderboard.runs import parse_json
 
 
@@ -41,6 +42,15 @@ def fmt_si(v: float | None) -> str:
         if abs(v) >= div:
             return f"{v / div:.3g}{s}"
     return f"{v:.3g}"
+
+
+def fmt_metric(m: Metric, v: float | None) -> str:
+    """A declared metric's cell: its format spec, ``si`` (1.2k, 3.4M) or ``pct`` (x 100); ``—`` when missing."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    if m.fmt == "si":
+        return fmt_si(v)
+    return f"{v * 100 if m.percent else v:{'.1f' if m.percent else m.fmt}}"
 
 
 def fmt_perf(v: float | None, spread: float | None) -> str:

@@ -7,9 +7,10 @@ import math
 
 import polars as pl
 
-from harness.metrics import Metric, board_metrics
-from leaderboard.formatting import fmt_ci, fmt_diff, fmt_num, fmt_si, kind_name, sig_text
-from leaderboard.runs import BASELINE, DENSE, router_order
+from harness.metrics import board_metrics
+from leaderboard.columns import Column, board_columns
+from leaderboard.formatting import fmt_diff, kind_name, sig_text
+from leaderboard.runs import BASELINE, router_order
 from leaderboard.stats import ALPHA, distinct_seeds, duplicate_counts, mean_ci
 from leaderboard.store import conform, empty
 from leaderboard.suites import SuiteMeta
@@ -38,9 +39,8 @@ def final_health(health: pl.DataFrame) -> pl.DataFrame:
 
 
 def per_run_table(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame, meta: SuiteMeta) -> pl.DataFrame:
-    """One row per run: its identity, the suite's headline metrics, and final routing health."""
-    per_run = [m.name for m in board_metrics() if m.source == "metric"]
-    wanted = [meta.quality, meta.test, meta.throughput, *per_run, *meta.extra]
+    """One row per run: its identity, the suite's metrics of the overview's columns, and final routing health."""
+    wanted = list(dict.fromkeys(c.metric for c in board_columns(meta) if c.metric and c.source == "metric"))
     m = metrics.filter(pl.col("name").is_in(wanted) & pl.col("run_id").is_in(runs["run_id"].to_list()))
     if m.height:
         wide = m.group_by("run_id", "name").agg(pl.col("value").last()).pivot(
@@ -55,15 +55,12 @@ def per_run_table(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFram
     return base.join(wide, on="run_id", how="left").join(final_health(health), on="run_id", how="left")
 
 
-def overview_schema() -> dict[str, pl.DataType]:
-    """The overview's columns (computed, so a metric declared later is a column too)."""
+def overview_schema(meta: SuiteMeta) -> dict[str, pl.DataType]:
+    """The overview's columns: rank, router, n, every column of :func:`leaderboard.columns.board_columns`
+    (computed, so a metric declared later is a column too), the comparison with the baseline, the counts."""
     return {
         "rank": pl.Int64, "router": pl.Utf8, "n": pl.Int64,
-        "quality_mean": pl.Float64, "quality_ci": pl.Float64, "test_mean": pl.Float64, "test_ci": pl.Float64,
-        "extra_mean": pl.Float64, "extra_ci": pl.Float64,  # the suite's first extra metric (vision: val_top5)
-        "throughput": pl.Float64, "throughput_ci": pl.Float64, "vs_dense": pl.Float64, "vs_smoe": pl.Float64,
-        **{m.key: pl.Float64 for m in board_metrics()},  # the declared per-router columns (harness.metrics)
-        "fluctuation_last_change": pl.Float64,
+        **{k: pl.Float64 for c in board_columns(meta) for k in c.keys},
         "sig_label": pl.Utf8, "p_value": pl.Float64, "significance": pl.Utf8,
         "test": pl.Utf8, "n_pairs": pl.Int64, "p_holm": pl.Float64, "diff": pl.Float64, "diff_ci": pl.Float64,
         "p_wilcoxon": pl.Float64, "mde": pl.Float64, "n_needed": pl.Int64, "resolution": pl.Utf8,
@@ -101,8 +98,9 @@ def overview(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame, me
         xs = [x for x in xs if x is not None and math.isfinite(x)]
         return sum(xs) / len(xs) if xs else None
 
-    dense_tp = mean(vals(DENSE, meta.throughput)) if DENSE in by_router else None
-    base_tp = mean(vals(baseline, meta.throughput)) if baseline in by_router else None
+    columns = board_columns(meta, baseline)
+    refs = {c.key: mean(vals(c.ratio[1], c.metric)) if c.ratio[1] in by_router else None
+            for c in columns if c.ratio and c.metric}
     have_base = bool(vals(baseline, meta.quality))
     verdicts = {}
     if have_base:  # one family: every router the table shows against the baseline
@@ -112,28 +110,19 @@ def overview(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame, me
                                           meta.higher_better, alpha)))
     rows = []
     for r, df in by_router.items():
-        q_mean, q_ci, n = mean_ci(vals(r, meta.quality))
-        t_mean, t_ci, _ = mean_ci(vals(r, meta.test))
-        x_mean, x_ci, _ = mean_ci(vals(r, meta.extra[0])) if meta.extra else (None, None, 0)
-        tp_mean, tp_ci, _ = mean_ci(vals(r, meta.throughput))
+        values, n = router_values(columns, refs, lambda col: vals(r, col), mean)
         v = verdicts.get(r)
         label = "baseline" if r == baseline and have_base else "no SMoE" if v is None else v.direction
         c = counts.get(r, {})
         rows.append({
-            "router": r, "n": n, "quality_mean": q_mean, "quality_ci": q_ci, "test_mean": t_mean, "test_ci": t_ci,
-            "extra_mean": x_mean, "extra_ci": x_ci, "throughput": tp_mean, "throughput_ci": tp_ci,
-            "vs_dense": tp_mean / dense_tp if tp_mean is not None and dense_tp else None,
-            "vs_smoe": tp_mean / base_tp if tp_mean is not None and base_tp else None,
-            **{m.key: mean(vals(r, m.name)) for m in board_metrics()},
-            "fluctuation_last_change": mean(vals(r, "fluctuation_last_change")),
-            "sig_label": label, **verdict_columns(label, v, meta),
+            "router": r, "n": n, **values, "sig_label": label, **verdict_columns(label, v, meta),
             "diverged": c.get("diverged", 0), "failed": c.get("failed", 0), "running": c.get("running", 0),
             "duplicates": dupes.get(r, 0), "spec_hashes": df["spec_hash"].n_unique() if df.height else 0,
             "seeds": ",".join(str(s) for s in sorted(df["seed"].to_list())) if df.height else "",
         })
+    schema = overview_schema(meta)
     if not rows:
-        return empty(overview_schema())
-    schema = overview_schema()
+        return empty(schema)
     out = pl.DataFrame(rows, schema={k: v for k, v in schema.items() if k != "rank"})
     out = out.sort("quality_mean", descending=meta.higher_better, nulls_last=True)
     out = out.with_columns(
@@ -141,6 +130,23 @@ def overview(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame, me
         .then(pl.col("quality_mean").rank("min", descending=meta.higher_better))
         .otherwise(None).cast(pl.Int64).alias("rank"))
     return out.select(list(schema))
+
+
+def router_values(columns: list[Column], refs: dict[str, float | None], vals, mean) -> tuple[dict, int]:
+    """One router's value of each column (and its CI where it has one), and its n (the verdict column's seeds).
+    ``vals(col)`` is the router's per-run values of a per-run column; ``refs`` the ratios' reference means."""
+    out: dict[str, float | None] = {}
+    n = 0
+    for c in columns:
+        if c.ratio:
+            num, ref = out[c.ratio[0]], refs.get(c.key)
+            out[c.key] = num / ref if num is not None and ref else None
+        elif c.ci:
+            out[c.key], out[c.ci], k = mean_ci(vals(c.metric)) if c.metric else (None, None, 0)
+            n = k if c.verdict else n
+        else:
+            out[c.key] = mean(vals(c.metric)) if c.metric else None
+    return out, n
 
 
 def verdict_columns(label: str, v: Verdict | None, meta: SuiteMeta) -> dict[str, object]:
@@ -155,39 +161,19 @@ def verdict_columns(label: str, v: Verdict | None, meta: SuiteMeta) -> dict[str,
             "resolution": resolution(c, meta, "within noise" if label == "within noise" else "")}
 
 
-def best_direction() -> dict[str, bool]:
-    """Overview column -> True if higher is better: throughput and its ratios, then every declared column
-    with a direction (harness.metrics)."""
-    return {"throughput": True, "vs_dense": True, "vs_smoe": True,
-            **{m.key: m.higher_better for m in board_metrics() if m.higher_better is not None}}
-
-
 def best_rows(ov: pl.DataFrame, meta: SuiteMeta) -> dict[str, list[int]]:
-    """Column -> row indices holding its best value (ties all count)."""
-    direction = {"quality_mean": meta.higher_better, "test_mean": meta.higher_better,
-                 "extra_mean": meta.higher_better, **best_direction()}
+    """Column -> row indices holding its best value (ties all count), in each column's declared direction."""
     out: dict[str, list[int]] = {}
-    for col, higher in direction.items():
-        if col not in ov.columns:
+    for c in board_columns(meta):
+        if c.higher_better is None or c.key not in ov.columns:
             continue
-        vs = ov[col].to_list()
+        vs = ov[c.key].to_list()
         finite = [v for v in vs if v is not None and math.isfinite(v)]
-        if len(finite) < 2 and col not in ("quality_mean", "test_mean", "extra_mean"):
+        if not finite or (len(finite) < 2 and not c.mark_single):
             continue
-        if not finite:
-            continue
-        best = max(finite) if higher else min(finite)
-        out[col] = [i for i, v in enumerate(vs) if v is not None and math.isclose(v, best, rel_tol=1e-12)]
+        best = max(finite) if c.higher_better else min(finite)
+        out[c.key] = [i for i, v in enumerate(vs) if v is not None and math.isclose(v, best, rel_tol=1e-12)]
     return out
-
-
-def fmt_metric(m: Metric, v: float | None) -> str:
-    """A declared metric's cell: its format spec, ``si`` (1.2k) or ``pct`` (x 100); ``—`` when missing."""
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "—"
-    if m.fmt == "si":
-        return fmt_si(v)
-    return f"{v * 100 if m.percent else v:{'.1f' if m.percent else m.fmt}}"
 
 
 def test_cell(kind: str | None, n_pairs: int | None) -> str:
@@ -198,82 +184,74 @@ def test_cell(kind: str | None, n_pairs: int | None) -> str:
 
 
 def display_overview(ov: pl.DataFrame, meta: SuiteMeta) -> pl.DataFrame:
-    """The overview as strings, with the column headers the page shows (same row order as ``ov``)."""
-    unit = meta.unit
+    """The overview as strings, with the column headers the page shows (same row order as ``ov``): the
+    columns of :func:`leaderboard.columns.board_columns` that are shown, the comparison after the verdict's."""
+    shown = [c for c in board_columns(meta) if c.shown]
+    cols = ["#", "router", "n"]
+    for c in shown:
+        cols += [c.header, *(VERDICT_HEADERS if c.verdict else [])]
+    cols.append("excluded")
     rows = []
     for r in ov.iter_rows(named=True):
-        notes = []
-        if r["diverged"]:
-            notes.append(f"{r['diverged']} diverged")
-        if r["failed"]:
-            notes.append(f"{r['failed']} failed")
-        if r["running"]:
-            notes.append(f"{r['running']} running")
-        if r.get("duplicates"):
-            notes.append(f"{r['duplicates']} duplicate{'s' if r['duplicates'] != 1 else ''}")
-        if r["spec_hashes"] and r["spec_hashes"] > 1:
-            notes.append(f"{r['spec_hashes']} specs!")
         rows.append({
             "#": str(r["rank"]) if r["rank"] is not None else "—",
             "router": r["router"],
             "n": r["n"],
-            meta.quality_header(): fmt_ci(meta.shown(r["quality_mean"]), meta.shown(r["quality_ci"]), r["n"]),
             "vs SMoE": r["significance"],
             "Δ vs SMoE": fmt_diff(meta.shown(r["diff"]), meta.shown(r["diff_ci"])),
             "test": test_cell(r["test"], r["n_pairs"]),
             "resolution": r["resolution"] or "",
-            meta.test_header(): fmt_ci(meta.shown(r["test_mean"]), meta.shown(r["test_ci"]), r["n"]),
-            **({meta.extra_header(): fmt_ci(meta.shown(r["extra_mean"]), meta.shown(r["extra_ci"]), r["n"])}
-               if meta.extra else {}),
-            f"{unit}/s": fmt_si(r["throughput"]),
-            "× dense": fmt_num(r["vs_dense"], 2, "×"),
-            "× SMoE": fmt_num(r["vs_smoe"], 2, "×"),
-            **{m.board: fmt_metric(m, r[m.key]) for m in board_metrics()},
-            "excluded": ", ".join(notes) if notes else "",
+            **{c.header: c.cell(r[c.key], r[c.ci] if c.ci else None, r["n"]) for c in shown},
+            "excluded": excluded_cell(r),
         })
-    cols = ["#", "router", "n", meta.quality_header(), "vs SMoE", "Δ vs SMoE", "test", "resolution",
-            meta.test_header(), *([meta.extra_header()] if meta.extra else []),
-            f"{unit}/s", "× dense", "× SMoE", *[m.board for m in board_metrics()], "excluded"]
     if not rows:
         return pl.DataFrame(schema={c: (pl.Int64 if c == "n" else pl.Utf8) for c in cols})
     return pl.DataFrame(rows).select(cols)
 
 
+# the comparison with the baseline, shown after the verdict's column
+VERDICT_HEADERS = ["vs SMoE", "Δ vs SMoE", "test", "resolution"]
+
+
+def excluded_cell(r: dict) -> str:
+    """A router's runs left out of the statistics: ``1 diverged, 2 duplicates``, ``3 specs!``."""
+    notes = []
+    for status in ("diverged", "failed", "running"):
+        if r[status]:
+            notes.append(f"{r[status]} {status}")
+    if r.get("duplicates"):
+        notes.append(f"{r['duplicates']} duplicate{'s' if r['duplicates'] != 1 else ''}")
+    if r["spec_hashes"] and r["spec_hashes"] > 1:
+        notes.append(f"{r['spec_hashes']} specs!")
+    return ", ".join(notes)
+
+
 def display_best_cells(ov: pl.DataFrame, meta: SuiteMeta) -> dict[str, list[int]]:
     """Display column name -> rows to highlight as best."""
     best = best_rows(ov, meta)
-    name = {"quality_mean": meta.quality_header(), "test_mean": meta.test_header(),
-            **({"extra_mean": meta.extra_header()} if meta.extra else {}),
-            "throughput": f"{meta.unit}/s", "vs_dense": "× dense", "vs_smoe": "× SMoE",
-            **{m.key: m.board for m in board_metrics()}}
+    name = {c.key: c.header for c in board_columns(meta) if c.shown}
     return {name[k]: v for k, v in best.items() if k in name}
 
 
 def to_latex(ov: pl.DataFrame, meta: SuiteMeta) -> str:
-    """A booktabs table of the overview (best values in bold), ready for a paper."""
+    """A booktabs table of the overview (best values in bold), ready for a paper: the columns with a ``latex``
+    header."""
     best = best_rows(ov, meta)
+    paper = [c for c in board_columns(meta) if c.latex]
 
     def cell(i: int, col: str, text: str) -> str:
         text = text.replace("±", r"$\pm$").replace("×", r"$\times$").replace("_", r"\_").replace("—", "--")
         return rf"\textbf{{{text}}}" if i in best.get(col, []) else text
 
-    arrow = r"$\uparrow$" if meta.higher_better else r"$\downarrow$"
-    pct = r" (\%)" if meta.percent else ""
-    test_name = meta.test_name + pct
-    paper = [m for m in board_metrics() if m.paper]
-    lines = [rf"\begin{{tabular}}{{lrllrr{'r' * len(paper)}}}", r"\toprule",
-             rf"Router & $n$ & {meta.label}{pct} {arrow} & {test_name} & {meta.unit}/s & $\times$ SMoE"
-             + "".join(f" & {m.label}" for m in paper) + r" \\",
+    lines = [rf"\begin{{tabular}}{{lr{''.join(c.latex[1] for c in paper)}}}", r"\toprule",
+             "Router & $n$" + "".join(f" & {c.latex[0]}" for c in paper) + r" \\",
              r"\midrule"]
     for i, r in enumerate(ov.iter_rows(named=True)):
         sig = {"better": r"$^\blacktriangle$", "worse": r"$^\blacktriangledown$"}.get(r["sig_label"], "")
         lines.append(" & ".join([
             r["router"].replace("_", r"\_"), str(r["n"]),
-            cell(i, "quality_mean", fmt_ci(meta.shown(r["quality_mean"]), meta.shown(r["quality_ci"]))) + sig,
-            cell(i, "test_mean", fmt_ci(meta.shown(r["test_mean"]), meta.shown(r["test_ci"]))),
-            cell(i, "throughput", fmt_si(r["throughput"])),
-            cell(i, "vs_smoe", fmt_num(r["vs_smoe"], 2, "×")),
-            *[cell(i, m.key, fmt_metric(m, r[m.key])) for m in paper],
+            *[cell(i, c.key, c.cell(r[c.key], r[c.ci] if c.ci else None, None)) + (sig if c.verdict else "")
+              for c in paper],
         ]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)

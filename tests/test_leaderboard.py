@@ -22,7 +22,9 @@ from scipy import stats
 
 from harness.store import DEFAULT_STORE, Store, now
 from leaderboard.formatting import fmt_ci, fmt_si, sig_text
-from leaderboard.overview import display_best_cells, display_overview, overview, to_latex
+from leaderboard.columns import board_columns
+from leaderboard.overview import (VERDICT_HEADERS, display_best_cells, display_overview, overview,
+                                  to_latex)
 from leaderboard.runs import filter_runs, router_order, sort_by_router, status_counts
 from leaderboard.stats import holm, mde, mean_ci, pareto_mask, significance, welch
 from leaderboard.store import (HEALTH_COLUMNS, StoreBusy, StoreError, StoreMissing, load_health, load_metrics,
@@ -682,3 +684,14 @@ def test_the_overview_table_is_pinned(suite):
     assert to_latex(ov, meta).splitlines() == want["latex"]
     empty_disp = display_overview(ov.clear(), meta)
     assert empty_disp.columns == want["columns"] and empty_disp.height == 0
+    # the page's tooltips of the metric columns, as tabs/overview.py wrote them out before (leaderboard.columns)
+    helps = {c.header: c.help for c in board_columns(meta) if c.shown}
+    assert list(helps) == [h for h in want["columns"] if h not in ("#", "router", "n", "excluded", *VERDICT_HEADERS)]
+    assert {h: helps[h] for h in helps if h not in ("peak MB", "params", "dead", "entropy", "max/mean")} == {
+        meta.quality_header(): "mean ± 95% CI (Student t over seeds)",
+        meta.test_header(): "test split, mean ± 95% CI",
+        **({meta.extra_header(): "val_top5 on the whole validation split, mean ± 95% CI"} if meta.extra else {}),
+        f"{meta.unit}/s": "training throughput, mean",
+        "× dense": "throughput relative to the dense baseline",
+        "× SMoE": "throughput relative to SMoE (<1× = routing overhead over SMoE)"}
+    assert helps["entropy"] == "expert-load entropy / log E at the final evaluation (1 = uniform)"

@@ -9,6 +9,7 @@ from harness import metrics
 from harness.catalog import Registry
 from harness.errors import UserError
 from harness.tools.regress.gate import RULES
+from leaderboard.columns import board_columns
 from leaderboard.overview import best_rows, display_best_cells, display_overview, overview, to_latex
 from leaderboard.store import HEALTH_COLUMNS
 from leaderboard.suites import SUITES, suite_meta
@@ -81,6 +82,8 @@ def test_a_new_leaderboard_column_is_one_declaration():
         assert best_rows(ov, meta)["fluctuation_last_change"] == [ov["router"].to_list().index("xmoe")]
         assert "last change" in display_best_cells(ov, meta)
         assert "last change" in to_latex(ov, meta) and "last change" in disp.write_csv()
+        col = next(c for c in board_columns(meta) if c.key == "fluctuation_last_change")  # the page's tooltip
+        assert col.shown and col.header == "last change" and col.help.startswith("when a token's expert")
     finally:
         metrics.METRICS.remove("fluctuation_last_change")
     assert "last change" not in display_overview(overview(runs, rows, health, meta), meta).columns

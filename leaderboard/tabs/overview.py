@@ -8,7 +8,7 @@ import pandas as pd
 import polars as pl
 import streamlit as st
 
-from harness.metrics import board_metrics
+from leaderboard.columns import board_columns
 from leaderboard.overview import display_best_cells, display_overview, overview, per_run_table, to_latex
 from leaderboard.runs import status_counts
 from leaderboard.stats import distinct_seeds, pareto_mask
@@ -44,7 +44,6 @@ def overview_tab(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame
     best = display_best_cells(ov, meta)
     labels = ov["sig_label"].to_list()
 
-    qcol, tcol = meta.quality_header(), meta.test_header()
     st.dataframe(
         styled(disp, best, bold="router", label_col="vs SMoE", labels=labels, colors=SIG_COLORS),
         hide_index=True, width="stretch", key="overview",
@@ -52,7 +51,6 @@ def overview_tab(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame
             "#": st.column_config.TextColumn("#", width="small", help="rank by mean validation quality"),
             "router": st.column_config.TextColumn("router"),
             "n": st.column_config.NumberColumn("n", width="small", help="finished seeds"),
-            qcol: st.column_config.TextColumn(qcol, help="mean ± 95% CI (Student t over seeds)"),
             "vs SMoE": st.column_config.TextColumn(
                 "vs SMoE", help="the validation metric against SMoE: better / worse / within noise, decided on the "
                                 "Holm-adjusted p over the routers shown (α = 0.05); raw p beside it. "
@@ -66,15 +64,9 @@ def overview_tab(runs: pl.DataFrame, metrics: pl.DataFrame, health: pl.DataFrame
                 "resolution", help="minimum detectable effect: the smallest true difference this test finds "
                                    "with 80% power at α = 0.05 for its n and the observed spread, and the seeds "
                                    "a 0.01 difference would need"),
-            tcol: st.column_config.TextColumn(tcol, help="test split, mean ± 95% CI"),
-            **({meta.extra_header(): st.column_config.TextColumn(
-                meta.extra_header(), help=f"{meta.extra[0]} on the whole validation split, mean ± 95% CI")}
-               if meta.extra else {}),
-            f"{meta.unit}/s": st.column_config.TextColumn(f"{meta.unit}/s", help="training throughput, mean"),
-            "× dense": st.column_config.TextColumn("× dense", help="throughput relative to the dense baseline"),
-            "× SMoE": st.column_config.TextColumn(
-                "× SMoE", help="throughput relative to SMoE (<1× = routing overhead over SMoE)"),
-            **{m.board: st.column_config.TextColumn(m.board, help=m.help) for m in board_metrics()},
+            # the metric columns (quality, test, extra, throughput and its ratios, the declared ones)
+            **{c.header: st.column_config.TextColumn(c.header, help=c.help)
+               for c in board_columns(meta) if c.shown},
             "excluded": st.column_config.TextColumn(
                 "excluded", help="this router's runs left out of the statistics (diverged / failed / unfinished; "
                                  "duplicates: re-runs of a finished spec and seed, of which only the latest counts); "
