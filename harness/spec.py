@@ -80,7 +80,7 @@ class ModelSpec:
     num_classes: int = 10            # vision
     expert_parallel: bool = field(default=False, metadata=HASHED_IF_SET)  # under torchrun: shard experts over ranks (harness.layers.expert_parallel)
     shared_experts: int = field(default=0, metadata=HASHED_IF_SET)  # DeepSeekMoE always-on experts of width d_ff (any router); dense: d_ff*(k+N)
-    experts_impl: str = field(default=DEFAULT_IMPL, metadata=HASHED_UNLESS_DEFAULT)  # expert kernel: auto | loop | loop_recompute | padded_bmm | grouped_mm (harness.layers.kernels); only loop and loop_recompute are bit-identical
+    experts_impl: str = field(default=DEFAULT_IMPL, metadata=HASHED_UNLESS_DEFAULT)  # expert kernel: auto | loop | loop_recompute | fused | padded_bmm | grouped_mm (harness.layers.kernels); only loop, loop_recompute and fused (at one thread) are bit-identical
     # the routers' balance loss f_i (harness.routing.losses.GlobalBalance; Qiu et al. 2025, arXiv 2501.11873):
     # "micro" the batch one forward sees, "global" the optimiser step's batch over every data-parallel rank
     balance_scope: str = field(default="micro", metadata=HASHED_UNLESS_DEFAULT)
