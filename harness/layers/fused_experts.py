@@ -14,7 +14,8 @@ The extension is compiled with ``torch.utils.cpp_extension.load`` on first use (
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Where it cannot be built (no
 compiler, no ninja) the kernel logs one line and runs ``loop_recompute``, which computes the same bits.
 A build killed half-way can leave a ``lock`` file in its build directory, on which the next build waits:
-delete ``$TORCH_EXTENSIONS_DIR/harness_segment_mlp/lock`` (torch's ``cpp_extension`` file baton).
+delete ``harness_segment_mlp/lock`` there (``$TORCH_EXTENSIONS_DIR/`` if set, else e.g.
+``~/.cache/torch_extensions/py311_cu130/``; torch's ``cpp_extension`` file baton).
 CPU tensors only: on CUDA, or under autocast, it runs ``loop_recompute`` too.
 """
 from __future__ import annotations
