@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .segment_mlp import save_for_backward, saved_for_backward
+
 log = logging.getLogger("harness")
 
 SOURCE = Path(__file__).with_name("csrc") / "segment_mlp.cpp"
@@ -65,21 +67,13 @@ class FusedSegmentMLP(torch.autograd.Function):
                 w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
         out, pre = extension().forward(x, counts, ACT_CODES[act], w1, b1, w2, b2)
         ctx.counts, ctx.act = counts, act
-        ctx.regather = src_x is not None
-        if ctx.regather:  # the rows are re-gathered from the layer input (kept for the router anyway)
-            ctx.save_for_backward(src_x, src_token, pre, w1, w2)
-        else:
-            ctx.save_for_backward(x, pre, w1, w2)
+        save_for_backward(ctx, x, src_x, src_token, pre, w1, w2)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        if ctx.regather:
-            src_x, src_token, pre, w1, w2 = ctx.saved_tensors
-            x = src_x.index_select(0, src_token)
-        else:
-            x, pre, w1, w2 = ctx.saved_tensors
+        x, pre, w1, w2 = saved_for_backward(ctx)
         need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
         gx, gw1, gb1, gw2, gb2 = extension().backward(grad, x, pre, ctx.counts, ACT_CODES[ctx.act], w1, w2,
                                                        need_x, need_w)

@@ -46,6 +46,25 @@ def _act_backward(name: str, grad: Tensor, pre: Tensor, out: Tensor) -> Tensor:
     raise ValueError(f"segment_mlp: no backward for activation {name!r}; one of {', '.join(SUPPORTED_ACTIVATIONS)}")
 
 
+def save_for_backward(ctx: Any, x: Tensor, src_x: Tensor | None, src_token: Tensor | None, pre: Tensor,
+                      w1: Tensor, w2: Tensor) -> None:
+    """What a segment-MLP node keeps: the pre-activation and weights, and the rows -- or, given their source
+    (``x == src_x[src_token]``), the source, which the layer keeps for the router anyway."""
+    ctx.regather = src_x is not None
+    if ctx.regather:
+        ctx.save_for_backward(src_x, src_token, pre, w1, w2)
+    else:
+        ctx.save_for_backward(x, pre, w1, w2)
+
+
+def saved_for_backward(ctx: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x, pre, w1, w2)`` of :func:`save_for_backward`, the rows re-gathered where only their source was kept."""
+    if ctx.regather:
+        src_x, src_token, pre, w1, w2 = ctx.saved_tensors
+        return src_x.index_select(0, src_token), pre, w1, w2  # the forward's rows, bit for bit
+    return ctx.saved_tensors
+
+
 class SegmentMLP(torch.autograd.Function):
     """``y[seg_e] = act(x[seg_e] @ w1[e] + b1[e]) @ w2[e] + b2[e]`` for the E contiguous segments."""
 
@@ -63,21 +82,13 @@ class SegmentMLP(torch.autograd.Function):
             torch.addmm(B1[e], xs[e], W1[e], out=pres[e])
             torch.addmm(B2[e], fn(pres[e]), W2[e], out=outs[e])
         ctx.counts, ctx.act, ctx.live = counts, act, live
-        ctx.regather = src_x is not None
-        if ctx.regather:
-            ctx.save_for_backward(src_x, src_token, pre, w1, w2)
-        else:
-            ctx.save_for_backward(x, pre, w1, w2)
+        save_for_backward(ctx, x, src_x, src_token, pre, w1, w2)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        if ctx.regather:
-            src_x, src_token, pre, w1, w2 = ctx.saved_tensors
-            x = src_x.index_select(0, src_token)  # the forward's rows, bit for bit
-        else:
-            x, pre, w1, w2 = ctx.saved_tensors
+        x, pre, w1, w2 = saved_for_backward(ctx)
         counts, live, act = ctx.counts, ctx.live, ctx.act
         fn = activation_fn(act)
         need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
