@@ -88,6 +88,7 @@ class Inputs:
     g: Tensor          # [T, d] upstream gradient of the layer output
     token_ids: Tensor  # [T] long in [0, VOCAB)
     one: Tensor        # scalar 1 (gradient of the summed aux loss)
+    positions: Tensor  # [T] long, each token's position in its synthetic sequence (:func:`positions`)
 
     @classmethod
     def make(cls, tokens: int, d_model: int, dtype: torch.dtype, device: torch.device, seed: int) -> "Inputs":
@@ -95,13 +96,13 @@ class Inputs:
         x = torch.randn(tokens, d_model, generator=gen).to(device=device, dtype=dtype).requires_grad_()
         g = torch.randn(tokens, d_model, generator=gen).to(device=device, dtype=dtype)
         ids = torch.randint(0, VOCAB, (tokens,), generator=gen).to(device)
-        return cls(x, g, ids, torch.ones((), device=device))
+        return cls(x, g, ids, torch.ones((), device=device), positions(ids))
 
 
 def route_context(c: Candidate, inp: Inputs, expert_fn: Callable[[], Tensor] | None = None) -> RouteContext:
     step, total = c.schedule
     return RouteContext(training=True, step=step, total_steps=total, token_ids=inp.token_ids,
-                        positions=positions(inp.token_ids), embeddings=inp.x.detach(), shared={}, expert_fn=expert_fn)
+                        positions=inp.positions, embeddings=inp.x.detach(), shared={}, expert_fn=expert_fn)
 
 
 def positions(token_ids: Tensor) -> Tensor:

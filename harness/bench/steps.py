@@ -129,14 +129,14 @@ def router_step_time(router: nn.Module, x: Tensor, token_ids: Tensor, clock: Clo
     ``cached_all`` stands in for ``ctx.all_expert_outputs()`` (CompeteSMoE's competition),
     so that case measures the router-side work only, not running every expert.
     """
-    ts = []
+    ts, pos = [], positions(token_ids)
     for _ in range(inner):
         x.grad = None
         for p in router.parameters():
             p.grad = None
         fn = (lambda: cached_all) if cached_all is not None else None
         ctx = RouteContext(training=True, step=schedule[0], total_steps=schedule[1], token_ids=token_ids,
-                           positions=positions(token_ids), embeddings=x.detach(), shared={}, expert_fn=fn)
+                           positions=pos, embeddings=x.detach(), shared={}, expert_fn=fn)
         t0 = clock.now()
         routing = router(x, ctx)
         outs, grads = [], []
