@@ -139,6 +139,15 @@ class TrainSpec:
     # plumbing, and a whole-split pass was most of a tiny run's time.
     final_eval_batches: int | None = field(default=None, metadata=HASHED_UNLESS_DEFAULT)
     ckpt_every: int = 50
+    # AdamW's implementation (harness.training.optim), the same for the dense baseline and every router:
+    # "fused" torch.optim.AdamW(fused=True), one kernel over all parameters (CPU since torch 2.4, CUDA);
+    # "foreach" foreach=True (multi-tensor ops); "loop" foreach=False, fused=False, the per-tensor loop that every
+    # run before this key used on CPU (torch's CPU default). Fused by default because the optimiser step is
+    # 5-7% of a step: one step() over the default LM model's parameters (docs/speed.md, "Issue 33") takes
+    # dense 1.33 ms loop / 0.42 ms fused, smoe 5.86 / 0.75 -- MoE pays per expert tensor. Hashed plainly (no
+    # metadata), so EVERY spec hash changed when it was added: fused is not bit-identical to the loop (max |diff|
+    # 1.2e-7 after two steps), so a run from before it is not the same experiment as one after.
+    adamw: str = "fused"
     device: str = "auto"             # auto | cpu | cuda
     dtype: str = "float32"           # float32 | bfloat16 (autocast)
     threads: int | None = field(default=None, metadata=NOT_HASHED)  # torch.set_num_threads; None = torch default
@@ -359,6 +368,8 @@ def _check_semantics(spec: SuiteSpec, where: str) -> None:
     _check_tokens(spec, where)
     if spec.train.dtype not in ("float32", "bfloat16"):
         raise SpecError(f"{where}: train.dtype={spec.train.dtype!r} must be float32 or bfloat16")
+    if spec.train.adamw not in ADAMW_IMPLS:
+        raise SpecError(f"{where}: train.adamw={spec.train.adamw!r} must be one of {', '.join(ADAMW_IMPLS)}")
     _check_moe_config(spec, where)
     _check_schedule(spec.train, where)
     if spec.train.device not in ("auto", "cpu", "cuda"):
@@ -405,6 +416,7 @@ def _check_tokens(spec: SuiteSpec, where: str) -> None:
         raise SpecError(f"{where}: data.max_tokens={d.max_tokens} must be >= 1")
 
 
+ADAMW_IMPLS = ("fused", "foreach", "loop")  # train.adamw (harness.training.optim)
 SCHEDULES = ("cosine", "wsd")
 DECAY_SHAPES = ("1-sqrt", "linear")
 

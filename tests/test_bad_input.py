@@ -129,6 +129,8 @@ CASES: list[tuple[str, list[str]]] = [
     ("train.ckpt_every-zero", S + ["train.ckpt_every=0"]),
     ("train.device-unknown", S + ["train.device=tpu"]),
     ("train.dtype-unknown", S + ["train.dtype=fp8"]),
+    ("train.adamw-unknown", S + ["train.adamw=fast"]),
+    ("train.adamw-list", S + ["train.adamw=[fused]"]),
     ("train.threads-zero", S + ["train.threads=0"]),
     ("train.threads-negative", S + ["train.threads=-1"]),
     ("data.corpus-unknown", S + ["data.corpus=nope"]),
@@ -450,7 +452,7 @@ KEYS = ["suite", "routers", "seeds", "preset", "router_args", "router_args.smoe"
         "train", "train.steps", "train.batch_size", "train.lr", "train.min_lr_ratio",
         "train.warmup_steps", "train.weight_decay", "train.beta1", "train.beta2", "train.grad_clip",
         "train.eval_every", "train.eval_batches", "train.ckpt_every", "train.device", "train.dtype",
-        "train.threads", "eval", "eval.enabled", "eval.tasks", "eval.limit", "eval.data_dir", "eval.batch_size"]
+        "train.adamw", "train.threads", "eval", "eval.enabled", "eval.tasks", "eval.limit", "eval.data_dir", "eval.batch_size"]
 VALUES = st.one_of(
     st.integers(-10, 10).map(str), st.integers(-2**70, 2**70).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),

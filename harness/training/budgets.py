@@ -28,6 +28,7 @@ from torch import nn
 
 from ..routing.router import Routing
 from ..spec import RunSpec
+from .optim import load_state, make_adamw
 from .schedule import decay_start, lr_factor, make_scheduler
 
 
@@ -66,8 +67,8 @@ def fork(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, run: RunSpec,
     memo: dict[int, Any] = {id(m.last_routing): None for m in model.modules()
                             if isinstance(getattr(m, "last_routing", None), Routing)}
     b_model = copy.deepcopy(model, memo)
-    b_opt = _mirror_optimizer(opt, model, b_model)
-    b_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    b_opt = _mirror_optimizer(opt, model, b_model, run.train.adamw)
+    load_state(b_opt, copy.deepcopy(opt.state_dict()), run.train.adamw)  # the trunk's moments, the spec's AdamW
     b_sched = make_scheduler(b_opt, run.train, total=budget)
     b_sched.load_state_dict(sched.state_dict())  # step count and base rates; the lambda stays the budget's
     factor = lr_factor(run.train, budget)
@@ -79,8 +80,10 @@ def fork(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, run: RunSpec,
     return b_model, b_opt, b_sched
 
 
-def _mirror_optimizer(opt: torch.optim.Optimizer, model: nn.Module, b_model: nn.Module) -> torch.optim.Optimizer:
-    """An optimiser of the trunk's class over the copy's parameters, group for group as the trunk's was built.
+def _mirror_optimizer(opt: torch.optim.Optimizer, model: nn.Module, b_model: nn.Module,
+                      impl: str) -> torch.optim.Optimizer:
+    """An AdamW (``train.adamw=impl``, passed to the constructor) over the copy's parameters, group for group as
+    the trunk's was built.
 
     Not ``make_optimizer(b_model)``: that lists only parameters that train *now*, and a router may have frozen
     some since step 0 (StableMoE's distilled router in stage 2), so its groups would not match the state."""
@@ -88,4 +91,5 @@ def _mirror_optimizer(opt: torch.optim.Optimizer, model: nn.Module, b_model: nn.
     b_params = dict(b_model.named_parameters())
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [b_params[names[id(p)]] for p in g["params"]]}
               for g in opt.param_groups]
-    return type(opt)(groups)  # every group carries all its hyperparameters
+    # every group carries all its hyperparameters; make_adamw drops their fused / foreach and passes impl's
+    return make_adamw(groups, impl, {id(p): n for n, p in b_params.items()})

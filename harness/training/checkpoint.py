@@ -24,6 +24,7 @@ import torch
 
 from ..errors import UserError
 from .distributed import share_checkpoint
+from .optim import load_state as load_optimizer_state
 CKPT_VERSION = 1
 CKPT_NAME, MODEL_NAME = "ckpt.pt", "model.pt"
 
@@ -213,7 +214,9 @@ class Checkpointer:
         rec.budget_metrics = dict(state.get("budget_metrics", {}))
         rec.budget_health = list(state.get("budget_health", []))
         ts.par.model.load_state_dict(state["model"])
-        ts.opt.load_state_dict(self._optimizer_state(state, ts.par.shards_optimizer))
+        # the moments as saved, the implementation (train.adamw) as the spec says: load_state_dict alone would
+        # bring back the saved groups' fused / foreach flags
+        load_optimizer_state(ts.opt, self._optimizer_state(state, ts.par.shards_optimizer), self.run.train.adamw)
         ts.sched.load_state_dict(state["scheduler"])
         rec.health.load_state_dict(state["health"])
         set_rng_state(state["rng"], self.device)

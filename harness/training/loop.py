@@ -31,7 +31,7 @@ from ..routing.router import Routing
 from ..spec import RunSpec
 from ..store import Store
 from ..suites.base import SuiteAdapter
-from . import budgets, distributed, schedule
+from . import budgets, distributed, optim, schedule
 from .checkpoint import Checkpointer, CheckpointWriteError, rng_state, set_rng_state
 from .checkpoint import load_checkpoint  # noqa: F401 - importable from here, as before
 from .device import pick_device, reset_peak_memory
@@ -86,7 +86,8 @@ def make_optimizer(model: nn.Module, run: RunSpec) -> torch.optim.Optimizer:
     decay = [p for n, p in named if p.dim() >= 2 and n not in skip]
     no_decay = [p for n, p in named if p.dim() < 2 or n in skip]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+    # train.adamw: fused / foreach / loop, passed to the constructor (harness.training.optim), the same for every model
+    return optim.make_adamw(groups, t.adamw, optim.named_ids(model), lr=t.lr, betas=(t.beta1, t.beta2))
 
 
 def make_scheduler(opt: torch.optim.Optimizer, run: RunSpec) -> torch.optim.lr_scheduler.LambdaLR:
