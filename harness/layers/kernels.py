@@ -242,6 +242,8 @@ def run_fused(bank: Bank, x_sorted: Tensor, counts: Counts, source: Source = Non
     if (x_sorted.device.type != "cpu" or bank.activation not in SUPPORTED_ACTIVATIONS
             or compute_dtype(x_sorted) != x_sorted.dtype or not fused_experts.available()):
         return run_loop_recompute(bank, x_sorted, counts, source)
+    if x_sorted.shape[0] == 0:  # no rows: the loop's empty output, so the experts get no gradient (as loop's)
+        return run_loop(bank, x_sorted, counts, source)
     return fused_experts.fused_segment_mlp(x_sorted, _counts_list(counts), bank.activation, bank.w1, bank.b1,
                                            bank.w2, bank.b2, source=source)
 

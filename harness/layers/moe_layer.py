@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from ..routing.losses import BALANCE_SCOPES, GlobalBalance, global_balance
 from ..routing.router import RouteContext, Router, Routing
+from . import dispatch_combine, fused_experts, kernels
 from .experts import ExpertBank
 from .kernels import DEFAULT_IMPL
 from .null_experts import NullExperts, NullMix, ffn_flops
@@ -74,6 +75,7 @@ class Dispatch:
     x: Tensor | None = None               # [T, d] the layer input they were gathered from (x_sorted == x[token])
     null_counts: Tensor | None = None     # [n_null] slots per zero-computation expert (None: the layer has none)
     null_slots: Tensor | None = None      # the slots (k-major ids) that chose a null expert; never dropped
+    planned_in_cpp: bool = False          # planned by :mod:`.dispatch_combine` (so combine may use its C++ too)
 
     @property
     def from_all_outputs(self) -> bool:
@@ -192,9 +194,13 @@ class MoELayer(nn.Module):
         mark("route")
         d = self.permute(x, routing, ctx)
         mark("permute")
-        out = ctx.all_expert_outputs() if d.from_all_outputs else self.run_experts(d)
-        mark("run_experts")
-        y = self.combine(x, d, out)
+        if self._runs_fused(d, x):  # run_experts and combine in one C++ call each way: the same bits
+            y = self.fused_experts_and_combine(x, d)
+            mark("run_experts")
+        else:
+            out = ctx.all_expert_outputs() if d.from_all_outputs else self.run_experts(d)
+            mark("run_experts")
+            y = self.combine(x, d, out)
         mark("combine")
         routing.stats = dict(routing.stats)
         routing.stats["dropped_tokens"] = float(d.dropped)
@@ -267,6 +273,10 @@ class MoELayer(nn.Module):
         if ctx.has_all_expert_outputs:  # unused slots have weight 0: combine's gather adds nothing for them
             return Dispatch(idx, w, counts, null_counts=null_counts)
         T, k = idx.shape
+        if null_counts is None and dispatch_combine.applies(x):  # the same plan in one C++ call
+            order, token, counts, dropped = dispatch_combine.plan(flat, used, T, self.num_experts, self.capacity(T))
+            return Dispatch(idx, w, counts, dropped, order, token, w.t().reshape(-1), x.index_select(0, token), x,
+                            planned_in_cpp=True)
         slot_expert = flat
         slot_token = torch.arange(T, device=x.device).repeat(k)
         slot_weights = w.t().reshape(-1)
@@ -293,6 +303,25 @@ class MoELayer(nn.Module):
         """Expert e on the e-th contiguous segment of the expert-sorted rows ([S, d] -> [S, d])."""
         return self.experts.forward_sorted(d.x_sorted, d.counts, source=(d.x, d.token))
 
+    def _runs_fused(self, d: Dispatch, x: Tensor) -> bool:
+        """Whether :meth:`fused_experts_and_combine` replaces :meth:`run_experts` + :meth:`combine`: a C++ plan,
+        the bank's kernel resolving to ``fused`` here, and not a subclass that runs its experts elsewhere
+        (expert parallelism)."""
+        # no slot at all: the Python path, whose experts then get no gradient (None, not zeros: AdamW skips them)
+        return (d.planned_in_cpp and d.order.numel() > 0 and type(self).run_experts is MoELayer.run_experts
+                and kernels.resolve(getattr(self.experts, "experts_impl", DEFAULT_IMPL), self.experts, d.x_sorted)
+                == "fused"
+                and fused_experts.moe_applies(self.experts, x))
+
+    def fused_experts_and_combine(self, x: Tensor, d: Dispatch) -> Tensor:
+        """:meth:`run_experts` then :meth:`combine` (without the null experts, which a C++ plan never has) as
+        one autograd node: gather, the ``fused`` kernel's expert loop, the weighted scatter-add; then the shared
+        experts. ``harness bench`` counts the combine in ``run_experts`` on this path."""
+        y = fused_experts.fused_moe(self.experts, x, d.slot_weights, d.order, d.token, d.counts.tolist())
+        if self.shared_expert is not None:
+            y = y + self.shared_expert.expert(0, x)
+        return y
+
     def all_expert_outputs(self, x: Tensor) -> Tensor:
         """Every expert on every token, [T, d] -> [T, E, d] (what ``ctx.all_expert_outputs()`` returns);
         with null experts their outputs are the last n_null columns."""
@@ -311,6 +340,8 @@ class MoELayer(nn.Module):
             T, k = d.indices.shape
             chosen = out.gather(1, d.indices.unsqueeze(-1).expand(T, k, out.shape[-1]))
             y = (chosen * d.weights.unsqueeze(-1)).sum(1)
+        elif d.planned_in_cpp and out.dtype == torch.float32 and d.slot_weights.dtype == torch.float32:
+            y = dispatch_combine.combine(out, d.slot_weights, d.order, d.token, x.shape[0])  # the same bits
         else:
             out = out * d.slot_weights[d.order].unsqueeze(-1)
             y = torch.zeros_like(x).index_add_(0, d.token, out)

@@ -9,6 +9,7 @@
 // GEMMs then on one thread.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -51,15 +52,45 @@ void for_experts(const std::vector<int64_t>& live, F body) {
   }
 }
 
+
+// x[token] row by row (a copy: index_select's bits)
+at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& token) {
+  auto x = x_in.contiguous();
+  const int64_t S = token.numel(), d = x.size(1);
+  auto out = at::empty({S, d}, x.options());
+  const float* src = x.data_ptr<float>();
+  const int64_t* tk = token.data_ptr<int64_t>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t p = 0; p < S; ++p) std::memcpy(dst + p * d, src + tk[p] * d, sizeof(float) * d);
+  return out;
+}
+
+// zeros [T, d] with g's rows added at token in order: index_add_'s bits (IndexSelectBackward)
+at::Tensor scatter_add_rows(const at::Tensor& g_in, const at::Tensor& token, int64_t T) {
+  auto g = g_in.contiguous();
+  const int64_t S = token.numel(), d = g.size(1);
+  auto out = at::zeros({T, d}, g.options());
+  const float* src = g.data_ptr<float>();
+  const int64_t* tk = token.data_ptr<int64_t>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t p = 0; p < S; ++p) {
+    float* row = dst + tk[p] * d;
+    const float* s = src + p * d;
+    for (int64_t j = 0; j < d; ++j) row[j] = row[j] + s[j];
+  }
+  return out;
+}
+
 }  // namespace
 
 // -> (out [S, d_out], pre [S, d_ff])
-std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> counts, int64_t act,
-                                const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                                const at::Tensor& b2) {
+std::vector<at::Tensor> forward_impl(const at::Tensor& x, std::vector<int64_t> counts, int64_t act,
+                                     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                     const at::Tensor& b2, bool keep_h) {
   const int64_t S = x.size(0);
   auto pre = at::empty({S, w1.size(2)}, x.options());
   auto out = at::empty({S, w2.size(2)}, x.options());
+  auto hs = keep_h ? at::empty({S, w1.size(2)}, x.options()) : at::Tensor();
   auto st = starts_of(counts);
   std::vector<int64_t> live;
   for (size_t e = 0; e < counts.size(); ++e) if (counts[e]) live.push_back(e);
@@ -68,15 +99,25 @@ std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> counts
     auto pe = pre.narrow(0, st[e], counts[e]);
     auto oe = out.narrow(0, st[e], counts[e]);
     at::addmm_out(pe, b1.select(0, e), xs, w1.select(0, e));
-    at::addmm_out(oe, b2.select(0, e), act_fwd(pe, act), w2.select(0, e));
+    auto h = act_fwd(pe, act);
+    if (keep_h) hs.narrow(0, st[e], counts[e]).copy_(h);
+    at::addmm_out(oe, b2.select(0, e), h, w2.select(0, e));
   });
-  return {out, pre};
+  return {out, pre, hs};
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& x, std::vector<int64_t> counts, int64_t act,
+                                const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                const at::Tensor& b2) {
+  auto r = forward_impl(x, counts, act, w1, b1, w2, b2, false);
+  return {r[0], r[1]};
 }
 
 // -> (gx or undefined, gw1, gb1, gw2, gb2 or undefined)
-std::vector<at::Tensor> backward(const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& pre,
-                                 std::vector<int64_t> counts, int64_t act, const at::Tensor& w1,
-                                 const at::Tensor& w2, bool need_x, bool need_w) {
+// h_saved: the activation output when the caller kept it (fused moe), else undefined (recomputed from pre)
+std::vector<at::Tensor> backward_impl(const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& pre,
+                                      const at::Tensor& h_saved, std::vector<int64_t> counts, int64_t act,
+                                      const at::Tensor& w1, const at::Tensor& w2, bool need_x, bool need_w) {
   auto grad = grad_in.contiguous();
   auto st = starts_of(counts);
   std::vector<int64_t> live;
@@ -92,7 +133,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_in, const at::Tensor& x,
     auto gs = grad.narrow(0, st[e], counts[e]);
     auto xs = x.narrow(0, st[e], counts[e]);
     auto ps = pre.narrow(0, st[e], counts[e]);
-    auto h = act_fwd(ps, act);  // recomputed: the forward's bits
+    auto h = h_saved.defined() ? h_saved.narrow(0, st[e], counts[e]) : act_fwd(ps, act);  // recomputed: the same bits
     auto gpre = act_bwd(at::mm(gs, w2.select(0, e).t()), ps, h, act);
     if (need_w) {
       auto gw2e = gw2.select(0, e); at::mm_out(gw2e, h.t(), gs);
@@ -108,7 +149,96 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_in, const at::Tensor& x,
   return {gx, gw1, gb1, gw2, gb2};
 }
 
+std::vector<at::Tensor> backward(const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& pre,
+                                 std::vector<int64_t> counts, int64_t act, const at::Tensor& w1,
+                                 const at::Tensor& w2, bool need_x, bool need_w) {
+  return backward_impl(grad_in, x, pre, at::Tensor(), counts, act, w1, w2, need_x, need_w);
+}
+
+
+// The whole token-choice MoE FFN after the plan (harness/layers/fused_experts.py ``fused_moe``): gather the
+// slots' token rows, the expert loop above, and the weighted combine, forward and backward each one call.
+// The same ATen ops and float operations in the same order as the Python composite (index_select ->
+// the loop -> out * w -> index_add_ into zeros; backward: IndexAddBackward's gather, MulBackward's two
+// products and sum_to_size's at::sum, IndexBackward's 0 + g, IndexSelectBackward's index_add_ into
+// zeros), so the bits are the ``loop`` kernel's with the Python steps at one thread (tests/test_fused_moe.py).
+// -> (y [T, d], x_sorted [S, d], pre [S, d_ff], h [S, d_ff] the activation output, out [S, d])
+std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& token, const at::Tensor& order,
+                                    const at::Tensor& w_slot_in, std::vector<int64_t> counts, int64_t act,
+                                    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                    const at::Tensor& b2) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w_slot_in.scalar_type() == at::kFloat,
+              "fused moe: float32 only (other dtypes take the Python path)");
+  auto xs = gather_rows(x, token);
+  auto r = forward_impl(xs, counts, act, w1, b1, w2, b2, true);
+  auto out = r[0];
+  auto w_slot = w_slot_in.contiguous();
+  const int64_t S = out.size(0), d = out.size(1);
+  auto y = at::zeros({x.size(0), d}, out.options());
+  const float* src = out.data_ptr<float>();
+  const float* wp = w_slot.data_ptr<float>();
+  const int64_t* o = order.data_ptr<int64_t>();
+  const int64_t* tk = token.data_ptr<int64_t>();
+  float* dst = y.data_ptr<float>();
+  for (int64_t p = 0; p < S; ++p) {
+    const float wv = wp[o[p]];
+    const float* s = src + p * d;
+    float* row = dst + tk[p] * d;
+    for (int64_t j = 0; j < d; ++j) {
+      const float prod = s[j] * wv;
+      row[j] = row[j] + prod;
+    }
+  }
+  return {y, xs, r[1], r[2], out};
+}
+
+// -> (gx [T, d] or undefined, g_w [N] or undefined, gw1, gb1, gw2, gb2 or undefined)
+std::vector<at::Tensor> moe_backward(const at::Tensor& gy_in, int64_t num_tokens, const at::Tensor& xs,
+                                     const at::Tensor& token, const at::Tensor& order, const at::Tensor& w_slot_in,
+                                     const at::Tensor& pre, const at::Tensor& h, const at::Tensor& out, std::vector<int64_t> counts, int64_t act,
+                                     const at::Tensor& w1, const at::Tensor& w2, bool need_x, bool need_slot_w,
+                                     bool need_w) {
+  auto gy = gy_in.contiguous();
+  auto w_slot = w_slot_in.contiguous();
+  const int64_t S = out.size(0), d = out.size(1), N = w_slot.numel();
+  const float* g = gy.data_ptr<float>();
+  const float* src = out.data_ptr<float>();
+  const float* wp = w_slot.data_ptr<float>();
+  const int64_t* o = order.data_ptr<int64_t>();
+  const int64_t* tk = token.data_ptr<int64_t>();
+  at::Tensor g_w;
+  if (need_slot_w) {
+    auto prod = at::empty({S, d}, out.options());
+    float* pr = prod.data_ptr<float>();
+    for (int64_t p = 0; p < S; ++p) {
+      const float* gr = g + tk[p] * d;
+      for (int64_t j = 0; j < d; ++j) pr[p * d + j] = gr[j] * src[p * d + j];
+    }
+    auto per_slot = at::sum(prod, {1});
+    g_w = at::zeros({N}, w_slot.options());
+    const float* ps = per_slot.data_ptr<float>();
+    float* gw = g_w.data_ptr<float>();
+    for (int64_t p = 0; p < S; ++p) gw[o[p]] = gw[o[p]] + ps[p];
+  }
+  at::Tensor gx, gw1, gb1, gw2, gb2;
+  if (need_x || need_w) {
+    auto g_out = at::empty({S, d}, out.options());
+    float* go = g_out.data_ptr<float>();
+    for (int64_t p = 0; p < S; ++p) {
+      const float wv = wp[o[p]];
+      const float* gr = g + tk[p] * d;
+      for (int64_t j = 0; j < d; ++j) go[p * d + j] = gr[j] * wv;
+    }
+    auto r = backward_impl(g_out, xs, pre, h, counts, act, w1, w2, need_x, need_w);
+    if (need_x) gx = scatter_add_rows(r[0], token, num_tokens);
+    gw1 = r[1]; gb1 = r[2]; gw2 = r[3]; gb2 = r[4];
+  }
+  return {gx, g_w, gw1, gb1, gw2, gb2};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "expert segments forward: (out, pre)");
   m.def("backward", &backward, "expert segments backward: (gx, gw1, gb1, gw2, gb2)");
+  m.def("moe_forward", &moe_forward, "gather, expert segments, weighted combine: (y, pre, out)");
+  m.def("moe_backward", &moe_backward, "(gx, g_slot_w, gw1, gb1, gw2, gb2)");
 }
