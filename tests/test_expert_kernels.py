@@ -240,6 +240,21 @@ def test_auto_picks_loop_on_cpu_and_by_device_on_cuda():
         assert kernels.pick(dev, torch.bfloat16, 60, 256, 1024, 8) == "padded_bmm"  # misaligned for grouped_mm
 
 
+def test_auto_runs_fused_on_cpu_in_float32_where_it_is_built(monkeypatch):
+    from harness.layers import fused_experts
+
+    bank = ExpertBank(8, 64, 128, "gelu", experts_impl="auto")
+    x = torch.randn(2048, 64)
+    monkeypatch.setattr(fused_experts, "available", lambda: True)
+    assert kernels.resolve("auto", bank, x) == "fused"
+    assert kernels.resolve("auto", bank, x.double()) == "grouped_mm"  # not float32: pick's rule
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.resolve("auto", bank, x) == "grouped_mm"
+    assert kernels.resolve("loop", bank, x) == "loop"
+    monkeypatch.setattr(fused_experts, "available", lambda: False)  # no compiler: pick's rule
+    assert kernels.resolve("auto", bank, x) == "grouped_mm"
+
+
 # -- expert parallelism, one process --------------------------------------------------------------
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -25,10 +25,10 @@ def _one_thread():
 
 
 def _layer_run(impl: str, cpp: bool, router: str, T: int, capacity, shared: int, need_x: bool, monkeypatch,
-               activation: str = "gelu"):
+               activation: str = "gelu", d_ff: int = 24):
     monkeypatch.setattr(dispatch_combine, "applies", lambda x: cpp and dispatch_combine.available())
     torch.manual_seed(0)
-    layer = MoELayer(16, 24, create_router(router, 16, 8, 2), capacity_factor=capacity, shared_experts=shared,
+    layer = MoELayer(16, d_ff, create_router(router, 16, 8, 2), capacity_factor=capacity, shared_experts=shared,
                      experts_impl=impl, activation=activation)
     x = torch.randn(T, 16, generator=torch.Generator().manual_seed(1)).requires_grad_(need_x)
     ids = torch.randint(0, 256, (T,), generator=torch.Generator().manual_seed(2))
@@ -54,10 +54,11 @@ def test_fused_moe_gives_the_loop_and_python_steps_bits(router, capacity, shared
         assert (u is None and v is None) or torch.equal(u, v)
 
 
-@pytest.mark.parametrize("activation", ["relu", "silu"])
-def test_other_activations(activation, monkeypatch):
-    _, ref = _layer_run("loop", False, "smoe", 64, None, 0, True, monkeypatch, activation)
-    ran, got = _layer_run("fused", True, "smoe", 64, None, 0, True, monkeypatch, activation)
+@pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])
+@pytest.mark.parametrize("d_ff", [24, 64, 128])  # per-expert activation calls, and one call over all rows
+def test_every_activation_and_width(activation, d_ff, monkeypatch):
+    _, ref = _layer_run("loop", False, "smoe", 301, None, 0, True, monkeypatch, activation, d_ff)
+    ran, got = _layer_run("fused", True, "smoe", 301, None, 0, True, monkeypatch, activation, d_ff)
     assert ran and all(torch.equal(u, v) for u, v in zip(ref, got))
 
 

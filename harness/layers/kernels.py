@@ -32,8 +32,9 @@ bit for bit (it is the shipped default, and what the regression goldens were tra
     Under autocast the inputs and weights are cast to the autocast dtype first
     (``grouped_mm`` is not on autocast's op lists).
 ``auto``
-    :func:`pick` per call, from the device, the compute dtype and the shapes (see there for the
-    measured CPU crossover: grouped_mm for small experts, else loop).
+    On CPU in float32 ``fused`` where its extension is built (:func:`resolve`: measured fastest at the
+    default LM preset, and the loop's bits); otherwise :func:`pick` per call, from the device, the compute
+    dtype and the shapes (see there for the measured CPU crossover: grouped_mm for small experts, else loop).
 """
 from __future__ import annotations
 
@@ -142,9 +143,20 @@ def pick(device: torch.device, dtype: torch.dtype, d_model: int, d_ff: int, rows
 
 
 def resolve(impl: str, bank: Bank, x_sorted: Tensor) -> str:
-    """``impl`` itself, or for ``auto`` the kernel :func:`pick` chooses for this call."""
+    """``impl`` itself, or for ``auto`` the kernel for this call: on CPU in float32 ``fused`` wherever its C++
+    extension is built (with the C++ permute plan the MoE layer then runs gather, experts and combine as one
+    node: ``MoELayer.fused_experts_and_combine``), else the kernel :func:`pick` chooses.
+
+    Why ``fused`` on CPU (docs/speed.md, issue 33): at the default LM preset (1,024 tokens, d 64, d_ff 128,
+    E 8, top-2; 1 thread, 2-core AMD EPYC, 40 interleaved rounds, ``benchmarks/step_breakdown.py``) the whole
+    smoe training step took 22.30 ms on it against 22.89 on grouped_mm (dense 18.19), and the layer alone
+    (``harness bench``-style A/B) 0.80x grouped_mm's time; its bits are the ``loop`` kernel's at one thread
+    (grouped_mm's are not), whatever the loads."""
     if impl != "auto":
         return impl
+    if (x_sorted.device.type == "cpu" and x_sorted.dtype == torch.float32 and compute_dtype(x_sorted) == torch.float32
+            and bank.activation in SUPPORTED_ACTIVATIONS and fused_experts.available()):
+        return "fused"
     return pick(x_sorted.device, compute_dtype(x_sorted), bank.d_model, bank.d_ff, x_sorted.shape[0],
                 bank.num_experts)
 

@@ -35,6 +35,10 @@ at::Tensor act_bwd(const at::Tensor& grad, const at::Tensor& pre, const at::Tens
   TORCH_CHECK(false, "fused experts: unknown activation code ", act);
 }
 
+// whether an elementwise op over all [S, d_ff] rows gives the bits of the per-expert calls (see forward_impl):
+// 64 floats is a whole number of ATen's SIMD chunks (2 vectors) up to AVX-512
+bool whole_rows_ok(int64_t d_ff) { return d_ff % 64 == 0; }
+
 std::vector<int64_t> starts_of(const std::vector<int64_t>& counts) {
   std::vector<int64_t> s(counts.size() + 1, 0);
   for (size_t e = 0; e < counts.size(); ++e) s[e + 1] = s[e] + counts[e];
@@ -83,26 +87,35 @@ at::Tensor scatter_add_rows(const at::Tensor& g_in, const at::Tensor& token, int
 
 }  // namespace
 
-// -> (out [S, d_out], pre [S, d_ff])
+// -> (out [S, d_out], pre [S, d_ff], h [S, d_ff] if keep_h)
 std::vector<at::Tensor> forward_impl(const at::Tensor& x, std::vector<int64_t> counts, int64_t act,
                                      const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                                      const at::Tensor& b2, bool keep_h) {
   const int64_t S = x.size(0);
   auto pre = at::empty({S, w1.size(2)}, x.options());
   auto out = at::empty({S, w2.size(2)}, x.options());
-  auto hs = keep_h ? at::empty({S, w1.size(2)}, x.options()) : at::Tensor();
+  at::Tensor hs;  // the activation output, returned where the caller keeps it for backward
   auto st = starts_of(counts);
   std::vector<int64_t> live;
   for (size_t e = 0; e < counts.size(); ++e) if (counts[e]) live.push_back(e);
+  // The activation runs once over all S rows, between the two GEMM loops, where that gives the per-expert
+  // calls' bits: one call over [S, d_ff] cost about half as much per element as E calls over the segments
+  // at d_ff 128 (1 thread, model-level profile). ATen's elementwise kernels run SIMD chunks and a scalar
+  // tail, whose bits can differ (SiLU's do); with d_ff a multiple of whole_rows_ok's 64 floats every segment
+  // starts on a chunk boundary and has no tail, so the split changes nothing. Otherwise: per expert.
+  const bool whole = whole_rows_ok(w1.size(2));
+  at::Tensor h = whole ? at::Tensor() : at::empty_like(pre);
   for_experts(live, [&](int64_t e) {
-    auto xs = x.narrow(0, st[e], counts[e]);
     auto pe = pre.narrow(0, st[e], counts[e]);
-    auto oe = out.narrow(0, st[e], counts[e]);
-    at::addmm_out(pe, b1.select(0, e), xs, w1.select(0, e));
-    auto h = act_fwd(pe, act);
-    if (keep_h) hs.narrow(0, st[e], counts[e]).copy_(h);
-    at::addmm_out(oe, b2.select(0, e), h, w2.select(0, e));
+    at::addmm_out(pe, b1.select(0, e), x.narrow(0, st[e], counts[e]), w1.select(0, e));
+    if (!whole) h.narrow(0, st[e], counts[e]).copy_(act_fwd(pe, act));
   });
+  if (whole) h = act_fwd(pre, act);
+  for_experts(live, [&](int64_t e) {
+    auto oe = out.narrow(0, st[e], counts[e]);
+    at::addmm_out(oe, b2.select(0, e), h.narrow(0, st[e], counts[e]), w2.select(0, e));
+  });
+  if (keep_h) hs = h;
   return {out, pre, hs};
 }
 
@@ -129,21 +142,38 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_in, const at::Tenso
     gw1 = mk(w1); gb1 = mk(w1.select(1, 0)); gw2 = mk(w2); gb2 = mk(w2.select(1, 0));
   }
   if (need_x) gx = at::empty_like(x);
+  auto gh = at::empty_like(pre);
+  for_experts(live, [&](int64_t e) {
+    auto ghe = gh.narrow(0, st[e], counts[e]);
+    at::mm_out(ghe, grad.narrow(0, st[e], counts[e]), w2.select(0, e).t());
+  });
+  // the activation and its backward over all rows at once, or per expert: as the forward (whole_rows_ok)
+  at::Tensor h = h_saved, gpre;
+  if (whole_rows_ok(pre.size(1))) {
+    if (!h.defined()) h = act_fwd(pre, act);  // recomputed: the same bits
+    gpre = act_bwd(gh, pre, h, act);
+  } else {
+    if (!h.defined()) h = at::empty_like(pre);
+    gpre = at::empty_like(pre);
+    for (int64_t e : live) {
+      auto ps = pre.narrow(0, st[e], counts[e]);
+      auto he = h.narrow(0, st[e], counts[e]);
+      if (!h_saved.defined()) he.copy_(act_fwd(ps, act));
+      gpre.narrow(0, st[e], counts[e]).copy_(act_bwd(gh.narrow(0, st[e], counts[e]), ps, he, act));
+    }
+  }
   for_experts(live, [&](int64_t e) {
     auto gs = grad.narrow(0, st[e], counts[e]);
-    auto xs = x.narrow(0, st[e], counts[e]);
-    auto ps = pre.narrow(0, st[e], counts[e]);
-    auto h = h_saved.defined() ? h_saved.narrow(0, st[e], counts[e]) : act_fwd(ps, act);  // recomputed: the same bits
-    auto gpre = act_bwd(at::mm(gs, w2.select(0, e).t()), ps, h, act);
+    auto gp = gpre.narrow(0, st[e], counts[e]);
     if (need_w) {
-      auto gw2e = gw2.select(0, e); at::mm_out(gw2e, h.t(), gs);
+      auto gw2e = gw2.select(0, e); at::mm_out(gw2e, h.narrow(0, st[e], counts[e]).t(), gs);
       auto gb2e = gb2.select(0, e); at::sum_out(gb2e, gs, {0});
-      auto gw1e = gw1.select(0, e); at::mm_out(gw1e, xs.t(), gpre);
-      auto gb1e = gb1.select(0, e); at::sum_out(gb1e, gpre, {0});
+      auto gw1e = gw1.select(0, e); at::mm_out(gw1e, x.narrow(0, st[e], counts[e]).t(), gp);
+      auto gb1e = gb1.select(0, e); at::sum_out(gb1e, gp, {0});
     }
     if (need_x) {
       auto gxe = gx.narrow(0, st[e], counts[e]);
-      at::mm_out(gxe, gpre, w1.select(0, e).t());
+      at::mm_out(gxe, gp, w1.select(0, e).t());
     }
   });
   return {gx, gw1, gb1, gw2, gb2};
