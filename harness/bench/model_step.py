@@ -167,9 +167,10 @@ def summarise_step_bench(b: StepBench) -> None:
         b.stats[label] = st
 
 
-# The issue-17 model-level targets: every token-choice router's step <= 1.10x the dense model's; X-MoE
-# and MoGE <= 1.05x SMoE's. Token choice: every built-in router but expert_choice (and dense itself).
-STEP_DENSE_TARGET = 1.10
+# The model-level targets: every token-choice router's step <= 1.20x the dense model's (issue 33, at the
+# size the suites train; issue 17 asked 1.10x, at no size reached); X-MoE and MoGE <= 1.05x SMoE's (issue 17).
+# Token choice: every built-in router but expert_choice (and dense itself).
+STEP_DENSE_TARGET = 1.20
 STEP_SMOE_TARGETS: dict[str, float] = {"xmoe": 1.05, "moge": 1.05}
 NOT_TOKEN_CHOICE = ("dense", "expert_choice")
 
@@ -215,7 +216,7 @@ def print_step_report(b: StepBench) -> None:
               f"{len(next(iter(b.times.values())))} interleaved rounds of {b.steps_per_round} steps; "
               f"vs_*: per-round time ratios")
         print(step_table(b))
-    print("\ntargets (issue 17, model level):")
+    print("\ntargets (issues 33 and 17, model level):")
     for ok, text in step_targets(b):
         print(f"  {'met   ' if ok else 'MISSED'}  {text}")
 

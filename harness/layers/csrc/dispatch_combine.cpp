@@ -88,15 +88,15 @@ at::Tensor combine_forward(const at::Tensor& out_in, const at::Tensor& w_in, con
               "dispatch_combine: float32 only (other dtypes take the Python path)");
   const int64_t S = out.size(0), d = out.size(1);
   auto y = at::zeros({num_tokens, d}, out.options());
-  const float* src = out.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
+  const float* __restrict__ src = out.data_ptr<float>();
+  const float* __restrict__ wp = w.data_ptr<float>();
   const int64_t* o = order.data_ptr<int64_t>();
   const int64_t* tk = token.data_ptr<int64_t>();
-  float* dst = y.data_ptr<float>();
+  float* __restrict__ dst = y.data_ptr<float>();
   for (int64_t p = 0; p < S; ++p) {
     const float wv = wp[o[p]];
-    const float* s = src + p * d;
-    float* r = dst + tk[p] * d;
+    const float* __restrict__ s = src + p * d;
+    float* __restrict__ r = dst + tk[p] * d;
     for (int64_t j = 0; j < d; ++j) {
       const float prod = s[j] * wv;  // rounded here, as the composite's mul is
       r[j] = r[j] + prod;
@@ -113,32 +113,32 @@ std::vector<at::Tensor> combine_backward(const at::Tensor& gy_in, const at::Tens
   auto out = out_in.contiguous();
   auto w = w_in.contiguous();
   const int64_t S = out.size(0), d = out.size(1), N = w.numel();
-  const float* g = gy.data_ptr<float>();
-  const float* src = out.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
+  const float* __restrict__ g = gy.data_ptr<float>();
+  const float* __restrict__ src = out.data_ptr<float>();
+  const float* __restrict__ wp = w.data_ptr<float>();
   const int64_t* o = order.data_ptr<int64_t>();
   const int64_t* tk = token.data_ptr<int64_t>();
   at::Tensor g_out, g_w;
   if (need_out) {
     g_out = at::empty({S, d}, out.options());
-    float* go = g_out.data_ptr<float>();
+    float* __restrict__ go = g_out.data_ptr<float>();
     for (int64_t p = 0; p < S; ++p) {
       const float wv = wp[o[p]];
-      const float* gr = g + tk[p] * d;
+      const float* __restrict__ gr = g + tk[p] * d;
       for (int64_t j = 0; j < d; ++j) go[p * d + j] = gr[j] * wv;
     }
   }
   if (need_w) {
     auto prod = at::empty({S, d}, out.options());
-    float* pr = prod.data_ptr<float>();
+    float* __restrict__ pr = prod.data_ptr<float>();
     for (int64_t p = 0; p < S; ++p) {
-      const float* gr = g + tk[p] * d;
+      const float* __restrict__ gr = g + tk[p] * d;
       for (int64_t j = 0; j < d; ++j) pr[p * d + j] = gr[j] * src[p * d + j];
     }
     auto per_slot = at::sum(prod, {1});  // the reduction sum_to_size runs: its bits
     g_w = at::zeros({N}, w.options());
-    const float* ps = per_slot.data_ptr<float>();
-    float* gw = g_w.data_ptr<float>();
+    const float* __restrict__ ps = per_slot.data_ptr<float>();
+    float* __restrict__ gw = g_w.data_ptr<float>();
     for (int64_t p = 0; p < S; ++p) gw[o[p]] = gw[o[p]] + ps[p];
   }
   return {g_out, g_w};

@@ -62,9 +62,9 @@ at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& token) {
   auto x = x_in.contiguous();
   const int64_t S = token.numel(), d = x.size(1);
   auto out = at::empty({S, d}, x.options());
-  const float* src = x.data_ptr<float>();
+  const float* __restrict__ src = x.data_ptr<float>();
   const int64_t* tk = token.data_ptr<int64_t>();
-  float* dst = out.data_ptr<float>();
+  float* __restrict__ dst = out.data_ptr<float>();
   for (int64_t p = 0; p < S; ++p) std::memcpy(dst + p * d, src + tk[p] * d, sizeof(float) * d);
   return out;
 }
@@ -74,12 +74,12 @@ at::Tensor scatter_add_rows(const at::Tensor& g_in, const at::Tensor& token, int
   auto g = g_in.contiguous();
   const int64_t S = token.numel(), d = g.size(1);
   auto out = at::zeros({T, d}, g.options());
-  const float* src = g.data_ptr<float>();
+  const float* __restrict__ src = g.data_ptr<float>();
   const int64_t* tk = token.data_ptr<int64_t>();
-  float* dst = out.data_ptr<float>();
+  float* __restrict__ dst = out.data_ptr<float>();
   for (int64_t p = 0; p < S; ++p) {
-    float* row = dst + tk[p] * d;
-    const float* s = src + p * d;
+    float* __restrict__ row = dst + tk[p] * d;
+    const float* __restrict__ s = src + p * d;
     for (int64_t j = 0; j < d; ++j) row[j] = row[j] + s[j];
   }
   return out;
@@ -205,15 +205,15 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& token
   auto w_slot = w_slot_in.contiguous();
   const int64_t S = out.size(0), d = out.size(1);
   auto y = at::zeros({x.size(0), d}, out.options());
-  const float* src = out.data_ptr<float>();
-  const float* wp = w_slot.data_ptr<float>();
+  const float* __restrict__ src = out.data_ptr<float>();
+  const float* __restrict__ wp = w_slot.data_ptr<float>();
   const int64_t* o = order.data_ptr<int64_t>();
   const int64_t* tk = token.data_ptr<int64_t>();
-  float* dst = y.data_ptr<float>();
+  float* __restrict__ dst = y.data_ptr<float>();
   for (int64_t p = 0; p < S; ++p) {
     const float wv = wp[o[p]];
-    const float* s = src + p * d;
-    float* row = dst + tk[p] * d;
+    const float* __restrict__ s = src + p * d;
+    float* __restrict__ row = dst + tk[p] * d;
     for (int64_t j = 0; j < d; ++j) {
       const float prod = s[j] * wv;
       row[j] = row[j] + prod;
@@ -231,32 +231,32 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& gy_in, int64_t num_tokens
   auto gy = gy_in.contiguous();
   auto w_slot = w_slot_in.contiguous();
   const int64_t S = out.size(0), d = out.size(1), N = w_slot.numel();
-  const float* g = gy.data_ptr<float>();
-  const float* src = out.data_ptr<float>();
-  const float* wp = w_slot.data_ptr<float>();
+  const float* __restrict__ g = gy.data_ptr<float>();
+  const float* __restrict__ src = out.data_ptr<float>();
+  const float* __restrict__ wp = w_slot.data_ptr<float>();
   const int64_t* o = order.data_ptr<int64_t>();
   const int64_t* tk = token.data_ptr<int64_t>();
   at::Tensor g_w;
   if (need_slot_w) {
     auto prod = at::empty({S, d}, out.options());
-    float* pr = prod.data_ptr<float>();
+    float* __restrict__ pr = prod.data_ptr<float>();
     for (int64_t p = 0; p < S; ++p) {
-      const float* gr = g + tk[p] * d;
+      const float* __restrict__ gr = g + tk[p] * d;
       for (int64_t j = 0; j < d; ++j) pr[p * d + j] = gr[j] * src[p * d + j];
     }
     auto per_slot = at::sum(prod, {1});
     g_w = at::zeros({N}, w_slot.options());
-    const float* ps = per_slot.data_ptr<float>();
-    float* gw = g_w.data_ptr<float>();
+    const float* __restrict__ ps = per_slot.data_ptr<float>();
+    float* __restrict__ gw = g_w.data_ptr<float>();
     for (int64_t p = 0; p < S; ++p) gw[o[p]] = gw[o[p]] + ps[p];
   }
   at::Tensor gx, gw1, gb1, gw2, gb2;
   if (need_x || need_w) {
     auto g_out = at::empty({S, d}, out.options());
-    float* go = g_out.data_ptr<float>();
+    float* __restrict__ go = g_out.data_ptr<float>();
     for (int64_t p = 0; p < S; ++p) {
       const float wv = wp[o[p]];
-      const float* gr = g + tk[p] * d;
+      const float* __restrict__ gr = g + tk[p] * d;
       for (int64_t j = 0; j < d; ++j) go[p * d + j] = gr[j] * wv;
     }
     auto r = backward_impl(g_out, xs, pre, h, counts, act, w1, w2, need_x, need_w);
