@@ -3,15 +3,17 @@
 One loader for every extension under ``csrc/`` (the ``fused`` expert kernel, the permute plan and
 weighted combine): ``torch.utils.cpp_extension.load`` builds the source with ``-O3`` (and
 ``-ffp-contract=off``: no multiply-add fusion, so the C++ arithmetic rounds where the Python composite it
-replaces does) into torch's extension root (``$TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``); ``scripts/install.sh`` builds them once. Where one cannot be built (no
-compiler, no ninja) the loader logs one line and returns None, and the caller runs its Python path, which
-computes the same bits. ``HARNESS_NO_CPP=1`` turns every extension off (``HARNESS_NO_FUSED_EXPERTS=1``,
-the older switch, turns off the expert kernel alone). A build killed half-way can leave a ``lock`` file in
-its build directory, on which the next build waits: delete ``<name>/lock`` there.
+replaces does) into a directory of torch's extension root (``$TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions/py311_cu130/``) named ``<name>-<key>``, one per checkout (:func:`build_dir`);
+``scripts/install.sh`` builds them once. Where one cannot be built (no compiler, no ninja) the loader logs one
+line and returns None, and the caller runs its Python path, which computes the same bits. ``HARNESS_NO_CPP=1``
+turns every extension off (``HARNESS_NO_FUSED_EXPERTS=1``, the older switch, turns off the expert kernel
+alone). A build killed half-way can leave a ``lock`` file in its build directory, on which the next build
+waits: delete ``<name>-<key>/lock`` there.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -22,6 +24,20 @@ log = logging.getLogger("harness")
 CSRC = Path(__file__).with_name("csrc")
 
 
+def build_dir(name: str) -> Path:
+    """Where ``name`` is built: torch's extension root, one directory per checkout (keyed by this ``csrc/``'s
+    path). One shared directory would make two checkouts -- a worktree of another revision that ``harness
+    regress`` times, a second clone -- rebuild each other's kernel on every load (ninja sees another source
+    path), and a run would wait on that compile."""
+    from torch.utils import cpp_extension
+
+    root = Path(cpp_extension._get_build_directory(name, False)).parent  # $TORCH_EXTENSIONS_DIR or the default
+    key = hashlib.sha1(str(CSRC.resolve()).encode()).hexdigest()[:10]
+    path = root / f"{name}-{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def load(name: str, source: str, what: str, fallback: str = "the Python path") -> Any | None:
     """The compiled module ``name`` of ``csrc/<source>``, or None, logged in one line (``what`` could not be
     built; ``fallback`` runs, the same numbers). Callers cache the result (one build, one line per process)."""
@@ -30,7 +46,7 @@ def load(name: str, source: str, what: str, fallback: str = "the Python path") -
     try:
         from torch.utils import cpp_extension
 
-        return cpp_extension.load(name=name, sources=[str(CSRC / source)],
+        return cpp_extension.load(name=name, sources=[str(CSRC / source)], build_directory=str(build_dir(name)),
                                   extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: run the Python path
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -9,14 +9,10 @@ It removes the Python and autograd bookkeeping around the ~8 small ops each expe
 experts run in parallel (``at::parallel_for``), each expert's GEMMs on one thread; the bits can then
 differ from ``loop``'s multi-threaded GEMMs.
 
-The extension is compiled with ``torch.utils.cpp_extension.load`` on first use (about a minute;
-``scripts/install.sh`` builds it at install) and cached under torch's extension root
-(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Where it cannot be built (no
-compiler, no ninja) the kernel logs one line and runs ``loop_recompute``, which computes the same bits.
-A build killed half-way can leave a ``lock`` file in its build directory, on which the next build waits:
-delete ``harness_segment_mlp/lock`` there (``$TORCH_EXTENSIONS_DIR/`` if set, else e.g.
-``~/.cache/torch_extensions/py311_cu130/``; torch's ``cpp_extension`` file baton).
-CPU tensors only: on CUDA, or under autocast, it runs ``loop_recompute`` too.
+The extension is built and loaded by :mod:`.cpp` (on first use, about a minute, or at install by
+``scripts/install.sh``; cached per checkout under torch's extension root; where it cannot be built the
+kernel logs one line and runs ``loop_recompute``, which computes the same bits; a build killed half-way:
+see :mod:`.cpp`). CPU tensors only: on CUDA, or under autocast, it runs ``loop_recompute`` too.
 """
 from __future__ import annotations
 
