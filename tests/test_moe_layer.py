@@ -179,7 +179,7 @@ def test_forward_is_its_named_steps():
     assert not plan.from_all_outputs
     cap = layer.capacity(T)  # ceil(1.0 * 12 * 2 / 3) = 8: expert 0 has 12 slots, 4 (second choices) drop
     assert cap == 8 and plan.counts.tolist() == [8, 8, 4] and plan.dropped == 4
-    assert plan.x_sorted.shape == (20, d) and plan.order.shape == plan.token.shape == (20,)
+    assert plan.rows().shape == (20, d) and plan.order.shape == plan.token.shape == (20,)
     # expert 0's segment: the 8 first choices (tokens 0..7) in token order; the 4 second choices dropped
     assert plan.token[:8].tolist() == list(range(8))
     y2 = layer.combine(x, plan, layer.run_experts(plan))

@@ -181,7 +181,7 @@ class ExpertParallelMoELayer(MoELayer):
 
     # -- dispatch: slots of this rank's tokens -> owning ranks -> back -----------------------
     def run_experts(self, d: Dispatch) -> Tensor:
-        x_sorted = d.x_sorted
+        x_sorted = d.rows()
         W, El = self.world_size, self.local_experts
         send_counts = d.counts.to(torch.long).reshape(W, El)
         recv_counts = exchange_counts(send_counts.reshape(-1), self.group).reshape(W, El)

@@ -71,7 +71,7 @@ class Dispatch:
     order: Tensor | None = None           # [S] kept slots, expert-sorted
     token: Tensor | None = None           # [S] the token of each kept slot
     slot_weights: Tensor | None = None    # [T*k] combine weights in slot order (``[order]`` picks the kept)
-    x_sorted: Tensor | None = None        # [S, d] the kept slots' token rows: the experts' input
+    x_sorted: Tensor | None = None        # [S, d] the kept slots' token rows: the experts' input (``rows()``)
     x: Tensor | None = None               # [T, d] the layer input they were gathered from (x_sorted == x[token])
     null_counts: Tensor | None = None     # [n_null] slots per zero-computation expert (None: the layer has none)
     null_slots: Tensor | None = None      # the slots (k-major ids) that chose a null expert; never dropped
@@ -80,6 +80,13 @@ class Dispatch:
     @property
     def from_all_outputs(self) -> bool:
         return self.order is None
+
+    def rows(self) -> Tensor:
+        """The experts' input ``x[token]`` ([S, d]), gathered on first use: the fused path
+        (:meth:`MoELayer.fused_experts_and_combine`) gathers in C++ and never needs it."""
+        if self.x_sorted is None:
+            self.x_sorted = self.x.index_select(0, self.token)
+        return self.x_sorted
 
 
 class MoELayer(nn.Module):
@@ -275,8 +282,7 @@ class MoELayer(nn.Module):
         T, k = idx.shape
         if null_counts is None and dispatch_combine.applies(x):  # the same plan in one C++ call
             order, token, counts, dropped = dispatch_combine.plan(flat, used, T, self.num_experts, self.capacity(T))
-            return Dispatch(idx, w, counts, dropped, order, token, w.t().reshape(-1), x.index_select(0, token), x,
-                            planned_in_cpp=True)
+            return Dispatch(idx, w, counts, dropped, order, token, w.t().reshape(-1), None, x, planned_in_cpp=True)
         slot_expert = flat
         slot_token = torch.arange(T, device=x.device).repeat(k)
         slot_weights = w.t().reshape(-1)
@@ -301,7 +307,7 @@ class MoELayer(nn.Module):
 
     def run_experts(self, d: Dispatch) -> Tensor:
         """Expert e on the e-th contiguous segment of the expert-sorted rows ([S, d] -> [S, d])."""
-        return self.experts.forward_sorted(d.x_sorted, d.counts, source=(d.x, d.token))
+        return self.experts.forward_sorted(d.rows(), d.counts, source=(d.x, d.token))
 
     def _runs_fused(self, d: Dispatch, x: Tensor) -> bool:
         """Whether :meth:`fused_experts_and_combine` replaces :meth:`run_experts` + :meth:`combine`: a C++ plan,
@@ -309,8 +315,7 @@ class MoELayer(nn.Module):
         (expert parallelism)."""
         # no slot at all: the Python path, whose experts then get no gradient (None, not zeros: AdamW skips them)
         return (d.planned_in_cpp and d.order.numel() > 0 and type(self).run_experts is MoELayer.run_experts
-                and kernels.resolve(getattr(self.experts, "experts_impl", DEFAULT_IMPL), self.experts, d.x_sorted)
-                == "fused"
+                and kernels.resolve(getattr(self.experts, "experts_impl", DEFAULT_IMPL), self.experts, x) == "fused"
                 and fused_experts.moe_applies(self.experts, x))
 
     def fused_experts_and_combine(self, x: Tensor, d: Dispatch) -> Tensor:
