@@ -16,12 +16,7 @@ from harness.routing.registry import create_router
 from harness.routing.router import RouteContext
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the bit-for-bit claims hold at one thread (conftest.py)
 
 
 def test_the_extension_builds_here():

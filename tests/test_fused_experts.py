@@ -13,12 +13,7 @@ from harness.layers import fused_experts
 from harness.layers.experts import ExpertBank
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the bit-for-bit claims hold at one thread (conftest.py)
 
 
 def test_the_extension_builds_here():

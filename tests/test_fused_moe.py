@@ -12,16 +12,11 @@ from harness.layers.moe_layer import MoELayer
 from harness.routing.registry import create_router
 from harness.routing.router import RouteContext
 
-pytestmark = pytest.mark.skipif(not (fused_experts.available() and dispatch_combine.available()),
-                                reason="no C++ compiler here (HARNESS_NO_CPP / HARNESS_NO_FUSED_EXPERTS)")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.skipif(not (fused_experts.available() and dispatch_combine.available()),
+                       reason="no C++ compiler here (HARNESS_NO_CPP / HARNESS_NO_FUSED_EXPERTS)"),
+    pytest.mark.usefixtures("one_thread"),  # the bit-for-bit claims hold at one thread (conftest.py)
+]
 
 
 def _layer_run(impl: str, cpp: bool, router: str, T: int, capacity, shared: int, need_x: bool, monkeypatch,

@@ -1,7 +1,8 @@
 """The project's small C++ extensions, compiled on first use (or at install) and cached.
 
 One loader for every extension under ``csrc/`` (the ``fused`` expert kernel, the permute plan and
-weighted combine): ``torch.utils.cpp_extension.load`` builds the source with ``-O3`` (and
+weighted combine; ``combine.h`` holds the combine arithmetic both include): ``torch.utils.cpp_extension.load``
+builds the source with ``-O3`` (and
 ``-ffp-contract=off``: no multiply-add fusion, so the C++ arithmetic rounds where the Python composite it
 replaces does) into a directory of torch's extension root (``$TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions/py311_cu130/``) named ``<name>-<key>``, one per checkout (:func:`build_dir`);
@@ -38,6 +39,15 @@ def build_dir(name: str) -> Path:
     return path
 
 
+def headers_key() -> str:
+    """A hash of ``csrc/*.h``. torch rebuilds an extension when its listed sources or flags change, not when a
+    header they include does; this key rides in the flags, so editing ``combine.h`` rebuilds both kernels."""
+    h = hashlib.sha1()
+    for path in sorted(CSRC.glob("*.h")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def load(name: str, source: str, what: str, fallback: str = "the Python path") -> Any | None:
     """The compiled module ``name`` of ``csrc/<source>``, or None, logged in one line (``what`` could not be
     built; ``fallback`` runs, the same numbers). Callers cache the result (one build, one line per process)."""
@@ -47,7 +57,8 @@ def load(name: str, source: str, what: str, fallback: str = "the Python path") -
         from torch.utils import cpp_extension
 
         return cpp_extension.load(name=name, sources=[str(CSRC / source)], build_directory=str(build_dir(name)),
-                                  extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
+                                  extra_cflags=["-O3", "-ffp-contract=off", f"-DHARNESS_HEADERS={headers_key()}"],
+                                  verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: run the Python path
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("%s: the C++ kernel could not be built (%s); running %s, the same numbers",

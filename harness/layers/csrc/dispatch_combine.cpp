@@ -6,15 +6,14 @@
 // to a few tens of microseconds; here they are one call each way.
 //
 // Bits: the plan is integer (the same kept slots in the same order as the stable argsort), and the
-// combine does the same float operations in the same order as the Python composite, so outputs and
-// gradients equal it bit for bit (tests/test_dispatch_combine.py):
-//   forward   y[token[p]] += out[p] * w[order[p]]          (mul, then index_add_ in plan order)
-//   backward  g_out[p]   = gy[token[p]] * w[order[p]]      (IndexAddBackward's index_select, MulBackward)
-//             g_w[order[p]] = sum_j gy[token[p], j] * out[p, j]   (MulBackward's product, then at::sum
-//             over j as sum_to_size does, then IndexBackward's 0 + g)
-// Built with -ffp-contract=off so the compiler never fuses a multiply and an add into one rounding.
+// combine (combine.h, shared with the fused node in segment_mlp.cpp) does the same float operations in the
+// same order as the Python composite, so outputs and gradients equal it bit for bit
+// (tests/test_dispatch_combine.py). Built with -ffp-contract=off so the compiler never fuses a multiply and
+// an add into one rounding.
 #include <torch/extension.h>
 #include <vector>
+
+#include "combine.h"
 
 namespace {
 
@@ -86,23 +85,7 @@ at::Tensor combine_forward(const at::Tensor& out_in, const at::Tensor& w_in, con
   auto w = w_in.contiguous();
   TORCH_CHECK(out.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
               "dispatch_combine: float32 only (other dtypes take the Python path)");
-  const int64_t S = out.size(0), d = out.size(1);
-  auto y = at::zeros({num_tokens, d}, out.options());
-  const float* __restrict__ src = out.data_ptr<float>();
-  const float* __restrict__ wp = w.data_ptr<float>();
-  const int64_t* o = order.data_ptr<int64_t>();
-  const int64_t* tk = token.data_ptr<int64_t>();
-  float* __restrict__ dst = y.data_ptr<float>();
-  for (int64_t p = 0; p < S; ++p) {
-    const float wv = wp[o[p]];
-    const float* __restrict__ s = src + p * d;
-    float* __restrict__ r = dst + tk[p] * d;
-    for (int64_t j = 0; j < d; ++j) {
-      const float prod = s[j] * wv;  // rounded here, as the composite's mul is
-      r[j] = r[j] + prod;
-    }
-  }
-  return y;
+  return harness_combine::weighted_scatter_add(out, w, order, token, num_tokens);
 }
 
 // -> (g_out [S, d] or undefined, g_w [N] or undefined)
@@ -112,35 +95,9 @@ std::vector<at::Tensor> combine_backward(const at::Tensor& gy_in, const at::Tens
   auto gy = gy_in.contiguous();
   auto out = out_in.contiguous();
   auto w = w_in.contiguous();
-  const int64_t S = out.size(0), d = out.size(1), N = w.numel();
-  const float* __restrict__ g = gy.data_ptr<float>();
-  const float* __restrict__ src = out.data_ptr<float>();
-  const float* __restrict__ wp = w.data_ptr<float>();
-  const int64_t* o = order.data_ptr<int64_t>();
-  const int64_t* tk = token.data_ptr<int64_t>();
   at::Tensor g_out, g_w;
-  if (need_out) {
-    g_out = at::empty({S, d}, out.options());
-    float* __restrict__ go = g_out.data_ptr<float>();
-    for (int64_t p = 0; p < S; ++p) {
-      const float wv = wp[o[p]];
-      const float* __restrict__ gr = g + tk[p] * d;
-      for (int64_t j = 0; j < d; ++j) go[p * d + j] = gr[j] * wv;
-    }
-  }
-  if (need_w) {
-    auto prod = at::empty({S, d}, out.options());
-    float* __restrict__ pr = prod.data_ptr<float>();
-    for (int64_t p = 0; p < S; ++p) {
-      const float* __restrict__ gr = g + tk[p] * d;
-      for (int64_t j = 0; j < d; ++j) pr[p * d + j] = gr[j] * src[p * d + j];
-    }
-    auto per_slot = at::sum(prod, {1});  // the reduction sum_to_size runs: its bits
-    g_w = at::zeros({N}, w.options());
-    const float* __restrict__ ps = per_slot.data_ptr<float>();
-    float* __restrict__ gw = g_w.data_ptr<float>();
-    for (int64_t p = 0; p < S; ++p) gw[o[p]] = gw[o[p]] + ps[p];
-  }
+  if (need_out) g_out = harness_combine::grad_outputs(gy, w, order, token, out.size(0), out.size(1));
+  if (need_w) g_w = harness_combine::grad_weights(gy, out, order, token, w.numel());
   return {g_out, g_w};
 }
 

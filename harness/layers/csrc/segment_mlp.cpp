@@ -12,6 +12,8 @@
 #include <cstring>
 #include <vector>
 
+#include "combine.h"
+
 namespace {
 
 enum Act : int64_t { GELU = 0, RELU = 1, SILU = 2 };
@@ -202,23 +204,7 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& token
   auto xs = gather_rows(x, token);
   auto r = forward_impl(xs, counts, act, w1, b1, w2, b2, true);
   auto out = r[0];
-  auto w_slot = w_slot_in.contiguous();
-  const int64_t S = out.size(0), d = out.size(1);
-  auto y = at::zeros({x.size(0), d}, out.options());
-  const float* __restrict__ src = out.data_ptr<float>();
-  const float* __restrict__ wp = w_slot.data_ptr<float>();
-  const int64_t* o = order.data_ptr<int64_t>();
-  const int64_t* tk = token.data_ptr<int64_t>();
-  float* __restrict__ dst = y.data_ptr<float>();
-  for (int64_t p = 0; p < S; ++p) {
-    const float wv = wp[o[p]];
-    const float* __restrict__ s = src + p * d;
-    float* __restrict__ row = dst + tk[p] * d;
-    for (int64_t j = 0; j < d; ++j) {
-      const float prod = s[j] * wv;
-      row[j] = row[j] + prod;
-    }
-  }
+  auto y = harness_combine::weighted_scatter_add(out, w_slot_in.contiguous(), order, token, x.size(0));
   return {y, xs, r[1], r[2], out};
 }
 
@@ -230,35 +216,11 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& gy_in, int64_t num_tokens
                                      bool need_w) {
   auto gy = gy_in.contiguous();
   auto w_slot = w_slot_in.contiguous();
-  const int64_t S = out.size(0), d = out.size(1), N = w_slot.numel();
-  const float* __restrict__ g = gy.data_ptr<float>();
-  const float* __restrict__ src = out.data_ptr<float>();
-  const float* __restrict__ wp = w_slot.data_ptr<float>();
-  const int64_t* o = order.data_ptr<int64_t>();
-  const int64_t* tk = token.data_ptr<int64_t>();
   at::Tensor g_w;
-  if (need_slot_w) {
-    auto prod = at::empty({S, d}, out.options());
-    float* __restrict__ pr = prod.data_ptr<float>();
-    for (int64_t p = 0; p < S; ++p) {
-      const float* __restrict__ gr = g + tk[p] * d;
-      for (int64_t j = 0; j < d; ++j) pr[p * d + j] = gr[j] * src[p * d + j];
-    }
-    auto per_slot = at::sum(prod, {1});
-    g_w = at::zeros({N}, w_slot.options());
-    const float* __restrict__ ps = per_slot.data_ptr<float>();
-    float* __restrict__ gw = g_w.data_ptr<float>();
-    for (int64_t p = 0; p < S; ++p) gw[o[p]] = gw[o[p]] + ps[p];
-  }
+  if (need_slot_w) g_w = harness_combine::grad_weights(gy, out, order, token, w_slot.numel());
   at::Tensor gx, gw1, gb1, gw2, gb2;
   if (need_x || need_w) {
-    auto g_out = at::empty({S, d}, out.options());
-    float* __restrict__ go = g_out.data_ptr<float>();
-    for (int64_t p = 0; p < S; ++p) {
-      const float wv = wp[o[p]];
-      const float* __restrict__ gr = g + tk[p] * d;
-      for (int64_t j = 0; j < d; ++j) go[p * d + j] = gr[j] * wv;
-    }
+    auto g_out = harness_combine::grad_outputs(gy, w_slot, order, token, out.size(0), out.size(1));
     auto r = backward_impl(g_out, xs, pre, h, counts, act, w1, w2, need_x, need_w);
     if (need_x) gx = scatter_add_rows(r[0], token, num_tokens);
     gw1 = r[1]; gb1 = r[2]; gw2 = r[3]; gb2 = r[4];
