@@ -10,5 +10,7 @@ PY=${PYTHON:-python3}
 # the C++ kernels (harness/layers/cpp.py: the fused expert kernel, the MoE permute plan and combine) are compiled
 # once here, not in the first run that uses them; without a compiler the Python paths run (the same numbers)
 "$PY" -c "from harness.layers import fused_experts as f; print('fused expert kernel:', 'built' if f.available() else 'not built (experts_impl=fused runs loop_recompute)')"
+# the fused router tail (softmax -> top-k -> weights -> balance and z losses of smoe, xmoe, moge, competesmoe)
+"$PY" -c "from harness.routing import router_tail as r; print('router tail kernel:', 'built' if r.available() else 'not built (routers run the composite ATen ops)')"
 "$PY" -c "from harness.layers import dispatch_combine as d; print('permute/combine kernel:', 'built' if d.available() else 'not built (the Python steps run)')"
 echo "moe-harness installed. Next: make test"
