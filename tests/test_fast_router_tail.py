@@ -216,7 +216,7 @@ def test_empty_batch_gives_exact_zero_losses():
                   (softmax_topk, torch.zeros(0, 8, requires_grad=True))):
         idx, w, aux = fn(x, x, 2, "auto", 0.01, "slots", 1e-3)
         assert idx.shape == (0, 2) and w.shape == (0, 2) and not _is_fused(w)
-        assert float(aux["balance"]) == 0.0 and float(aux["z_loss"]) == 0.0
+        assert float(aux["balance"].detach()) == 0.0 and float(aux["z_loss"].detach()) == 0.0
         (aux["balance"] + aux["z_loss"]).backward()
         assert x.grad is not None and x.grad.shape == (0, 8)
 

@@ -11,18 +11,20 @@ checks outputs and gradients with ``torch.equal``), so no recorded number depend
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .cpp import load
+from .. import native
 
 
 @functools.lru_cache(maxsize=1)
 def extension() -> Any | None:
-    return load("harness_dispatch_combine", "dispatch_combine.cpp", "the MoE permute/combine")
+    return native.load("harness_dispatch_combine", Path(__file__).with_name("csrc") / "dispatch_combine.cpp",
+                       "the MoE permute/combine")
 
 
 def available() -> bool:

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import cpp
+from .. import native
 from .segment_mlp import save_for_backward, saved_for_backward
 
+CSRC = Path(__file__).with_name("csrc")
 ACT_CODES = {"gelu": 0, "relu": 1, "silu": 2}  # csrc/segment_mlp.cpp ``enum Act``
 
 
@@ -35,7 +37,8 @@ def extension() -> Any | None:
     """The compiled extension module, or None (logged once) where it cannot be built."""
     if os.environ.get("HARNESS_NO_FUSED_EXPERTS"):
         return None
-    return cpp.load("harness_segment_mlp", "segment_mlp.cpp", "experts_impl=fused", "loop_recompute")
+    return native.load("harness_segment_mlp", CSRC / "segment_mlp.cpp", "experts_impl=fused",
+                       "loop_recompute, the same numbers")
 
 
 def available() -> bool:

@@ -49,18 +49,15 @@ apart differently: none in 20 million random tokens (E 8-64, k 1-4, logit scales
 autocast, with the top-k experts (no given ``indices``: gumbel second expert), and, when there is a balance
 loss, the micro-batch balance scope (the global scope's counts live in :class:`~.losses.GlobalBalance`). All
 else -- CUDA, bf16/fp16, float64, T = 0, non-finite scores, a replaced ``gate_weights`` -- runs the composite
-unchanged. The extension is compiled by ``torch.utils.cpp_extension.load`` on first use (a minute;
+unchanged. The extension is compiled by the project's one loader (:mod:`harness.native`) on first use (a minute;
 ``scripts/install.sh`` builds it at install) and cached under torch's extension root as
-``harness_router_tail-<key>``, one per checkout (a build killed half-way can leave a ``lock`` file there, on
-which the next build waits: delete it); without a compiler (or with ``HARNESS_NO_FUSED_ROUTER=1``, or
+``harness_router_tail-<key>``, one per checkout; without a compiler (or with ``HARNESS_NO_FUSED_ROUTER=1``, or
 ``HARNESS_NO_CPP=1`` for every extension) it logs one line and every router runs the composite. The forward
 and backward are the same bits at any thread count.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -68,45 +65,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import native
 from .losses import _ACTIVE_SCOPE, BALANCE_FRACTIONS
-
-log = logging.getLogger("harness")
 
 SOURCE = Path(__file__).with_name("csrc") / "router_tail.cpp"
 BALANCE_CODES = {None: 0, "first": 1, "slots": 2, "k_slots": 3}  # csrc/router_tail.cpp ``enum Balance``
 
 
-def build_dir(name: str) -> Path:
-    """Torch's extension root, one directory per checkout (keyed by this ``csrc/``'s path), as
-    ``harness.layers.cpp.build_dir`` does for the layer kernels: one shared directory would make two checkouts
-    (the worktree ``harness regress`` times, a second clone) rebuild each other's kernel on every load."""
-    from torch.utils import cpp_extension
-
-    root = Path(cpp_extension._get_build_directory(name, False)).parent  # $TORCH_EXTENSIONS_DIR or the default
-    key = hashlib.sha1(str(SOURCE.parent.resolve()).encode()).hexdigest()[:10]
-    path = root / f"{name}-{key}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 @functools.lru_cache(maxsize=1)
 def extension() -> Any | None:
     """The compiled extension module, or None (logged once) where it cannot be built."""
-    if os.environ.get("HARNESS_NO_FUSED_ROUTER") or os.environ.get("HARNESS_NO_CPP"):  # this one / every extension
+    if os.environ.get("HARNESS_NO_FUSED_ROUTER"):
         return None
-    try:
-        from torch.utils import cpp_extension
-
-        # -ffp-contract=off: no FMA contraction, so every build and every clone of the row loops (AVX2 or
-        # not) gives the same bits; -fno-trapping-math lets the branch-free exp vectorise (no value changes)
-        name = "harness_router_tail"
-        return cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir(name)),
-                                  extra_cflags=["-O3", "-ffp-contract=off", "-fno-trapping-math"], verbose=False)
-    except Exception as exc:  # noqa: BLE001 - any build failure means: run the composite
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("router tail: the C++ kernel could not be built (%s); routers run the composite ATen ops",
-                    first[:200])
-        return None
+    # -fno-trapping-math lets the branch-free exp vectorise (no value changes); the loader adds
+    # -ffp-contract=off, so every build and both clones of the row loops (AVX2 or not) give the same bits
+    return native.load("harness_router_tail", SOURCE, "router tail", "the composite ATen ops",
+                       extra_cflags=("-fno-trapping-math",))
 
 
 def available() -> bool:
