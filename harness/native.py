@@ -3,15 +3,14 @@
 One loader for every extension, at the bottom of the layering so that both packages with C++ use it:
 ``harness/layers/csrc/`` (the ``fused`` expert kernel, the permute plan and weighted combine; ``combine.h``
 holds the combine arithmetic both include) and ``harness/routing/csrc/`` (the fused router tail).
-``torch.utils.cpp_extension.load`` builds the source with ``-O3`` (and
-``-ffp-contract=off``: no multiply-add fusion, so the C++ arithmetic rounds where the Python composite it
-replaces does) into a directory of torch's extension root (``$TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions/py311_cu130/``) named ``<name>-<key>``, one per checkout (:func:`build_dir`);
-``scripts/install.sh`` builds them once. Where one cannot be built (no compiler, no ninja) the loader logs one
-line and returns None, and the caller runs its Python path, which computes the same bits. ``HARNESS_NO_CPP=1``
-turns every extension off (``HARNESS_NO_FUSED_EXPERTS=1`` the expert kernel alone, ``HARNESS_NO_FUSED_ROUTER=1``
-the router tail alone). A build killed half-way can leave a ``lock`` file in its build directory, on which the next build
-waits: delete ``<name>-<key>/lock`` there.
+``torch.utils.cpp_extension.load`` builds the source with ``-O3`` (and ``-ffp-contract=off``: no multiply-add
+fusion, so the C++ arithmetic rounds where the Python composite it replaces does) into a directory of torch's
+extension root (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions/py311_cu130/``) named
+``<name>-<key>``, one per checkout (:func:`build_dir`); ``scripts/install.sh`` builds them once. Where one
+cannot be built (no compiler, no ninja) the loader logs one line and returns None, and the caller runs its
+Python path: the same bits for the layer kernels, values within a few ulp for the router tail.
+``HARNESS_NO_CPP=1`` turns every extension off (``HARNESS_NO_FUSED_EXPERTS=1`` the expert kernel alone,
+``HARNESS_NO_FUSED_ROUTER=1`` the router tail alone).
 """
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("harness")
+
 
 def build_dir(name: str, csrc: Path) -> Path:
     """Where ``name`` is built: torch's extension root, one directory per checkout (keyed by this ``csrc/``'s
