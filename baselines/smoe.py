@@ -88,12 +88,10 @@ def softmax_topk(
     a few ulp (~0.3 ms less per layer fwd+bwd at T = 1,024, E = 8); elsewhere
     :func:`composite_softmax_topk` runs.
     """
-    if indices is None and gate_weights is _GATE_WEIGHTS:
-        fused = router_tail(probs, logits, softmax_inside=False, top_k=top_k,
-                            renorm=renormalizes(renormalize, top_k), balance_weight=balance_weight,
-                            balance_fraction=balance_fraction, z_loss_weight=z_loss_weight)
-        if fused is not None:
-            return fused
+    fused = _fused_tail(probs, logits, False, top_k, renormalize, balance_weight, balance_fraction,
+                        z_loss_weight, indices)
+    if fused is not None:
+        return fused
     return composite_softmax_topk(probs, logits, top_k, renormalize, balance_weight, balance_fraction,
                                   z_loss_weight, indices)
 
@@ -108,14 +106,26 @@ def softmax_gate(
     costs ~0.2 ms instead of ~0.75 ms fwd+bwd at T = 1,024, E = 8, k = 2, one thread (ATen's softmax over
     a last dimension of 8 is a slow path): :mod:`harness.routing.router_tail`.
     """
-    if indices is None and gate_weights is _GATE_WEIGHTS:
-        fused = router_tail(scores, logits, softmax_inside=True, top_k=top_k,
-                            renorm=renormalizes(renormalize, top_k), balance_weight=balance_weight,
-                            balance_fraction=balance_fraction, z_loss_weight=z_loss_weight)
-        if fused is not None:
-            return fused
+    fused = _fused_tail(scores, logits, True, top_k, renormalize, balance_weight, balance_fraction,
+                        z_loss_weight, indices)
+    if fused is not None:
+        return fused
     return composite_softmax_topk(scores.softmax(-1), logits, top_k, renormalize, balance_weight,
                                   balance_fraction, z_loss_weight, indices)
+
+
+def _fused_tail(
+    x: Tensor, logits: Tensor, softmax_inside: bool, top_k: int, renormalize: bool | str, balance_weight: float,
+    balance_fraction: str, z_loss_weight: float, indices: Tensor | None,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]] | None:
+    """The fused tail's answer, or None where the composite must run: given ``indices`` (gumbel second
+    expert), a replaced :func:`gate_weights`, or wherever :func:`~harness.routing.router_tail.router_tail`
+    declines (not fp32 CPU, global balance scope, no extension, a non-finite score)."""
+    if indices is not None or gate_weights is not _GATE_WEIGHTS:
+        return None
+    return router_tail(x, logits, softmax_inside=softmax_inside, top_k=top_k,
+                       renorm=renormalizes(renormalize, top_k), balance_weight=balance_weight,
+                       balance_fraction=balance_fraction, z_loss_weight=z_loss_weight)
 
 
 def composite_softmax_topk(
